@@ -1,0 +1,39 @@
+# quantize: `make quantize` and `make test` set themselves up (virtualenv in .venv).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  ?= tiny
+BITS   ?=
+METHOD ?=
+OUT    ?=
+export GPTQMODEL_CPU_WORKERS ?= 2
+
+.PHONY: setup test quantize bench clean tiny-model
+
+setup: $(STAMP)
+
+# torch first, pinned to the version whose CPU wheel the build machines carry; then the package.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# pytest exit 5 (no tests collected) is a failure too.
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+quantize: setup
+	$(BIN)/python scripts/make_quantize.py --model "$(MODEL)" --bits "$(BITS)" --method "$(METHOD)" --out "$(OUT)"
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+# Re-train the embedded tiny model (committed under models/tiny-llama; about a minute on 2 cores).
+tiny-model: setup
+	$(BIN)/python scripts/train_tiny.py
+
+clean:
+	rm -rf out build *.egg-info

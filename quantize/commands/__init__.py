@@ -1,0 +1,1 @@
+"""Thin Click wrappers, one module per stage; each calls a typed library function."""

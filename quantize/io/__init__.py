@@ -1,0 +1,1 @@
+"""Checkpoint I/O: lazy safetensors reading, sharded streaming writing, atomic publishing."""
