@@ -18,11 +18,11 @@ from .errors import EXIT_INPUT, EXIT_RUNTIME, QuantizeError
 # name -> module under quantize.commands exposing `command`; None: not implemented yet (stub).
 COMMANDS: dict[str, str | None] = {
     "merge": None,
-    "sample": None,
-    "gptq": None,
+    "sample": "sample",
+    "gptq": "gptq",
     "awq": None,
     "exl2": None,
-    "eval": None,
+    "eval": "eval",
     "plan": None,
     "run": None,
     "inspect": "inspect",

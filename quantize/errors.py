@@ -42,3 +42,7 @@ class RuntimeFault(QuantizeError):
 
 class IntegrityError(RuntimeFault):
     """An output no longer matches the hash its manifest recorded (exit 1)."""
+
+
+class GateFailed(RuntimeFault):
+    """A quality gate (e.g. --max-ppl-increase) was exceeded; the results are still written (exit 1)."""

@@ -35,3 +35,32 @@ def stage_options(f):
 
 def existing_dir(help_text: str, **kw):
     return dict(type=click.Path(path_type=Path, exists=True, file_okay=False), help=help_text, **kw)
+
+
+_DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def exec_options(f):
+    """Options of the streaming layer loop."""
+    f = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Calibration sequences per forward pass.")(f)
+    f = click.option("--offload-activations", is_flag=True,
+                     help="Keep activations in host RAM between layers (saves device memory).")(f)
+    f = click.option("--dtype", "compute_dtype", default="auto", show_default=True,
+                     type=click.Choice(sorted(_DTYPES)),
+                     help="Compute dtype of the layer forward; auto: float32 on CPU, the model's dtype on CUDA.")(f)
+    return f
+
+
+def make_exec_config(device: str, batch_size: int, offload_activations: bool, compute_dtype: str):
+    import torch
+
+    from ..device import resolve_device
+    from ..executor.loop import ExecConfig
+
+    dev = resolve_device(device)
+    name = _DTYPES[compute_dtype]
+    if name is None:
+        name = "float32" if dev == "cpu" else "bfloat16"
+    return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations)

@@ -7,12 +7,9 @@ import click
 from ..errors import NotImplementedStage
 
 _PENDING = {
-    "sample": "calibration sampling",
     "merge": "merge (PEFT LoRA / Lit-GPT -> HF safetensors)",
-    "gptq": "GPTQ quantization",
     "awq": "AWQ quantization",
     "exl2": "EXL2 quantization",
-    "eval": "perplexity / KL evaluation",
     "plan": "memory planning",
     "run": "recipe runs",
 }

@@ -2,7 +2,8 @@
 
 A stage writes into ``OUT.partial/`` next to the final directory; only when every file and a
 complete manifest are in place is the staging directory renamed to ``OUT``. A crash leaves
-``OUT.partial/`` (clearly not a finished output), which ``resume=True`` picks up again.
+``OUT.partial/`` (clearly not a finished output), which ``keep_partial=True`` keeps for the stage
+to resume from.
 """
 
 from __future__ import annotations
@@ -28,23 +29,23 @@ class StagedOutput:
     ...     publish happens on clean exit
     """
 
-    def __init__(self, out: Path, *, overwrite: bool = False, resume: bool = False):
+    def __init__(self, out: Path, *, overwrite: bool = False, keep_partial: bool = False):
         self.out = Path(out)
         self.staging = staging_path(self.out)
         self.overwrite = overwrite
-        self.resume = resume
+        self.keep_partial = keep_partial
         self.published = False
 
     def preflight(self) -> None:
         """Refuse an existing output unless --overwrite (cheap; call before heavy work)."""
-        if self.out.exists() and not (self.overwrite or self.resume):
+        if self.out.exists() and not self.overwrite:
             raise InputError(f"{self.out}: output exists; pass --overwrite to replace it (or choose another --out)")
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"{self.out}: exists and is not a directory; choose another --out")
 
     def __enter__(self) -> Path:
         self.preflight()
-        if self.staging.exists() and not self.resume:
+        if self.staging.exists() and not self.keep_partial:
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         return self.staging

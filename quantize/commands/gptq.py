@@ -1,0 +1,66 @@
+"""`quantize gptq`: GPTQ (or the RTN baseline) into the GPTQ checkpoint format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import exec_options, make_exec_config, out_option, stage_options
+
+
+def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, group_size: int, act_order: bool,
+                  sym: bool, damp: float, static_groups: bool, block_size: int, rtn: bool, exec_cfg,
+                  seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
+                  max_shard_bytes: int = 5 * 10**9):
+    """Library entry point (the CLI and `quantize run` call this)."""
+    import torch
+
+    from ..executor.stage import run_quantize_stage
+    from ..formats.gptq import GPTQFormat
+    from ..methods.grid import QuantSpec
+    from ..methods.layer import GPTQMethod, RTNMethod
+
+    torch.manual_seed(seed)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+                     damp=damp, block_size=block_size)
+    method = RTNMethod(spec) if rtn else GPTQMethod(spec)
+    fmt = GPTQFormat(spec, checkpoint_format=checkpoint_format)
+    params = {"method": method.name, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
+              "static_groups": static_groups, "damp": damp, "block_size": block_size, "seed": seed,
+              "format": "gptq", "checkpoint_format": checkpoint_format}
+    return run_quantize_stage(stage=method.name, model_dir=model_dir, calibration_dir=calibration, out=out,
+                              method=method, fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite,
+                              resume=resume, max_shard_bytes=max_shard_bytes)
+
+
+@click.command("gptq")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="HF model directory or a merge output.")
+@click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Output of `quantize sample` for this model.")
+@click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
+@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
+@click.option("--static-groups", is_flag=True, help="With act-order: group parameters fixed before the column permutation.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
+@click.option("--damp", default=0.01, show_default=True, type=float, help="Dampening, as a fraction of the mean Hessian diagonal (raised automatically when needed).")
+@click.option("--block-size", default=128, show_default=True, type=int, help="Columns per lazy-update block.")
+@click.option("--rtn", is_flag=True, help="Round-to-nearest baseline on the same grid and format (no GPTQ updates).")
+@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
+              help="Zero-point convention of the written qzeros.")
+@click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (also automatic for an identical command).")
+@out_option()
+@exec_options
+@stage_options
+def gptq_command(model_dir, calibration, bits, group_size, act_order, static_groups, sym, damp, block_size, rtn,
+                 checkpoint_format, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype,
+                 device, seed, overwrite):
+    """Quantize with GPTQ, one decoder layer resident at a time."""
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype)
+    m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
+                      act_order=act_order, sym=sym, damp=damp, static_groups=static_groups, block_size=block_size,
+                      rtn=rtn, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
+                      checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9))
+    click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")

@@ -1,0 +1,1 @@
+"""The one streaming layer loop: every method (GPTQ, AWQ, EXL2, RTN) and eval run through it."""

@@ -1,0 +1,210 @@
+"""The streaming layer loop.
+
+    capture  : embed the calibration tokens with only the embedding resident; record, for every
+               decoder layer, the positional/keyword arguments the model's own forward passes it
+               (attention masks, rotary embeddings, position ids: no per-model code).
+    per layer: load its weights -> the method collects statistics through hooks and solves,
+               putting quantized-then-dequantized weights in place -> run the batch again to make
+               the next layer's inputs (error propagation) -> free the layer.
+
+Only one decoder layer, the activations and the statistics of one group of linears are resident.
+Algorithms never move tensors between devices; this module does.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError, RuntimeFault
+from . import skeleton
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the needed activations were seen."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its call, returns its input."""
+
+    def __init__(self, index: int, original: nn.Module, sink: dict[int, tuple[tuple, dict]]):
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        for k, v in vars(original).items():  # plain attributes some forwards read (attention_type)
+            if not k.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)):
+                setattr(self, k, v)
+
+    def forward(self, *args, **kwargs):
+        self.sink[self.index] = (args, kwargs)
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class ExecConfig:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32  # compute dtype of the layer forward
+    batch_size: int = 8
+    offload_activations: bool = False  # keep hidden states in host RAM between layers
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # [B, L, H] (on the device, or on CPU when offloading)
+    args: list[tuple]  # per layer: positional args after hidden_states
+    kwargs: list[dict[str, Any]]  # per layer
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class LayerStreamer:
+    """Owns the model skeleton, the device, the activations and the layer loop."""
+
+    def __init__(self, model_dir: Path, reader, arch, cfg: ExecConfig):
+        self.model_dir = Path(model_dir)
+        self.reader = reader
+        self.arch = arch
+        self.cfg = cfg
+        self.config = skeleton.load_config(model_dir)
+        self.config.use_cache = False
+        self.model = skeleton.build_skeleton(self.config)
+        self.layers: nn.ModuleList = skeleton.get_submodule(self.model, arch.layers_path)
+        self.num_layers = len(self.layers)
+        self.batches: list[Batch] = []
+
+    # -- capture ---------------------------------------------------------------------------------
+    def capture(self, input_ids: torch.Tensor) -> None:
+        """Embed ``input_ids`` [N, L] and record every layer's call arguments, per batch."""
+        cfg, model = self.cfg, self.model
+        embed = skeleton.get_submodule(model, self.arch.embed_path)
+        skeleton.materialize(embed, self.arch.embed_path + ".", self.reader, device=cfg.device, dtype=cfg.dtype)
+        for name, buf in list(model.named_buffers()):  # rotary inv_freq and friends
+            owner, leaf = skeleton._owner(model, name)
+            owner._buffers[leaf] = buf.to(cfg.device)
+        originals = list(self.layers)
+        sink: dict[int, tuple[tuple, dict]] = {}
+        for i, layer in enumerate(originals):
+            self.layers[i] = _Recorder(i, layer, sink)
+        norm = skeleton.get_submodule(model, self.arch.final_norm_path)
+
+        def stop(*_):
+            raise _StopForward
+
+        handle = norm.register_forward_pre_hook(stop)
+        self.batches = []
+        try:
+            base = model.get_submodule(self.arch.layers_path.rsplit(".", 1)[0])
+            for ids in input_ids.split(cfg.batch_size):
+                sink.clear()
+                try:
+                    with torch.no_grad():
+                        base(input_ids=ids.to(device=cfg.device, dtype=torch.long), use_cache=False)
+                except _StopForward:
+                    pass
+                if len(sink) != self.num_layers:
+                    raise RuntimeFault(f"capture saw {len(sink)} of {self.num_layers} decoder layers called")
+                args0, kwargs0 = sink[0]
+                hidden = args0[0] if args0 else kwargs0["hidden_states"]
+                per_args, per_kwargs = [], []
+                for i in range(self.num_layers):
+                    a, k = sink[i]
+                    a, k = _replace_hidden(a, k, None)  # hidden states are kept once, per batch
+                    per_args.append(a)
+                    per_kwargs.append(k)
+                self.batches.append(Batch(self._park(hidden.to(cfg.dtype)), per_args, per_kwargs))
+        finally:
+            handle.remove()
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+            skeleton.release(embed)
+
+    def _park(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to("cpu") if self.cfg.offload_activations else hidden
+
+    def hidden_states(self) -> list[torch.Tensor]:
+        return [b.hidden for b in self.batches]
+
+    def set_hidden_states(self, hidden: list[torch.Tensor]) -> None:
+        if len(hidden) != len(self.batches):
+            raise RuntimeFault("resume state does not match the calibration batches")
+        for b, h in zip(self.batches, hidden):
+            b.hidden = self._park(h.to(self.cfg.dtype))
+
+    # -- layers ----------------------------------------------------------------------------------
+    def load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        skeleton.materialize(layer, self.arch.layer_prefix(i), self.reader, device=self.cfg.device, dtype=self.cfg.dtype)
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        skeleton.release(self.layers[i])
+        gc.collect()
+        if self.cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def run_layer(self, i: int, *, propagate: bool, stop_hook: nn.Module | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> None:
+        """Run every batch through layer ``i``.
+
+        ``propagate``: replace the stored hidden states with the layer's outputs.
+        ``stop_hook``: end each forward once this module's input was seen (hooks collect it).
+        """
+        layer = self.layers[i]
+        handle = None
+        if stop_hook is not None:
+            def stop(*_):
+                raise _StopForward
+            # registered last, so the collecting hooks (registered earlier) run first
+            handle = stop_hook.register_forward_pre_hook(stop)
+        try:
+            for bi, b in enumerate(self.batches):
+                if on_batch is not None:
+                    on_batch(bi)
+                hidden = b.hidden.to(self.cfg.device)
+                args, kwargs = _replace_hidden(b.args[i], b.kwargs[i], hidden)
+                try:
+                    with torch.no_grad():
+                        out = layer(*args, **kwargs)
+                except _StopForward:
+                    continue
+                if propagate:
+                    out = out[0] if isinstance(out, tuple) else out
+                    if not torch.isfinite(out).all():
+                        raise RuntimeFault(
+                            f"layer {i}: non-finite activations after quantization; "
+                            f"try a larger --damp or another --bits/--group-size"
+                        )
+                    b.hidden = self._park(out)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    # -- head (eval) -----------------------------------------------------------------------------
+    def head_logits(self) -> Iterator[torch.Tensor]:
+        """Final norm + lm_head over the current hidden states, one batch at a time (float32)."""
+        norm = skeleton.get_submodule(self.model, self.arch.final_norm_path)
+        head = skeleton.get_submodule(self.model, self.arch.lm_head_path)
+        skeleton.materialize(norm, self.arch.final_norm_path + ".", self.reader, device=self.cfg.device, dtype=self.cfg.dtype)
+        aliases = {self.arch.lm_head_path + ".weight": self.arch.embed_path + ".weight"}
+        skeleton.materialize(head, self.arch.lm_head_path + ".", self.reader, device=self.cfg.device,
+                             dtype=self.cfg.dtype, aliases=aliases)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        try:
+            for b in self.batches:
+                with torch.no_grad():
+                    logits = head(norm(b.hidden.to(self.cfg.device))).float()
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                yield logits
+        finally:
+            skeleton.release(norm)
+            skeleton.release(head)

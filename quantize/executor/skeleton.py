@@ -1,0 +1,116 @@
+"""A transformers model whose parameters live on the meta device, filled one module at a time.
+
+The model object gives us the architecture's own forward (masks, rotary embeddings, per-layer
+attention types) without holding any weights: parameters are created on ``meta`` (buffers such as
+rotary ``inv_freq`` stay real, they are tiny) and a module is materialized from the safetensors
+shards only while the layer loop needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Construct modules with every parameter moved to ``meta`` as soon as it is registered.
+
+    ``torch.empty`` allocations made by the constructors are never touched before the move, so no
+    host memory is committed; buffers are left alone (they are small and often computed, e.g. RoPE).
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register  # scoped: restored below
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; a model directory needs config.json")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (ValueError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise InputError(f"{path}: cannot be read by transformers ({' '.join(str(e).split())[:200]})") from None
+
+
+def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
+    """The causal-LM module tree with meta parameters, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def materialize(module: nn.Module, prefix: str, reader, *, device: str, dtype: torch.dtype,
+                aliases: dict[str, str] | None = None) -> None:
+    """Load every parameter of ``module`` (named ``prefix + local name`` in the checkpoint).
+
+    ``aliases`` maps a checkpoint name that may be absent to the one to use instead (tied lm_head).
+    Floating tensors are cast to ``dtype``; buffers are moved to ``device``.
+    """
+    aliases = aliases or {}
+    for local, param in list(module.named_parameters(recurse=True)):
+        name = prefix + local
+        if name not in reader and name in aliases:
+            name = aliases[name]
+        if name not in reader:
+            raise InputError(f"{reader.path}: tensor {name!r} is missing from the checkpoint")
+        if tuple(reader.shape(name)) != tuple(param.shape):
+            raise InputError(
+                f"{reader.path}: tensor {name!r} has shape {tuple(reader.shape(name))}, "
+                f"config.json implies {tuple(param.shape)}; the weights do not match config.json"
+            )
+        t = reader.get(name)
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        _set_parameter(module, local, t)
+    for local, buf in list(module.named_buffers(recurse=True)):
+        if buf.device != torch.device(device):
+            owner, leaf = _owner(module, local)
+            owner._buffers[leaf] = buf.to(device)
+
+
+def release(module: nn.Module) -> None:
+    """Drop the weights of ``module`` (back to meta) so its memory is freed."""
+    for local, param in list(module.named_parameters(recurse=True)):
+        _set_parameter(module, local, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return module, leaf
+
+
+def _set_parameter(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
+    owner, leaf = _owner(module, dotted)
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise InputError(f"model has no module {path!r}; the architecture table does not match this model") from None

@@ -1,0 +1,221 @@
+"""A quantization stage end to end: preflight, the layer loop, per-layer parts, compile, manifest.
+
+Layout of the staging directory ``OUT.partial/`` while a run is under way:
+
+    parts/layer-00007.safetensors   packed tensors of each finished layer
+    resume/hidden.safetensors       inputs of the next layer (the propagated activations)
+    resume/state.json               next layer, the run's fingerprint, per-layer metrics
+
+A killed run rerun with the same command (or --resume) continues at ``next_layer``; outputs are
+bit-identical to an uninterrupted run on the same device. Only when every layer is done are the
+parts compiled into shards, the manifest completed and the directory renamed to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import log
+from .. import manifest as mf
+from ..arch import get_arch
+from ..calibration import load_calibration, tokenizer_hash
+from ..errors import InputError, RuntimeFault
+from ..formats.base import Format
+from ..formats.card import write_model_card
+from ..io.atomic import StagedOutput
+from ..io.reader import CheckpointReader
+from ..io.writer import ShardedWriter, copy_aux_files
+from .context import LayerContext, LayerMethod
+from .loop import ExecConfig, LayerStreamer
+
+_ST_META = {"format": "pt"}
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def fingerprint(obj: Any) -> str:
+    return mf.sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def preflight(model_dir: Path, calibration_dir: Path, staged: StagedOutput):
+    """Cheap checks before any heavy work. Returns (reader, arch, input_ids, calibration manifest)."""
+    staged.preflight()
+    reader = CheckpointReader(Path(model_dir))
+    arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
+    input_ids, calib = load_calibration(Path(calibration_dir))
+    want = calib.params.get("tokenizer_sha256")
+    have = tokenizer_hash(Path(model_dir))
+    if want != have:
+        raise InputError(
+            f"{calibration_dir}: calibration was tokenized with another tokenizer than {model_dir}'s "
+            f"(tokenizer sha256 {str(want)[:12]} vs {have[:12]}); run `quantize sample --model {model_dir}` again"
+        )
+    limit = reader.config.get("max_position_embeddings")
+    if limit and input_ids.shape[1] > limit:
+        raise InputError(
+            f"{calibration_dir}: seq_len {input_ids.shape[1]} exceeds the model's context "
+            f"({limit}, config.json max_position_embeddings); sample again with a smaller --seq-len"
+        )
+    parent = staged.out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    need = reader.total_bytes  # a <=8-bit output plus its parts is never larger than a 16-bit source
+    if free < need:
+        raise InputError(f"{parent}: {free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed; free disk or choose another --out")
+    return reader, arch, input_ids, calib
+
+
+def run_quantize_stage(
+    *,
+    stage: str,
+    model_dir: Path,
+    calibration_dir: Path,
+    out: Path,
+    method: LayerMethod,
+    fmt: Format,
+    params: dict[str, Any],
+    exec_cfg: ExecConfig,
+    overwrite: bool = False,
+    resume: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    card: dict[str, Any] | None = None,
+) -> mf.Manifest:
+    # A leftover OUT.partial from a killed run with the same fingerprint is resumed automatically;
+    # ``resume=True`` only makes a missing or mismatched one worth a warning.
+    staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
+    reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
+    params = {**params, "device": exec_cfg.device, "batch_size": exec_cfg.batch_size,
+              "compute_dtype": str(exec_cfg.dtype).removeprefix("torch."),
+              "offload_activations": exec_cfg.offload_activations, "max_shard_bytes": max_shard_bytes}
+    inputs = [mf.describe_input("model", Path(model_dir)), mf.describe_input("calibration", Path(calibration_dir))]
+    run_id = fingerprint({"stage": stage, "params": params, "inputs": [i.model_dump() for i in inputs]})
+    layer_names, other_names = arch.split_tensor_names(reader.names())
+    n_layers = arch.num_layers(reader.config)
+    log.event("stage_start", f"{stage}: {model_dir} -> {out} ({n_layers} layers, {input_ids.shape[0]}x{input_ids.shape[1]} calibration tokens)",
+              stage=stage, layers=n_layers)
+    t_start = time.time()
+
+    with staged as staging:
+        parts, rdir = staging / "parts", staging / "resume"
+        state = _load_state(rdir, run_id)
+        if state is None and resume:
+            log.warning(f"--resume: no resumable partial run at {staging}; starting from layer 0")
+        if state is None:
+            for p in (parts, rdir):
+                shutil.rmtree(p, ignore_errors=True)
+        parts.mkdir(exist_ok=True)
+        rdir.mkdir(exist_ok=True)
+        mf.write_manifest(staging, mf.new_manifest(stage, inputs=inputs, params=params, device=exec_cfg.device))
+
+        streamer = LayerStreamer(Path(model_dir), reader, arch, exec_cfg)
+        streamer.capture(input_ids)
+        start, layer_metrics = 0, []
+        if state is not None:
+            start, layer_metrics = state["next_layer"], state["layers"]
+            hidden = load_file(str(rdir / "hidden.safetensors"))
+            streamer.set_hidden_states([hidden[f"b{i}"] for i in range(len(hidden))])
+            log.info(f"resuming at layer {start} of {n_layers}")
+
+        for i in log.progress(range(start, n_layers), total=n_layers - start, desc=f"{stage} layers"):
+            t0 = time.time()
+            layer = streamer.load_layer(i)
+            ctx = LayerContext(streamer, i, layer)
+            res = method.process_layer(ctx)
+            streamer.run_layer(i, propagate=True)
+            tensors = _layer_tensors(reader, arch, i, layer_names.get(i, []), res.results, fmt)
+            save_file(tensors, str(parts / f"layer-{i:05d}.safetensors"), metadata=_ST_META)
+            streamer.release_layer(i)
+            m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes + 1, **res.metrics}
+            layer_metrics.append(m)
+            log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
+            # resume point: hidden states first, then the state that points at them
+            save_file({f"b{j}": h.contiguous().cpu() for j, h in enumerate(streamer.hidden_states())},
+                      str(rdir / "hidden.safetensors.tmp"), metadata=_ST_META)
+            os.replace(rdir / "hidden.safetensors.tmp", rdir / "hidden.safetensors")
+            _atomic_json(rdir / "state.json", {"run_id": run_id, "next_layer": i + 1, "layers": layer_metrics})
+
+        _compile(staging, reader, arch, other_names, n_layers, max_shard_bytes)
+        shutil.rmtree(parts)
+        shutil.rmtree(rdir)
+        copy_aux_files(Path(model_dir), staging)
+        config = dict(reader.config)
+        config["quantization_config"] = fmt.quantization_config()
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in fmt.extra_files().items():
+            (staging / name).write_bytes(data)
+        metrics = _summary(layer_metrics)
+        metrics["seconds"] = round(time.time() - t_start, 2)
+        metrics["layers"] = layer_metrics
+        write_model_card(staging, stage=stage, model_dir=Path(model_dir), calibration=calib, params=params, metrics=metrics)
+        done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)
+    log.event("stage_end", f"{stage}: wrote {out} in {metrics['seconds']:.1f}s", stage=stage, out=str(out))
+    return done
+
+
+def _load_state(rdir: Path, run_id: str) -> dict | None:
+    path = rdir / "state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("run_id") != run_id:
+        log.warning("a previous partial run used other inputs or parameters; starting over")
+        return None
+    return state
+
+
+def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, Any], fmt: Format) -> dict[str, torch.Tensor]:
+    prefix = arch.layer_prefix(i)
+    out: dict[str, torch.Tensor] = {}
+    quantized = {prefix + lin + ".weight": lin for lin in results}
+    for name in names:
+        if name in quantized:
+            for suffix, t in fmt.pack(results[quantized[name]]).items():
+                out[f"{prefix}{quantized[name]}.{suffix}"] = t.contiguous()
+        else:
+            out[name] = reader.get(name).contiguous()
+    missing = set(quantized) - set(names)
+    if missing:
+        raise RuntimeFault(f"layer {i}: quantized {sorted(missing)} not found in the checkpoint")
+    return out
+
+
+def _compile(staging: Path, reader, arch, other_names: list[str], n_layers: int, max_shard_bytes: int) -> None:
+    """Parts -> final shards: embeddings first, then the layers in order, then the rest."""
+    first = [n for n in other_names if n.startswith(arch.embed_path + ".")]
+    last = [n for n in other_names if n not in first]
+    writer = ShardedWriter(staging, max_shard_bytes=max_shard_bytes)
+    for n in first:
+        writer.add(n, reader.get(n))
+    for i in range(n_layers):
+        part = load_file(str(staging / "parts" / f"layer-{i:05d}.safetensors"))
+        for n in sorted(part):
+            writer.add(n, part[n])
+        del part
+    for n in last:
+        writer.add(n, reader.get(n))
+    writer.close()
+
+
+def _summary(layer_metrics: list[dict]) -> dict[str, Any]:
+    damps = [d for m in layer_metrics for d in m.get("damp_used", {}).values()]
+    errs = [e for m in layer_metrics for e in m.get("rel_error", {}).values()]
+    out: dict[str, Any] = {}
+    if damps:
+        out["max_damp_used"] = max(damps)
+        out["healed_hessians"] = sum(1 for m in layer_metrics for v in m.get("healed", {}).values() if v)
+    if errs:
+        out["mean_rel_error"] = sum(errs) / len(errs)
+        out["max_rel_error"] = max(errs)
+    return out

@@ -1,0 +1,56 @@
+"""The model card (README.md) written next to every quantized checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+
+def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibration, params: dict[str, Any],
+                     metrics: dict[str, Any]) -> Path:
+    cp = calibration.params
+    ds = cp.get("dataset", {})
+    ds_name = ds.get("name", ds) if isinstance(ds, dict) else ds
+    lines = [
+        "---",
+        "tags: [quantized, " + stage + "]",
+        "---",
+        f"# {Path(model_dir).name} ({stage.upper()} {_setting(stage, params)})",
+        "",
+        f"Quantized with `quantize` {__version__} from `{model_dir}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{model_dir}` |",
+        f"| method | {stage} |",
+    ]
+    for key in ("bits", "bpw", "group_size", "sym", "act_order", "static_groups", "damp", "head_bits"):
+        if key in params:
+            lines.append(f"| {key.replace('_', ' ')} | {params[key]} |")
+    lines += [
+        f"| calibration | {ds_name}: {cp.get('n_samples')} x {cp.get('seq_len')} tokens, seed {cp.get('seed')} |",
+        f"| device | {params.get('device')} |",
+    ]
+    if "mean_rel_error" in metrics:
+        lines.append(f"| mean relative output error per linear | {metrics['mean_rel_error']:.4g} (max {metrics['max_rel_error']:.4g}) |")
+    if "max_damp_used" in metrics:
+        lines.append(f"| largest Hessian damping used | {metrics['max_damp_used']:.4g} ({metrics.get('healed_hessians', 0)} healed) |")
+    lines += [
+        "",
+        "Measured quality (perplexity, KL divergence and top-1 agreement against the base model) is added",
+        "by `quantize eval --baseline`; see its manifest. `manifest.json` lists every input and output with",
+        "its sha256; `quantize verify .` re-checks them.",
+        "",
+    ]
+    path = Path(directory) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _setting(stage: str, params: dict[str, Any]) -> str:
+    if "bpw" in params:
+        return f"{params['bpw']} bpw"
+    g = params.get("group_size")
+    return f"{params.get('bits')}-bit" + (f" g{g}" if g not in (None, -1) else "")

@@ -1,0 +1,84 @@
+"""Layer plug-ins: how GPTQ and RTN use the executor's LayerContext.
+
+Each sequential group of linears sharing one input (q/k/v; gate/up) gets ONE Hessian and ONE
+prepared inverse; groups run in execution order, so o_proj sees the outputs of the already
+quantized q/k/v (true-sequential).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..executor.context import LayerContext, LayerResult
+from .gptq import gptq_quantize, prepare_hessian_inverse, weighted_error
+from .grid import QuantSpec
+from .rtn import rtn_quantize
+
+
+def _rel_error(W: torch.Tensor, loss: float, H: torch.Tensor) -> float:
+    ref = weighted_error(W, torch.zeros_like(W), H)
+    return float(loss / ref) if ref > 0 else 0.0
+
+
+class GPTQMethod:
+    name = "gptq"
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+
+    def process_layer(self, ctx: LayerContext) -> LayerResult:
+        results: dict[str, Any] = {}
+        m: dict[str, dict] = {"damp_used": {}, "healed": {}, "rel_error": {}, "rtn_rel_error": {}}
+        for group in ctx.arch.group_names():
+            acc = ctx.hessian(group[0])
+            H = acc.H
+            if not torch.isfinite(H).all():
+                raise_nonfinite(ctx, group[0])
+            prepared = prepare_hessian_inverse(H, self.spec)
+            for name in group:
+                W = ctx.weight(name)
+                r = gptq_quantize(W, H, self.spec, prepared=prepared)
+                if not torch.isfinite(r.W_hat).all():
+                    raise_nonfinite(ctx, name)
+                ctx.set_weight(name, r.W_hat)
+                results[name] = r
+                m["damp_used"][name] = float(r.damp_used)
+                m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
+                m["rel_error"][name] = _rel_error(W, float(r.loss), H)
+                m["rtn_rel_error"][name] = _rel_error(W, weighted_error(W, rtn_quantize(W, self.spec).W_hat, H), H)
+            del H, prepared, acc
+        return LayerResult(results, m)
+
+
+class RTNMethod:
+    """Round-to-nearest on the same grid and format: the baseline. Needs no calibration data,
+    but uses it to report the Hessian-weighted error beside GPTQ's."""
+
+    name = "rtn"
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+
+    def process_layer(self, ctx: LayerContext) -> LayerResult:
+        results: dict[str, Any] = {}
+        m: dict[str, dict] = {"rel_error": {}}
+        for group in ctx.arch.group_names():
+            H = ctx.hessian(group[0]).H
+            for name in group:
+                W = ctx.weight(name)
+                r = rtn_quantize(W, self.spec)
+                ctx.set_weight(name, r.W_hat)
+                results[name] = r
+                m["rel_error"][name] = _rel_error(W, weighted_error(W, r.W_hat, H), H)
+        return LayerResult(results, m)
+
+
+def raise_nonfinite(ctx: LayerContext, name: str):
+    from ..errors import RuntimeFault
+
+    raise RuntimeFault(
+        f"layer {ctx.index} ({ctx.prefix}{name}): non-finite values in its input statistics or result; "
+        f"the model's activations overflow in {ctx.streamer.cfg.dtype} (try --dtype float32) or the weights contain NaN/Inf"
+    )
