@@ -335,7 +335,8 @@ def test_load_torch_file_unwraps_training_state(tmp_path):
     sd = {"transformer.wte.weight": torch.randn(5, 2)}
     torch.save({"model": sd, "iter_num": 7}, tmp_path / "lit_model.pth")
     got = load_torch_file(tmp_path / "lit_model.pth")
-    assert list(got) == ["transformer.wte.weight"] and torch.equal(got["transformer.wte.weight"], sd["transformer.wte.weight"])
+    assert list(got) == ["transformer.wte.weight"]
+    assert torch.equal(got["transformer.wte.weight"], sd["transformer.wte.weight"])
     torch.save({"w": torch.ones(1), "step": 3}, tmp_path / "mixed.pth")
     with pytest.raises(InputError, match=r"mixed\.pth: entry 'step' is a int, not a tensor"):
         load_torch_file(tmp_path / "mixed.pth")
@@ -367,7 +368,8 @@ def test_pickle_with_code_is_refused_and_not_executed(tmp_path, fmt):
         with open(path, "wb") as f:
             pickle.dump(_Exploit(marker), f, protocol=2)
     assert b"system" in path.read_bytes()  # the crafted file really carries the call
-    with pytest.raises(InputError, match=r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\): contains pickled code"):
+    refused = r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\): contains pickled code"
+    with pytest.raises(InputError, match=refused):
         CheckpointReader(directory)
     with pytest.raises(InputError, match="convert it to safetensors with a trusted tool"):
         load_torch_file(path)

@@ -240,7 +240,9 @@ class CheckpointReader:
             try:
                 shard = check_relative(shard)
             except ValueError as e:
-                raise InputError(f"{index_path}: weight_map[{name!r}]: {e}; refusing to read outside the model directory") from None
+                raise InputError(
+                    f"{index_path}: weight_map[{name!r}]: {e}; refusing to read outside the model directory"
+                ) from None
             by_shard.setdefault(shard, []).append(name)
 
         infos: dict[str, TensorInfo] = {}
@@ -367,7 +369,7 @@ class CheckpointReader:
         fd, done = self._fd(info.file), 0
         while done < n:
             chunk = view[done : min(n, done + _MAX_PREAD)]
-            got = os.preadv(fd, [chunk], offset + done) if hasattr(os, "preadv") else _pread_into(fd, chunk, offset + done)
+            got = _pread_into(fd, chunk, offset + done)
             if got <= 0:
                 raise InputError(
                     f"{self.directory / info.file}: tensor {info.name!r}: file ended early (corrupt or truncated "
@@ -411,6 +413,9 @@ class CheckpointReader:
 
 
 def _pread_into(fd: int, chunk: memoryview, offset: int) -> int:
+    """Positioned read straight into ``chunk`` (no intermediate bytes object where preadv exists)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [chunk], offset)
     data = os.pread(fd, len(chunk), offset)
     chunk[: len(data)] = data
     return len(data)

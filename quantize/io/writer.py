@@ -226,7 +226,10 @@ class ShardedWriter:
                 n = int.from_bytes(src.read(8), "little")
                 old = json.loads(src.read(n))
                 old.pop("__metadata__", None)
-                entries = [(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in old.items()]
+                entries = [
+                    (k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+                    for k, v in old.items()
+                ]
                 header = safetensors_header(entries, metadata)
                 data_len = os.fstat(src.fileno()).st_size - 8 - n
                 _write_all(dst.fileno(), memoryview(len(header).to_bytes(8, "little") + header))
