@@ -17,7 +17,7 @@ from .errors import EXIT_INPUT, EXIT_RUNTIME, QuantizeError
 
 # name -> module under quantize.commands exposing `command`; None: not implemented yet (stub).
 COMMANDS: dict[str, str | None] = {
-    "merge": None,
+    "merge": "merge",
     "sample": "sample",
     "gptq": "gptq",
     "awq": None,

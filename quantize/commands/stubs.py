@@ -7,7 +7,6 @@ import click
 from ..errors import NotImplementedStage
 
 _PENDING = {
-    "merge": "merge (PEFT LoRA / Lit-GPT -> HF safetensors)",
     "awq": "AWQ quantization",
     "exl2": "EXL2 quantization",
     "plan": "memory planning",

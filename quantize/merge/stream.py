@@ -1,0 +1,282 @@
+"""Streaming merge: read one base tensor, apply every update that targets it, round once, write.
+
+A merge is planned first (every name, shape and update is known and validated before any tensor
+data is read) as a list of *jobs*. Running a job reads the base tensors it needs, applies its
+updates in float32 and yields finished output tensors, which go straight to the
+:class:`~quantize.io.writer.ShardedWriter`. Only one job's tensors are alive at a time, so peak
+memory is about the largest tensor (input + float32 working copy + rounded output) plus the adapter.
+
+Updates (:class:`Update` subclasses) are thin wrappers around :mod:`lora_math`; each also describes
+itself for the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..io.reader import CheckpointReader
+from . import lora_math as lm
+
+TensorSource = Callable[[], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# updates
+
+
+class Update(Protocol):
+    def apply(self, W: Tensor) -> Tensor:
+        """The updated float32 tensor (``W`` is left untouched)."""
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-able description for the manifest."""
+
+
+@dataclass
+class Replace:
+    """A full replacement (``modules_to_save``, saved embeddings, trained biases)."""
+
+    source: TensorSource
+    origin: str  # where the tensor comes from, for the manifest
+
+    def apply(self, W: Tensor | None) -> Tensor:
+        return self.source().to(lm.MERGE_PRECISION)
+
+    def record(self) -> dict[str, Any]:
+        return {"op": "replace", "from": self.origin}
+
+
+@dataclass
+class LinearLora:
+    module: str
+    A: Tensor
+    B: Tensor
+    scale: float
+    rank: int
+    alpha: float
+    rslora: bool = False
+    magnitude: Tensor | None = None
+    fan_in_fan_out: bool = False
+
+    def apply(self, W: Tensor) -> Tensor:
+        return lm.merge_linear(W, self.A, self.B, self.scale, magnitude=self.magnitude, fan_in_fan_out=self.fan_in_fan_out)
+
+    def record(self) -> dict[str, Any]:
+        rec = {"op": "dora" if self.magnitude is not None else "lora", "module": self.module, "rank": self.rank,
+               "alpha": self.alpha, "scale": self.scale, "rslora": self.rslora}
+        if self.fan_in_fan_out:
+            rec["fan_in_fan_out"] = True
+        return rec
+
+
+@dataclass
+class EmbeddingLora:
+    module: str
+    A: Tensor  # lora_embedding_A [r, vocab]
+    B: Tensor  # lora_embedding_B [dim, r]
+    scale: float
+    rank: int
+    alpha: float
+    rslora: bool = False
+    magnitude: Tensor | None = None
+
+    def apply(self, W: Tensor) -> Tensor:
+        return lm.merge_embedding(W, self.A, self.B, self.scale, magnitude=self.magnitude)
+
+    def record(self) -> dict[str, Any]:
+        return {"op": "embedding_dora" if self.magnitude is not None else "embedding_lora", "module": self.module,
+                "rank": self.rank, "alpha": self.alpha, "scale": self.scale, "rslora": self.rslora}
+
+
+@dataclass
+class BiasLora:
+    """``lora_bias=True``: ``b + s·lora_B.bias``."""
+
+    module: str
+    bias: Tensor
+    scale: float
+
+    def apply(self, W: Tensor) -> Tensor:
+        return lm.merge_bias(W, self.bias, self.scale)
+
+    def record(self) -> dict[str, Any]:
+        return {"op": "lora_bias", "module": self.module, "scale": self.scale}
+
+
+@dataclass
+class SetRows:
+    """Trainable tokens: rows ``indices`` are overwritten with new values."""
+
+    indices: list[int]
+    rows: TensorSource
+
+    def apply(self, W: Tensor) -> Tensor:
+        out = W.to(lm.MERGE_PRECISION, copy=True)
+        out[torch.tensor(self.indices, dtype=torch.long)] = self.rows().to(lm.MERGE_PRECISION)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {"op": "trainable_tokens", "rows": len(self.indices)}
+
+
+@dataclass
+class FusedQkvLora:
+    """Lit-GPT fused-QKV LoRA: a block-diagonal delta over the q, k, v row blocks (current layout)."""
+
+    module: str
+    A: Tensor
+    B: Tensor
+    scale: float
+    rank: int
+    alpha: float
+    enable: tuple[bool, bool, bool]
+    sizes: tuple[int, int, int]
+
+    def apply(self, W: Tensor) -> Tensor:
+        return lm.blockdiag_qkv_delta(self.A, self.B, self.scale, self.enable, self.sizes).add_(W)
+
+    def record(self) -> dict[str, Any]:
+        return {"op": "lora_qkv", "module": self.module, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
+                "enabled": [p for p, e in zip("qkv", self.enable) if e]}
+
+
+def apply_updates(W: Tensor | None, updates: Sequence[Update]) -> Tensor:
+    """Apply updates in order (a :class:`Replace` starts from the replacement); float32 result."""
+    for u in updates:
+        W = u.apply(W)
+    return W
+
+
+# ---------------------------------------------------------------------------------------------
+# finishing a tensor
+
+
+def finish(name: str, merged: Tensor, dtype: torch.dtype, *, what: str = "the adapter") -> Tensor:
+    """Round a merged float32 tensor once to ``dtype``; refuse NaN/Inf (before or after rounding)."""
+    out = lm.round_to(merged, dtype)
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        overflow = bool(torch.isfinite(merged).all())
+        why = (f"values overflow {dtype} (pass --dtype fp32 or bf16)" if overflow
+               else f"{what} is broken (diverged training or corrupt file); re-export it")
+        raise InputError(f"merged tensor {name}: {bad} of {out.numel()} values are NaN/Inf after merging; {why}")
+    return out
+
+
+def output_dtype(base_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """``requested`` for floating tensors, else the base dtype (``auto``; integer tensors always keep theirs)."""
+    if requested is None or not base_dtype.is_floating_point:
+        return base_dtype
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs
+
+
+@dataclass
+class Produced:
+    """One finished output tensor and, when it differs from a plain copy, what was done to it."""
+
+    name: str
+    tensor: Tensor
+    ops: list[dict[str, Any]] | None = None  # None: copied (possibly cast), not modified
+
+
+class Job(Protocol):
+    outputs: list[str]  # output tensor names (known at plan time)
+
+    def run(self, reader: CheckpointReader) -> Iterator[Produced]: ...
+
+
+@dataclass
+class TensorJob:
+    """One output tensor from (at most) one base tensor plus updates."""
+
+    name: str
+    source: str | None  # base tensor name (None when the first update is a Replace)
+    dtype: torch.dtype  # output dtype
+    updates: list[Update] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.name]
+
+    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+        if not self.updates:
+            yield Produced(self.name, reader.get(self.source, dtype=self.dtype))
+            return
+        base = reader.get(self.source) if self.source is not None and not isinstance(self.updates[0], Replace) else None
+        merged = apply_updates(base, self.updates)
+        del base
+        yield Produced(self.name, finish(self.name, merged, self.dtype), [u.record() for u in self.updates])
+
+
+@dataclass
+class TiedEmbeddingJob:
+    """Embedding and head of a model whose config ties them.
+
+    When the adapter changes either one, both are computed from the shared base matrix; if they
+    end up equal the model stays tied (only the embedding is written), otherwise both are written
+    and the config must say ``tie_word_embeddings: false``. :attr:`decision` records the outcome.
+    """
+
+    embed: str
+    head: str
+    head_source: str  # lm_head.weight when the checkpoint has one, else the embedding
+    dtype: torch.dtype
+    embed_updates: list[Update]
+    head_updates: list[Update]
+    write_head_if_tied: bool = False  # the base file had an lm_head tensor too: keep it
+    decision: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.embed, self.head]
+
+    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+        if not self.embed_updates and not self.head_updates:
+            self.decision.update(tied=True, reason="adapter changes neither the embedding nor the head")
+            yield Produced(self.embed, reader.get(self.embed, dtype=self.dtype))
+            if self.write_head_if_tied:
+                yield Produced(self.head, reader.get(self.head_source, dtype=self.dtype))
+            return
+        emb = finish(self.embed, apply_updates(reader.get(self.embed), self.embed_updates), self.dtype) \
+            if self.embed_updates else reader.get(self.embed, dtype=self.dtype)
+        head = finish(self.head, apply_updates(reader.get(self.head_source), self.head_updates), self.dtype) \
+            if self.head_updates else reader.get(self.head_source, dtype=self.dtype)
+        emb_ops = [u.record() for u in self.embed_updates] or None
+        head_ops = [u.record() for u in self.head_updates] or None
+        if emb.shape == head.shape and torch.equal(emb, head):
+            self.decision.update(tied=True, reason="embedding and head are still identical after merging")
+            yield Produced(self.embed, emb, emb_ops or head_ops)
+            if self.write_head_if_tied:
+                yield Produced(self.head, head, head_ops or emb_ops)
+            return
+        changed = " and ".join(n for n, ops in ((self.embed, emb_ops), (self.head, head_ops)) if ops)
+        self.decision.update(
+            tied=False,
+            reason=f"the adapter changes {changed}; wrote both tensors and set tie_word_embeddings=false",
+        )
+        yield Produced(self.embed, emb, emb_ops)
+        yield Produced(self.head, head, head_ops or [{"op": "untie", "from": self.head_source}])
+
+
+def run_jobs(jobs: Sequence[Job], reader: CheckpointReader, writer, progress=None) -> list[dict[str, Any]]:
+    """Run every job, streaming its tensors into ``writer``; returns the manifest records of the
+    modified tensors (``{"tensor": name, "ops": [...]}``)."""
+    modified: list[dict[str, Any]] = []
+    it = progress(jobs) if progress is not None else jobs
+    for job in it:
+        for p in job.run(reader):
+            writer.add(p.name, p.tensor)
+            if p.ops is not None:
+                modified.append({"tensor": p.name, "ops": p.ops})
+            del p
+    return modified
