@@ -26,7 +26,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 quantize: setup
-	$(BIN)/python scripts/make_quantize.py --model "$(MODEL)" --bits "$(BITS)" --method "$(METHOD)" --out "$(OUT)"
+	$(BIN)/quantize run recipes/$(MODEL).yaml $(if $(BITS),--bits $(BITS)) $(if $(METHOD),--method $(METHOD)) $(if $(OUT),--out $(OUT))
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -51,4 +51,5 @@ def progress(iterable, total: int | None = None, desc: str = ""):
         return gen()
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (batch jobs, CI logs)
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)

@@ -292,3 +292,10 @@ def verify(directory: Path) -> list[str]:
         if extra not in listed:
             problems.append(f"{extra}: not listed in the manifest")
     return problems
+
+
+def verify_sizes(directory: Path) -> list[str]:
+    """Cheap check (no hashing): every output exists with its recorded size."""
+    m = load_manifest(Path(directory), required=True)
+    return [o.path for o in m.outputs
+            if not (Path(directory) / o.path).is_file() or (Path(directory) / o.path).stat().st_size != o.bytes]

@@ -17,7 +17,7 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     import torch
 
     from ..executor.stage import run_quantize_stage
-    from ..formats.gptq import GPTQFormat
+    from ..formats.gptq_checkpoint import GPTQFormat
     from ..methods.grid import QuantSpec
     from ..methods.layer import GPTQMethod, RTNMethod
 

@@ -195,6 +195,8 @@ def _compile(staging: Path, reader, arch, other_names: list[str], n_layers: int,
     """Parts -> final shards: embeddings first, then the layers in order, then the rest."""
     first = [n for n in other_names if n.startswith(arch.embed_path + ".")]
     last = [n for n in other_names if n not in first]
+    for stale in list(staging.glob("model*.safetensors")) + list(staging.glob("model.safetensors.index.json")):
+        stale.unlink()  # a compile interrupted by a kill is redone from the parts
     writer = ShardedWriter(staging, max_shard_bytes=max_shard_bytes)
     for n in first:
         writer.add(n, reader.get(n))

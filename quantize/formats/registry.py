@@ -13,7 +13,7 @@ SUPPORTED = ("gptq",)
 def format_from_config(qc: dict[str, Any], source: str = "config.json") -> Format:
     method = str(qc.get("quant_method", "")).lower()
     if method == "gptq":
-        from .gptq import GPTQFormat
+        from .gptq_checkpoint import GPTQFormat
 
         return GPTQFormat.from_quantization_config(qc, source=source)
     raise InputError(

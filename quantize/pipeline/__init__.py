@@ -1,0 +1,1 @@
+"""Recipes and `quantize run`: merge -> sample -> quantize -> eval, chained by manifests."""

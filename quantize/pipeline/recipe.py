@@ -1,0 +1,153 @@
+"""Typed recipes (``recipes/<model>.yaml``); unknown keys are rejected.
+
+Strings may reference the environment as ``${VAR}`` or ``${VAR:-default}``; ``--set a.b=value``
+overrides any key from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(_Strict):
+    model: str | None = None  # plain HF directory
+    base: str | None = None  # base model for a PEFT adapter
+    adapter: str | None = None
+    litgpt: str | None = None  # Lit-GPT checkpoint directory
+    lora: str | None = None  # Lit-GPT LoRA directory
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [self.model is not None, self.base is not None or self.adapter is not None, self.litgpt is not None]
+        if sum(kinds) != 1:
+            raise ValueError("set exactly one of: model, base+adapter, litgpt")
+        if (self.base is None) != (self.adapter is None):
+            raise ValueError("base and adapter go together")
+        return self
+
+    @property
+    def needs_merge(self) -> bool:
+        return self.model is None
+
+
+class GPTQParams(_Strict):
+    act_order: bool = True
+    sym: bool = True
+    damp: float = 0.01
+    static_groups: bool = False
+    block_size: int = 128
+
+
+class Calibration(_Strict):
+    dataset: str = "wikitext2"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=2)
+    seed: int = 0
+    text_field: str | None = None
+
+
+class Eval(_Strict):
+    enabled: bool = True
+    dataset: str = "wikitext2-test"
+    seq_len: int = Field(512, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+    max_ppl_increase: float | None = None
+
+
+class Resources(_Strict):
+    ram: str  # host RAM the run expects, e.g. "32 GiB"
+    vram: str  # device memory, e.g. "80 GiB" or "none (CPU)"
+    notes: str | None = None
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    source: Source
+    method: Literal["gptq", "rtn", "awq", "exl2"] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    bpw: float | None = None
+    gptq: GPTQParams = GPTQParams()
+    calibration: Calibration = Calibration()
+    eval: Eval = Eval()
+    output_dir: str = "out/{name}-{method}-{bits}bit"
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1)
+    resources: Resources
+
+    def out_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name, method=self.method, bits=self.bits,
+                                           group_size=self.group_size, bpw=self.bpw))
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in os.environ and os.environ[var] != "":
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise InputError(f"recipe key {where}: environment variable {var} is not set; export {var}=... or use --set {where}=...")
+
+    return _ENV.sub(sub, value)
+
+
+def _set_dotted(data: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise InputError(f"--set {dotted}: {k} is not a section")
+    cur[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        avail = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))) if path.parent.is_dir() else "none"
+        raise InputError(f"{path}: no such recipe; available in {path.parent}: {avail}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a YAML mapping")
+    for ov in overrides or []:
+        key, sep, val = ov.partition("=")
+        if not sep:
+            raise InputError(f"--set {ov!r}: expected KEY=VALUE (e.g. --set calibration.samples=64)")
+        _set_dotted(data, key.strip(), val.strip())
+    data = _expand(data, "")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        raise InputError(f"{path}: {where}: {msg}") from None
