@@ -24,7 +24,7 @@ COMMANDS: dict[str, str | None] = {
     "exl2": None,
     "eval": "eval",
     "plan": None,
-    "run": None,
+    "run": "run",
     "inspect": "inspect",
     "verify": "inspect",
 }

@@ -10,7 +10,6 @@ _PENDING = {
     "awq": "AWQ quantization",
     "exl2": "EXL2 quantization",
     "plan": "memory planning",
-    "run": "recipe runs",
 }
 
 
