@@ -1,0 +1,209 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) as pure functions.
+
+Columns of ``W [N, K]`` are quantized one at a time; each column's rounding error is spread over the
+columns not yet quantized through ``U``, the upper Cholesky factor of ``(H + λI)⁻¹``. Updates are
+lazy-batched: inside a block of ``block_size`` columns the per-column loop updates only the block,
+and the rest of the matrix receives the block's accumulated errors as one matmul.
+
+Two steps, so that layers sharing one Hessian (q/k/v, gate/up) factorize it once::
+
+    prepared = prepare_hessian_inverse(H, spec)          # dead columns, act-order, damping, Cholesky
+    rq = gptq_quantize(Wq, None, spec, prepared=prepared)
+    rk = gptq_quantize(Wk, None, spec, prepared=prepared)
+
+Group parameters follow the reference exactly: without static groups they are chosen when the
+loop reaches a group's first column, from the columns as they stood at the start of the current
+block (updates from earlier blocks applied, in-block updates not yet). That makes the result depend
+on ``block_size`` when ``group_size < block_size``, as in IST-DASLab/gptq and GPTQModel; measured on
+random correlated problems it is also *better* at 2 bits than choosing them from fully updated
+columns (error feedback inflates the range), and equal at 3–4 bits.
+
+Differences from IST-DASLab/gptq, on purpose:
+- a Hessian that is not positive definite after damping is retried with 10× the damping (reported in
+  ``damp_used``) instead of failing;
+- ``loss`` is ``Σ_j ‖err_j‖² = tr(ΔW (H + λI) ΔWᵀ)`` with ``ΔW = W − W_hat`` (dead columns zeroed);
+  the reference prints half of it;
+- scales are rounded to fp16 before codes are chosen (see ``grid``), so the checkpoint reproduces
+  ``W_hat`` exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError, RuntimeFault
+from .grid import (
+    QuantResult,
+    QuantSpec,
+    _quantize,
+    check_scales,
+    check_weight,
+    dequantize_grouped,
+    find_params_float,
+)
+
+_DAMP_GROWTH = 10.0  # damping multiplier per retry when H + λI is not positive definite
+_DAMP_LIMIT = 10.0  # give up once λ would exceed 10 · mean(diag H)
+
+
+class PreparedHessian(NamedTuple):
+    """Everything ``gptq_quantize`` needs from ``H``; share it between layers with the same inputs."""
+
+    hinv_chol: Tensor  # fp32 [K, K], upper Cholesky factor of (H + λI)⁻¹ in processing order
+    perm: Tensor | None  # int64 [K] processing order (act-order: descending diag H), else None
+    damp_used: float  # λ / mean(diag H) actually applied
+    dead: Tensor  # bool [K] (original column order): inputs that were always 0 (diag H == 0)
+
+
+def prepare_hessian_inverse(H: Tensor, spec: QuantSpec, *, name: str = "hessian") -> PreparedHessian:
+    """Dead-column fix, act-order permutation, damping and the Cholesky factor of ``H⁻¹``.
+
+    ``H`` is not modified. Dead columns get ``H[k, k] = 1`` (their weights are zeroed by
+    ``gptq_quantize``). Damping starts at ``spec.damp · mean(diag H)`` and grows 10× while the
+    factorization fails; RuntimeFault once it would exceed ``10 · mean(diag H)``.
+    """
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise InputError(f"{name}: expected a square [K, K] Hessian, got shape {tuple(H.shape)}")
+    H = H.detach().to(torch.float32, copy=True)
+    if not torch.isfinite(H).all():
+        raise RuntimeFault(
+            f"{name}: the Hessian contains NaN/Inf (the layer inputs overflowed); "
+            "calibrate in fp32/bf16 or check the model for non-finite activations"
+        )
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        H = H[perm.unsqueeze(1), perm]
+    unit = H.diagonal().abs().mean()
+
+    damp, applied = spec.damp, 0.0
+    while True:
+        H.diagonal().add_((damp - applied) * unit)
+        applied = damp
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return PreparedHessian(hinv_chol=U, perm=perm, damp_used=applied, dead=dead)
+        if damp * _DAMP_GROWTH > _DAMP_LIMIT * (1 + 1e-9):
+            raise RuntimeFault(
+                f"{name}: Hessian is not positive definite even with damping {damp:g}·mean(diag); "
+                "the calibration statistics are broken (check the layer inputs)"
+            )
+        damp = round(damp * _DAMP_GROWTH, 12)
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor | None,
+    spec: QuantSpec,
+    *,
+    prepared: PreparedHessian | None = None,
+    name: str = "weight",
+) -> QuantResult:
+    """Quantize ``W [N, K]`` with GPTQ against the Hessian ``H [K, K]`` (or a ``prepared`` one).
+
+    Pure: neither ``W`` nor ``H`` is modified. Works on ``H``'s (``prepared``'s) device; all math fp32.
+    Dead inputs (``diag H == 0``) get weight 0, as in the reference; a layer no calibration token
+    reached (``H`` all zero) would be zeroed entirely, so quantize it with ``rtn_quantize`` instead.
+
+    Groups: without act-order, group ``j`` is columns ``[j·g, (j+1)·g)``. With act-order, columns are
+    processed by descending ``diag(H)`` and group ``j`` is *processing positions* ``[j·g, (j+1)·g)``,
+    so ``g_idx[perm[p]] = p // g``; with ``static_groups`` the parameters of the contiguous original
+    groups are fixed up front and ``g_idx = k // g``. Codes are returned in original column order.
+    """
+    W32 = check_weight(W, name)
+    N, K = W32.shape
+    g = spec.group_width(K, name)
+    G = K // g
+    if prepared is None:
+        if H is None:
+            raise ValueError("gptq_quantize needs H or prepared")
+        if tuple(H.shape) != (K, K):
+            raise InputError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features={K}")
+        prepared = prepare_hessian_inverse(H, spec, name=f"{name} Hessian")
+    U, perm, damp_used, dead = prepared
+    if tuple(U.shape) != (K, K):
+        raise ValueError(f"{name}: prepared Hessian is for {U.shape[0]} inputs, the weight has {K}")
+    if (perm is not None) != spec.act_order:
+        raise ValueError(f"{name}: prepared Hessian act_order={perm is not None} but spec.act_order={spec.act_order}")
+
+    device = U.device
+    W32 = W32.to(device)
+    dead = dead.to(device)
+    W32[:, dead] = 0.0
+    params = dict(bits=spec.bits, sym=spec.sym, mse=spec.mse, v1_safe_zeros=spec.v1_safe_zeros)
+    maxq = spec.maxq
+
+    lazy = G > 1 and not spec.static_groups
+    scales = W32.new_empty(G, N)
+    zeros = W32.new_empty(G, N)
+    if not lazy:  # one group, or static groups: params from the original (unpermuted) columns
+        s, z = find_params_float(W32.view(N, G, g), **params)
+        scales.copy_(s.T)
+        zeros.copy_(z.T)
+        order = perm if perm is not None else torch.arange(K, device=device)
+        group_at = (order // g).tolist()  # group of the column processed at each position
+
+    # Work transposed, [K, N] in processing order: a column of W is a contiguous row here, so the
+    # per-column reads/writes and rank-1 updates stream through memory.
+    Wt = (W32[:, perm] if perm is not None else W32).T.contiguous()
+    Qt = torch.empty_like(Wt)
+    loss = Wt.new_zeros(())
+    B = spec.block_size
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        U1 = U[i1:i2, i1:i2]
+        W1 = Wt[i1:i2].clone()  # Wt[i1:i2] keeps the block-start values (group params read them)
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if lazy:
+                if j % g == 0:
+                    s, z = find_params_float(Wt[j : j + g].T, **params)
+                    scales[j // g] = s
+                    zeros[j // g] = z
+            else:
+                s, z = scales[group_at[j]], zeros[group_at[j]]
+            w = W1[i]
+            q = _quantize(w, s, z, maxq)
+            Qt[j] = q
+            err = (w - (q - z) * s) / U1[i, i]
+            Err1[i] = err
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        loss += Err1.square().sum()
+        if i2 < K:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+
+    check_scales(scales, name)
+    codes = Qt.to(torch.int32).T
+    codes = codes[:, torch.argsort(perm)] if perm is not None else codes.contiguous()
+    positions = torch.arange(K, device=device)
+    if lazy and perm is not None:
+        g_idx = torch.empty(K, dtype=torch.int32, device=device)
+        g_idx[perm] = (positions // g).to(torch.int32)
+    else:
+        g_idx = (positions // g).to(torch.int32)
+    zeros_i = zeros.to(torch.int32)
+    W_hat = dequantize_grouped(codes, scales, zeros_i, g_idx)
+    return QuantResult(
+        codes=codes, scales=scales, zeros=zeros_i, g_idx=g_idx, perm=perm, W_hat=W_hat, spec=spec,
+        loss=loss.item(), damp_used=damp_used, dead_columns=int(dead.sum()),
+    )
+
+
+def weighted_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
+    """``tr((W − W_hat) H (W − W_hat)ᵀ)``: the output error GPTQ minimizes (fp32, fp64 final sum).
+
+    With ``H = 2/n Σ x xᵀ`` (``hessian.py``) this is ``2 · mean_t ‖(W − W_hat) x_t‖²``.
+    """
+    D = W.to(device=H.device, dtype=torch.float32) - W_hat.to(device=H.device, dtype=torch.float32)
+    return torch.sum((D @ H.to(torch.float32)) * D, dtype=torch.float64).item()

@@ -1,0 +1,230 @@
+"""The uniform integer grid shared by GPTQ and RTN (FORMATS.md §1.5), and their common result type.
+
+A weight ``w`` in a group with scale ``s`` and zero-point ``z`` is stored as the code
+``q = clamp(round(w / s) + z, 0, 2^b − 1)`` and read back as ``s · (q − z)``.
+
+Scales are rounded to fp16 *here*, before any code is chosen: a GPTQ checkpoint stores fp16 scales,
+so quantizing against the fp16 value makes ``dequantize(pack(result)) == result.W_hat`` bit for bit
+and the solver's error feedback sees the weights the loader will actually compute.
+
+Range per output row and group (AutoGPTQ/GPTQModel ``find_params``): ``xmin = min(0, min w)``,
+``xmax = max(0, max w)``; all-zero rows use ``[-1, 1]``.
+- sym: ``xmax = max(|xmin|, xmax)``, ``xmin = −xmax``, ``z = 2^(b−1)``. Unlike the reference we mirror
+  the range even when the group is entirely non-negative (the reference keeps ``xmin = 0`` there and
+  then clips every value above ``7/15·xmax`` at 4 bits).
+- asym: ``s = (xmax − xmin)/(2^b − 1)``, ``z = round(−xmin/s)`` in ``[0, 2^b − 1]``. With
+  ``v1_safe_zeros`` a group that would get ``z = 0`` (all weights ≥ −s/2) is given ``z = 1`` and
+  ``s = xmax/(2^b − 2)`` instead, which still covers ``[xmin, xmax]``: the v1 ``gptq`` checkpoint
+  format stores ``z − 1`` and cannot represent 0 (FORMATS.md §1.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import Tensor
+
+from ..errors import InputError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_FP16_MIN_SUBNORMAL = 2.0**-24
+
+# MSE clip search (GPTQModel/IST-DASLab ``Quantizer(mse=True)`` defaults): shrink the range by
+# p = 1, 0.99, ..., 0.21 and keep, per row, the p with the smallest sum |w − ŵ|^2.4.
+_MSE_GRID = 100
+_MSE_MAX_SHRINK = 0.8
+_MSE_NORM = 2.4
+
+
+class QuantSpec(BaseModel):
+    """What to quantize to and how GPTQ should search. Immutable; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="input columns per scale/zero group; -1 = one group per row")
+    sym: bool = True
+    act_order: bool = Field(False, description="process columns by descending diag(H) (desc_act)")
+    static_groups: bool = Field(False, description="group params fixed up front on original columns")
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="damping as a fraction of mean(diag H)")
+    block_size: int = Field(128, ge=1, description="GPTQ lazy-batch width in columns")
+    mse: bool = Field(False, description="search a clipped range minimising |w - w_hat|^2.4")
+    v1_safe_zeros: bool = Field(True, description="asym: never emit zero-point 0 (unstorable in v1 'gptq')")
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+        return v
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: str = "quantization spec") -> QuantSpec:
+        """Validate ``data``; a bad field raises InputError naming ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            raise InputError(f"{source}: invalid {where}: {err['msg']}") from None
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_width(self, in_features: int, name: str = "weight") -> int:
+        """Columns per group for a layer with ``in_features`` inputs (``in_features`` when -1)."""
+        if self.group_size == -1:
+            return in_features
+        if in_features % self.group_size:
+            raise InputError(
+                f"{name}: in_features={in_features} is not a multiple of group_size={self.group_size}; "
+                f"choose a group_size that divides {in_features} (or -1)"
+            )
+        return self.group_size
+
+    def num_groups(self, in_features: int, name: str = "weight") -> int:
+        return in_features // self.group_width(in_features, name)
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """One quantized linear weight ``W [N, K]`` (N outputs, K inputs), in original column order.
+
+    ``W_hat == dequantize_grouped(codes, scales, zeros, g_idx)`` exactly; ``scales`` hold
+    fp16-representable values (so packing them as fp16 is lossless).
+    """
+
+    codes: Tensor  # int32 [N, K], each in [0, 2^bits − 1]
+    scales: Tensor  # fp32 [G, N], G = K // group width (1 for group_size −1)
+    zeros: Tensor  # int32 [G, N], the integer zero-point z (not the v1 stored z − 1)
+    g_idx: Tensor  # int32 [K], group of every input column
+    perm: Tensor | None  # int64 [K] processing order (act-order), else None
+    W_hat: Tensor  # fp32 [N, K], the dequantized weight
+    spec: QuantSpec
+    loss: float  # solver loss, see the producing function (nan when unknown)
+    damp_used: float  # damping fraction actually applied (0.0 for RTN)
+    dead_columns: int  # input columns with diag(H) == 0
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    def metrics(self, W: Tensor | None = None) -> dict[str, float]:
+        """Scalars for logs/manifests; pass the original ``W`` to include the weight MSE."""
+        out = {"loss": self.loss, "damp_used": self.damp_used, "dead_columns": float(self.dead_columns)}
+        if W is not None:
+            out["weight_mse"] = (W.to(self.W_hat) - self.W_hat).square().mean().item()
+        return out
+
+
+def fp16_exact(scale: Tensor) -> Tensor:
+    """Round fp32 scales to the nearest fp16 value (kept as fp32), never to zero."""
+    return scale.to(torch.float16).to(torch.float32).clamp_min_(_FP16_MIN_SUBNORMAL)
+
+
+def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
+    xmin = x.amin(dim=-1).clamp(max=0.0)
+    xmax = x.amax(dim=-1).clamp(min=0.0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = xmin == xmax  # only when the whole row/group is 0
+    return torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+
+
+def _grid(xmin: Tensor, xmax: Tensor, bits: int, sym: bool, v1_safe_zeros: bool) -> tuple[Tensor, Tensor]:
+    """(scale, zero) as fp32 tensors; scale fp16-exact, zero integer-valued."""
+    maxq = (1 << bits) - 1
+    scale = fp16_exact((xmax - xmin) / maxq)
+    if sym:
+        return scale, torch.full_like(scale, float(1 << (bits - 1)))
+    zero = torch.round(-xmin / scale).clamp_(0, maxq)
+    if v1_safe_zeros:
+        low = zero < 1
+        scale = torch.where(low, fp16_exact(xmax / (maxq - 1)), scale)
+        zero = torch.where(low, 1.0, zero)
+    return scale, zero
+
+
+def _quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Codes as an fp32 tensor of integers (the solver's inner loop works in fp32)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def find_params_float(
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``find_params`` with the zero-point as an integer-valued fp32 tensor (for the solvers)."""
+    x = x.to(torch.float32)
+    xmin, xmax = _range(x, sym)
+    scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros)
+    if not mse:
+        return scale, zero
+    maxq = (1 << bits) - 1
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(_MSE_MAX_SHRINK * _MSE_GRID)):
+        p = 1.0 - i / _MSE_GRID
+        s, z = _grid(p * xmin, p * xmax, bits, sym, v1_safe_zeros)
+        s1, z1 = s.unsqueeze(-1), z.unsqueeze(-1)
+        err = (s1 * (_quantize(x, s1, z1, maxq) - z1) - x).abs_().pow_(_MSE_NORM).sum(dim=-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def find_params(
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Grid for every row of ``x [..., m]`` over its last dim: ``(scale fp32 [...], zero int32 [...])``.
+
+    Pass a group's columns (``W[:, i:i+g]``) for per-group params, or ``W.view(N, G, g)`` for all
+    contiguous groups at once.
+    """
+    scale, zero = find_params_float(x, bits, sym, mse=mse, v1_safe_zeros=v1_safe_zeros)
+    return scale, zero.to(torch.int32)
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """``clamp(round(w / scale) + zero, 0, maxq)`` as int32 (scale/zero broadcast against ``w``)."""
+    return _quantize(w.to(torch.float32), scale.to(torch.float32), zero.to(torch.float32), maxq).to(torch.int32)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``scale · (q − zero)`` in fp32 (broadcasting); exact for fp16 scales and small integers."""
+    return (q.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
+
+
+def dequantize_grouped(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """``W[n, k] = scales[g_idx[k], n] · (codes[n, k] − zeros[g_idx[k], n])`` as fp32 ``[N, K]``.
+
+    The one dequantization used by the solvers (``W_hat``) and the GPTQ loader emulation, so the two
+    agree bit for bit.
+    """
+    gi = g_idx.to(device=codes.device, dtype=torch.long)
+    s = scales.to(device=codes.device, dtype=torch.float32).index_select(0, gi).T
+    z = zeros.to(device=codes.device).index_select(0, gi).T
+    return dequantize(codes, s, z)
+
+
+def check_weight(W: Tensor, name: str = "weight") -> Tensor:
+    """A finite 2-D ``[N, K]`` weight as a fresh fp32 tensor (the caller's tensor is never touched)."""
+    if W.ndim != 2:
+        raise InputError(f"{name}: expected a 2-D [out_features, in_features] weight, got shape {tuple(W.shape)}")
+    W32 = W.detach().to(torch.float32, copy=True)
+    if not torch.isfinite(W32).all():
+        raise InputError(f"{name}: weight contains NaN/Inf; fix or re-export the checkpoint before quantizing")
+    return W32
+
+
+def check_scales(scales: Tensor, name: str = "weight") -> None:
+    if not torch.isfinite(scales).all():
+        raise InputError(
+            f"{name}: a group's range exceeds what fp16 scales can hold (|w| > ~6e4); "
+            "this weight cannot be stored as GPTQ, leave the module unquantized"
+        )

@@ -1,0 +1,66 @@
+"""The GPTQ calibration statistic: the layer-input Hessian ``H = 2/n · Σ_t x_t x_tᵀ``.
+
+Scaling: ``n`` counts *rows* (tokens) — every leading dimension of ``x`` is flattened — so ``H`` is
+twice the mean outer product of one token's input and ``tr(ΔW H ΔWᵀ) = 2 · mean_t ‖ΔW x_t‖²`` is the
+per-token output error of a weight perturbation ``ΔW``. (IST-DASLab/gptq counts *sequences*, which
+multiplies H by the sequence length; GPTQ's solution is invariant to that factor because damping is
+relative to ``mean(diag H)``, only the reported loss scales.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_hessian(x: Tensor, H: Tensor | None, n: int) -> tuple[Tensor, int]:
+    """Fold the inputs ``x [..., K]`` into the running mean ``H [K, K]`` over ``n`` rows so far.
+
+    ``H ← n/(n+m) · H + 2/(n+m) · XᵀX`` with ``X = x.reshape(-1, K)`` in fp32 (``m`` rows), as ONE
+    ``addmm``. ``H`` is updated in place and returned (a new fp32 tensor on ``x``'s device when
+    ``H`` is None); the returned count is ``n + m``. ``x`` is moved to ``H``'s device, so ``H`` may
+    live elsewhere (e.g. on the CPU while the layer runs on a GPU).
+    """
+    K = x.shape[-1]
+    X = x.detach().reshape(-1, K)
+    m = X.shape[0]
+    if H is not None and (H.shape != (K, K) or H.dtype != torch.float32):
+        raise ValueError(f"Hessian must be fp32 [{K}, {K}] for {K} input features, got {H.dtype} {tuple(H.shape)}")
+    if H is None and n:
+        raise ValueError("accumulate_hessian: n must be 0 when H is None")
+    if m == 0:
+        return H, n
+    total = n + m
+    if H is None:
+        X = X.to(dtype=torch.float32)
+        # beta=0: the (uninitialised) input is ignored, so this is a single matmul.
+        H = torch.addmm(X.new_empty(K, K), X.T, X, beta=0.0, alpha=2.0 / total)
+    else:
+        X = X.to(device=H.device, dtype=torch.float32)
+        H.addmm_(X.T, X, beta=n / total, alpha=2.0 / total)
+    return H, total
+
+
+class HessianAccumulator:
+    """Running ``H`` for one linear layer; feed it the layer's inputs batch by batch.
+
+    ``acc.add(x)`` (or register ``acc.pre_hook`` with ``module.register_forward_pre_hook``),
+    then read ``acc.H`` and ``acc.n``. ``device`` pins where ``H`` lives (default: the first input's).
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+        self.H: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        if self.H is None and self.device is not None:
+            x = x.to(self.device)
+        self.H, self.n = accumulate_hessian(x, self.H, self.n)
+
+    def pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """``forward_pre_hook`` signature: accumulates the module's first positional input."""
+        self.add(args[0])
+
+    def reset(self) -> None:
+        self.H, self.n = None, 0
