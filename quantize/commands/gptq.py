@@ -23,7 +23,9 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
 
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp, block_size=block_size)
+                     damp=damp, block_size=block_size,
+                     # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 can use the full grid
+                     v1_safe_zeros=checkpoint_format == "gptq")
     method = RTNMethod(spec) if rtn else GPTQMethod(spec)
     fmt = GPTQFormat(spec, checkpoint_format=checkpoint_format)
     params = {"method": method.name, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,

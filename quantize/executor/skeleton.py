@@ -57,7 +57,10 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        except ValueError:  # e.g. Gemma-2 has no SDPA path (soft-capped attention): eager is exact
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.eval()
     model.requires_grad_(False)
     return model

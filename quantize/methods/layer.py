@@ -36,17 +36,19 @@ class GPTQMethod:
             H = acc.H
             if not torch.isfinite(H).all():
                 raise_nonfinite(ctx, group[0])
-            prepared = prepare_hessian_inverse(H, self.spec)
+            # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
+            unseen = acc.n == 0 or not bool((torch.diagonal(H) > 0).any())
+            prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
             for name in group:
                 W = ctx.weight(name)
-                r = gptq_quantize(W, H, self.spec, prepared=prepared)
+                r = rtn_quantize(W, self.spec) if unseen else gptq_quantize(W, H, self.spec, prepared=prepared)
                 if not torch.isfinite(r.W_hat).all():
                     raise_nonfinite(ctx, name)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
                 m["damp_used"][name] = float(r.damp_used)
                 m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
-                m["rel_error"][name] = _rel_error(W, float(r.loss), H)
+                m["rel_error"][name] = _rel_error(W, weighted_error(W, r.W_hat, H), H)
                 m["rtn_rel_error"][name] = _rel_error(W, weighted_error(W, rtn_quantize(W, self.spec).W_hat, H), H)
             del H, prepared, acc
         return LayerResult(results, m)
