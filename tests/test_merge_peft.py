@@ -201,7 +201,7 @@ def test_embedding_lora_on_tied_model_keeps_head(tmp_path, base_dir):
     assert not torch.equal(ours["model.embed_tokens.weight"], base_sd["model.embed_tokens.weight"])
     assert m.metrics["tied_embeddings"] == {
         "tied": False, "base_tied": True,
-        "reason": "the adapter changes model.embed_tokens.weight; wrote both tensors and set tie_word_embeddings=false"}
+        "reason": "model.embed_tokens.weight differs from its tied twin; wrote both and set tie_word_embeddings=false"}
 
 
 def test_tied_model_untouched_embeddings_stay_tied(tmp_path, base_dir):

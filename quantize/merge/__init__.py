@@ -11,6 +11,7 @@ round once to the output dtype.
 
 from __future__ import annotations
 
+from .litgpt import merge_litgpt
 from .peft_adapter import merge_lora
 
-__all__ = ["merge_lora"]
+__all__ = ["merge_litgpt", "merge_lora"]

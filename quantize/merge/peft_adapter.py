@@ -287,13 +287,14 @@ def plan_adapter(
     tied = arch.is_tied(config)
     if embed not in base:
         raise InputError(f"{base.path}: has no embedding tensor {embed!r}; is this a {arch.name} checkpoint?")
-    head_source = head if head in base else (embed if tied else None)
+    # a tied model computes its logits with the embedding, whatever else the file holds
+    head_source = embed if tied else (head if head in base else None)
 
     def src_of(name: str) -> str | None:
         """The base tensor an output name starts from (a tied head starts from the embedding)."""
-        if name in base:
-            return name
-        return head_source if name == head else None
+        if name == head:
+            return head_source
+        return name if name in base else None
 
     def missing(what: str, name: str) -> InputError:
         return InputError(
@@ -408,9 +409,8 @@ def plan_adapter(
         if tied and name in (embed, head):
             if name == head:
                 continue
-            tied_job = TiedEmbeddingJob(
-                embed, head, head_source, out_dtype(embed), updates.get(embed, []), updates.get(head, []),
-                write_head_if_tied=head in base)
+            tied_job = TiedEmbeddingJob(embed, head, embed, head_source, out_dtype(embed),
+                                        updates.get(embed, []), updates.get(head, []))
             jobs.append(tied_job)
             continue
         jobs.append(TensorJob(name, name, out_dtype(name), updates.get(name, [])))

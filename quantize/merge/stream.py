@@ -220,50 +220,50 @@ class TensorJob:
 
 @dataclass
 class TiedEmbeddingJob:
-    """Embedding and head of a model whose config ties them.
+    """Embedding and head of a model whose config ties them (MERGE.md §2.6, §6.1).
 
-    When the adapter changes either one, both are computed from the shared base matrix; if they
-    end up equal the model stays tied (only the embedding is written), otherwise both are written
-    and the config must say ``tie_word_embeddings: false``. :attr:`decision` records the outcome.
+    Both are computed (from their sources plus updates); if they end up bit-identical the model
+    stays tied and only the embedding is written, otherwise both are written and the config must
+    say ``tie_word_embeddings: false``. :attr:`decision` records the outcome for the config and
+    the manifest. A PEFT head starts from the embedding (that is what a tied model computes with);
+    a Lit-GPT checkpoint stores its own, possibly trained, ``lm_head``.
     """
 
-    embed: str
+    embed: str  # output names
     head: str
-    head_source: str  # lm_head.weight when the checkpoint has one, else the embedding
+    embed_source: str  # input names
+    head_source: str
     dtype: torch.dtype
-    embed_updates: list[Update]
-    head_updates: list[Update]
-    write_head_if_tied: bool = False  # the base file had an lm_head tensor too: keep it
+    embed_updates: list[Update] = field(default_factory=list)
+    head_updates: list[Update] = field(default_factory=list)
     decision: dict[str, Any] = field(default_factory=dict)
 
     @property
     def outputs(self) -> list[str]:
         return [self.embed, self.head]
 
+    def _tensor(self, reader: CheckpointReader, name: str, source: str, updates: list[Update]) -> Tensor:
+        if not updates:
+            return reader.get(source, dtype=self.dtype)
+        base = None if isinstance(updates[0], Replace) else reader.get(source)
+        return finish(name, apply_updates(base, updates), self.dtype)
+
     def run(self, reader: CheckpointReader) -> Iterator[Produced]:
-        if not self.embed_updates and not self.head_updates:
-            self.decision.update(tied=True, reason="adapter changes neither the embedding nor the head")
-            yield Produced(self.embed, reader.get(self.embed, dtype=self.dtype))
-            if self.write_head_if_tied:
-                yield Produced(self.head, reader.get(self.head_source, dtype=self.dtype))
-            return
-        emb = finish(self.embed, apply_updates(reader.get(self.embed), self.embed_updates), self.dtype) \
-            if self.embed_updates else reader.get(self.embed, dtype=self.dtype)
-        head = finish(self.head, apply_updates(reader.get(self.head_source), self.head_updates), self.dtype) \
-            if self.head_updates else reader.get(self.head_source, dtype=self.dtype)
         emb_ops = [u.record() for u in self.embed_updates] or None
         head_ops = [u.record() for u in self.head_updates] or None
-        if emb.shape == head.shape and torch.equal(emb, head):
-            self.decision.update(tied=True, reason="embedding and head are still identical after merging")
-            yield Produced(self.embed, emb, emb_ops or head_ops)
-            if self.write_head_if_tied:
-                yield Produced(self.head, head, head_ops or emb_ops)
+        emb = self._tensor(reader, self.embed, self.embed_source, self.embed_updates)
+        if self.head_source == self.embed_source and not self.head_updates and not self.embed_updates:
+            self.decision.update(tied=True, reason="the embedding and the head are unchanged")
+            yield Produced(self.embed, emb)
             return
-        changed = " and ".join(n for n, ops in ((self.embed, emb_ops), (self.head, head_ops)) if ops)
+        head = self._tensor(reader, self.head, self.head_source, self.head_updates)
+        if emb.shape == head.shape and torch.equal(emb, head):
+            self.decision.update(tied=True, reason="the embedding and the head are identical")
+            yield Produced(self.embed, emb, emb_ops or head_ops)
+            return
+        changed = " and ".join(n for n, ops in ((self.embed, emb_ops), (self.head, head_ops)) if ops) or self.head
         self.decision.update(
-            tied=False,
-            reason=f"the adapter changes {changed}; wrote both tensors and set tie_word_embeddings=false",
-        )
+            tied=False, reason=f"{changed} differs from its tied twin; wrote both and set tie_word_embeddings=false")
         yield Produced(self.embed, emb, emb_ops)
         yield Produced(self.head, head, head_ops or [{"op": "untie", "from": self.head_source}])
 
