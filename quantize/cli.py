@@ -23,7 +23,7 @@ COMMANDS: dict[str, str | None] = {
     "awq": None,
     "exl2": None,
     "eval": "eval",
-    "plan": None,
+    "plan": "plan",
     "run": "run",
     "inspect": "inspect",
     "verify": "inspect",

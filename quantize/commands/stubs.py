@@ -9,7 +9,6 @@ from ..errors import NotImplementedStage
 _PENDING = {
     "awq": "AWQ quantization",
     "exl2": "EXL2 quantization",
-    "plan": "memory planning",
 }
 
 

@@ -27,6 +27,7 @@ class Source(_Strict):
     adapter: str | None = None
     litgpt: str | None = None  # Lit-GPT checkpoint directory
     lora: str | None = None  # Lit-GPT LoRA directory
+    config: str | None = None  # config.json to plan with when the weights are not on this machine
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -43,14 +43,20 @@ def _done(plan: StagePlan) -> bool:
 
 
 def _check_source(recipe: Recipe, recipe_path: Path) -> None:
-    src = recipe.source
+    """Stop at once, naming the missing path and the recipe key / variable that sets it."""
+    import re
+
+    import yaml
+
+    raw = (yaml.safe_load(Path(recipe_path).read_text()) or {}).get("source") or {}
     for key in ("model", "base", "adapter", "litgpt", "lora"):
-        val = getattr(src, key)
+        val = getattr(recipe.source, key)
         if val is not None and not Path(val).exists():
-            env = f"{recipe.name.upper().replace('-', '_').replace('.', '_')}_{'DIR' if key in ('model', 'litgpt') else key.upper()}"
+            env = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", str(raw.get(key, "")))
+            via = f" or export {env[0]}=DIR" if env else ""
             raise InputError(
                 f"{recipe_path}: source.{key} = {val} does not exist; put the weights there, "
-                f"or set it with `--set source.{key}=DIR` (the recipe also reads ${{{env}}})"
+                f"pass --set source.{key}=DIR{via}"
             )
 
 

@@ -1,0 +1,143 @@
+"""`quantize plan`: the memory a model needs, from config.json alone.
+
+Weights: exact per-format byte counts (codes, scales, zeros, g_idx, and the tensors left
+unquantized: embeddings, norms, lm_head, biases). KV cache: 2 x layers x kv_heads x head_dim x
+context x batch x bytes. With a VRAM budget, the highest-quality setting that fits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .arch import Arch, get_arch
+from .errors import InputError
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
+               "fp8": 1, "float8": 1, "int8": 1, "q8": 1, "q4": 0.5}
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # "fp16", "gptq", "awq", "exl2"
+    bits: float  # bits, or bpw for exl2
+    group_size: int = 128
+
+    @property
+    def label(self) -> str:
+        if self.method in ("fp16", "bf16"):
+            return self.method
+        if self.method == "exl2":
+            return f"exl2 {self.bits:g} bpw"
+        g = "" if self.group_size == -1 else f" g{self.group_size}"
+        return f"{self.method} {int(self.bits)}-bit{g}"
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB', '80G', '1.5TiB' -> bytes (GB/G = 10^9; GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.I)
+    if not m:
+        raise InputError(f"--vram {text!r}: expected a size such as 24GiB, 80GB or 16G")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def _source_dtype_bytes(config: Mapping[str, Any]) -> int:
+    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+    return int(DTYPE_BYTES.get(name, 2))
+
+
+def linear_bytes(N: int, K: int, s: Setting, has_bias: bool, dtype_bytes: int) -> int:
+    """Bytes of one linear [out N, in K] as the format stores it (bias kept in fp16)."""
+    bias = 2 * N if has_bias else 0
+    if s.method in ("fp16", "bf16"):
+        return N * K * dtype_bytes + (N * dtype_bytes if has_bias else 0)
+    g = K if s.group_size == -1 else s.group_size
+    G = math.ceil(K / g)
+    if s.method == "gptq":
+        b = int(s.bits)
+        qweight = math.ceil(K * b / 32) * N * 4
+        qzeros = G * math.ceil(N * b / 32) * 4
+        return qweight + qzeros + G * N * 2 + K * 4 + bias  # + scales fp16 + g_idx int32
+    if s.method == "awq":
+        return K * (N // 8) * 4 + G * (N // 8) * 4 + G * N * 2 + bias
+    if s.method == "exl2":
+        # bpw counts codes, scales, group table and permutation (FORMATS.md §3.3); q_scale_max fp16
+        return math.ceil(N * K * s.bits / 8) + N * 2 + bias
+    raise InputError(f"unknown method {s.method!r}")
+
+
+def weight_bytes(config: Mapping[str, Any], s: Setting, arch: Arch | None = None,
+                 head_bits: int | None = None) -> dict[str, int]:
+    arch = arch or get_arch(config)
+    d = arch.dims(config)
+    n_layers = arch.num_layers(config)
+    dt = _source_dtype_bytes(config)
+    vocab = int(config["vocab_size"])
+    per_layer_linears = sum(
+        linear_bytes(*arch.linear_shape(n, config), s, arch.has_bias(n, config), dt) for n in arch.linear_names()
+    )
+    norm_bytes = sum((d["head_dim"] if re.search(r"[qk]_norm$", n) else d["hidden"]) * dt for n in arch.layer_norms)
+    embed = vocab * d["hidden"] * dt
+    head = 0
+    if not arch.is_tied(config):
+        if s.method == "exl2" and head_bits:
+            head = linear_bytes(vocab, d["hidden"], Setting("exl2", head_bits), False, dt)
+        else:
+            head = vocab * d["hidden"] * dt
+    return {
+        "layers": n_layers * (per_layer_linears + norm_bytes),
+        "embeddings": embed,
+        "lm_head": head,
+        "final_norm": d["hidden"] * dt,
+        "total": n_layers * (per_layer_linears + norm_bytes) + embed + head + d["hidden"] * dt,
+    }
+
+
+def kv_cache_bytes(config: Mapping[str, Any], context: int, batch: int, kv_dtype: str = "fp16",
+                   arch: Arch | None = None) -> int:
+    arch = arch or get_arch(config)
+    d = arch.dims(config)
+    if kv_dtype not in DTYPE_BYTES:
+        raise InputError(f"--kv-dtype {kv_dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    return int(2 * arch.num_layers(config) * d["kv"] * context * batch * DTYPE_BYTES[kv_dtype])
+
+
+DEFAULT_SETTINGS = [
+    Setting("bf16", 16),
+    Setting("gptq", 8, 128), Setting("exl2", 6.0), Setting("exl2", 5.0), Setting("awq", 4, 128),
+    Setting("gptq", 4, 128), Setting("exl2", 4.0), Setting("gptq", 3, 128), Setting("exl2", 3.0),
+    Setting("exl2", 2.5), Setting("gptq", 2, 64),
+]
+
+
+def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
+    """Bits per quantized weight, overheads included (the quality ordering used for --vram)."""
+    n_params = sum(math.prod(arch.linear_shape(n, config)) for n in arch.linear_names())
+    dt = _source_dtype_bytes(config)
+    b = sum(linear_bytes(*arch.linear_shape(n, config), s, False, dt) for n in arch.linear_names())
+    return 8 * b / n_params
+
+
+def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, context: int = 4096, batch: int = 1,
+         kv_dtype: str = "fp16", vram: int | None = None, head_bits: int = 6, overhead: float = 0.0) -> dict[str, Any]:
+    """Rows per setting: weights, KV cache, total; ``best``: the highest-quality row within ``vram``."""
+    arch = get_arch(config)
+    kv = kv_cache_bytes(config, context, batch, kv_dtype, arch)
+    rows = []
+    for s in settings or DEFAULT_SETTINGS:
+        w = weight_bytes(config, s, arch, head_bits=head_bits)
+        total = w["total"] + kv + overhead
+        rows.append({"setting": s.label, "method": s.method, "bits": s.bits, "group_size": s.group_size,
+                     "effective_bits": round(effective_bits(config, s, arch), 3), "weights": w["total"],
+                     "kv_cache": kv, "total": int(total), "fits": None if vram is None else total <= vram,
+                     "detail": w})
+    best = None
+    if vram is not None:
+        fitting = [r for r in rows if r["fits"]]
+        best = max(fitting, key=lambda r: r["effective_bits"], default=None)
+    return {"family": arch.name, "layers": arch.num_layers(config), "context": context, "batch": batch,
+            "kv_dtype": kv_dtype, "vram": vram, "rows": rows, "best": best}
