@@ -89,6 +89,14 @@ class Recipe(_Strict):
     batch_size: int = Field(8, ge=1)
     resources: Resources
 
+    @model_validator(mode="after")
+    def _method_bits(self):
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError(f"method awq: the AWQ GEMM format is 4-bit only (bits={self.bits}); use bits 4, or method gptq/exl2")
+        if self.method == "exl2" and self.bpw is None:
+            self.bpw = float(self.bits)
+        return self
+
     def out_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name, method=self.method, bits=self.bits,
                                            group_size=self.group_size, bpw=self.bpw))
@@ -151,4 +159,6 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         raise InputError(f"{path}: {where}: {msg}") from None

@@ -39,7 +39,12 @@ def _done(plan: StagePlan) -> bool:
         if m.params.get(k) != v:
             return False
     paths = {str(Path(i.path)) for i in m.inputs}
-    return all(str(p) in paths for p in plan.inputs) and not mf.verify_sizes(plan.out)
+    if not all(str(p) in paths for p in plan.inputs):
+        return False
+    for i in m.inputs:  # an upstream stage that was redone since makes this one stale
+        if i.manifest_sha256 is not None and mf.manifest_sha256(Path(i.path)) != i.manifest_sha256:
+            return False
+    return not mf.verify_sizes(plan.out)
 
 
 def _check_source(recipe: Recipe, recipe_path: Path) -> None:
