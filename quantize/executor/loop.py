@@ -142,7 +142,12 @@ class LayerStreamer:
     # -- layers ----------------------------------------------------------------------------------
     def load_layer(self, i: int) -> nn.Module:
         layer = self.layers[i]
-        skeleton.materialize(layer, self.arch.layer_prefix(i), self.reader, device=self.cfg.device, dtype=self.cfg.dtype)
+        prefix = self.arch.layer_prefix(i)
+        skeleton.materialize(layer, prefix, self.reader, device=self.cfg.device, dtype=self.cfg.dtype)
+        for local, p in layer.named_parameters():
+            if not torch.isfinite(p).all():
+                raise InputError(f"{self.reader.path}: tensor {prefix + local!r} contains NaN/Inf; "
+                                 f"the checkpoint is corrupt or the fine-tune diverged: fix or re-export it")
         return layer
 
     def release_layer(self, i: int) -> None:

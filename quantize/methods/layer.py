@@ -41,7 +41,9 @@ class GPTQMethod:
             prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
             for name in group:
                 W = ctx.weight(name)
-                r = rtn_quantize(W, self.spec) if unseen else gptq_quantize(W, H, self.spec, prepared=prepared)
+                full = ctx.prefix + name
+                r = (rtn_quantize(W, self.spec, name=full) if unseen
+                     else gptq_quantize(W, H, self.spec, prepared=prepared, name=full))
                 if not torch.isfinite(r.W_hat).all():
                     raise_nonfinite(ctx, name)
                 ctx.set_weight(name, r.W_hat)
