@@ -1,0 +1,384 @@
+"""The architecture table: everything the pipeline knows about a decoder family, as data.
+
+Each supported family is one frozen :class:`Arch` value in ``_TABLE`` below; there are no per-model
+subclasses and no ``if arch == ...`` chains elsewhere. Code that needs model structure asks the table:
+
+* ``groups``: the linears of one decoder layer in execution order, as *sequential groups*; the
+  linears of a group read the same input (one Hessian / one activation statistic per group).
+* ``scale_pairs``: AWQ smoothing pairs, "previous op -> linears it feeds". A scale ``s`` divides the
+  previous op's output channels and multiplies the linears' input channels; the product is unchanged.
+* tensor-name templates (``layers_path``, ``embed_path``, ``final_norm_path``, ``lm_head_path``,
+  ``layer_norms``) so checkpoints can be planned and streamed from safetensors names alone.
+
+Widths are symbolic (:data:`Dim`) and resolved against a ``config.json`` dict by :func:`dims`, so a
+shape or an applicability condition is data too, e.g. v_proj -> o_proj applies only when
+``num_key_value_heads * head_dim == num_attention_heads * head_dim`` (see :meth:`Arch.pair_applies`).
+
+Never quantized: embeddings, every norm, and lm_head (``Arch.is_quantizable`` is true only for the
+weight of a layer linear).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import InputError
+
+Dim = Literal["hidden", "q", "kv", "intermediate"]
+"""Symbolic widths: ``hidden`` = hidden_size, ``q`` = num_attention_heads * head_dim,
+``kv`` = num_key_value_heads * head_dim, ``intermediate`` = intermediate_size."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear of a decoder layer, named relative to the layer (``self_attn.q_proj``).
+
+    ``out`` lists the output row blocks in order; a fused linear has several (phi3 ``qkv_proj`` is
+    ``("q", "kv", "kv")``: rows of q, then k, then v), a plain one has a single block.
+    """
+
+    name: str
+    out: tuple[Dim, ...]
+    inp: Dim
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """AWQ smoothing pair: ``prev``'s output channels feed ``linears``' input channels.
+
+    ``prev`` is a layer norm or a linear (relative name). For a fused ``prev`` linear, ``prev_part``
+    is the index of the output block in :attr:`Linear.out` that feeds ``linears`` (only those rows
+    are divided by the scale). ``inspect`` is the module whose output measures the scaling loss
+    (``None``: the linears themselves), e.g. the whole ``self_attn`` for the q/k/v pair.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+    prev_part: int | None = None
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One decoder family. Fields are data; methods only derive names and widths from them."""
+
+    name: str  # short family name used in messages and CLI ("llama")
+    architectures: tuple[str, ...]  # config.json "architectures"[0] values that map here
+    model_type: str  # config.json "model_type"
+    groups: tuple[tuple[Linear, ...], ...]  # sequential groups, execution order
+    scale_pairs: tuple[ScalePair, ...]  # AWQ pairs, execution order
+    layer_norms: tuple[str, ...]  # per-layer norm modules (never quantized)
+    tie_word_embeddings: bool = False  # family default when config.json omits the key
+    head_dim_default: int | None = None  # head_dim when config.json omits it; None: hidden // heads
+    norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + weight)
+    scales_embeddings: bool = False  # embeddings are multiplied by sqrt(hidden_size) before layer 0
+    always_biased: tuple[str, ...] = ()  # linears that carry a bias whatever the config says
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (config key, linears it adds a bias to)
+    layers_path: str = "model.layers"
+    num_layers_key: str = "num_hidden_layers"
+    embed_path: str = "model.embed_tokens"
+    final_norm_path: str = "model.norm"
+    lm_head_path: str = "lm_head"
+
+    # -- names -------------------------------------------------------------------------------
+
+    def layer_prefix(self, i: int) -> str:
+        """``"model.layers.{i}."``: prepend to a relative name to get the checkpoint/module name."""
+        return f"{self.layers_path}.{i}."
+
+    def linear_names(self) -> list[str]:
+        """Relative names of every linear of a layer, flat, in execution order."""
+        return [lin.name for group in self.groups for lin in group]
+
+    def group_names(self) -> list[list[str]]:
+        """Sequential groups as lists of relative names."""
+        return [[lin.name for lin in group] for group in self.groups]
+
+    def linear(self, name: str) -> Linear:
+        """The :class:`Linear` with relative name ``name``."""
+        for group in self.groups:
+            for lin in group:
+                if lin.name == name:
+                    return lin
+        raise KeyError(f"{self.name}: no linear named {name!r}; layer linears are {self.linear_names()}")
+
+    def has_bias(self, linear: str, config: Mapping[str, Any]) -> bool:
+        """Whether ``linear`` carries a bias in a model built from ``config``."""
+        if linear in self.always_biased:
+            return True
+        return any(bool(config.get(key, False)) and linear in names for key, names in self.bias_flags)
+
+    def layer_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
+        """Relative tensor names one layer holds in a checkpoint (``self_attn.q_proj.weight``, ...)."""
+        names = []
+        for lin in self.linear_names():
+            names.append(f"{lin}.weight")
+            if self.has_bias(lin, config):
+                names.append(f"{lin}.bias")
+        names += [f"{norm}.weight" for norm in self.layer_norms]
+        return names
+
+    def non_layer_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
+        """Checkpoint names outside the layers; lm_head is absent when embeddings are tied."""
+        names = [f"{self.embed_path}.weight", f"{self.final_norm_path}.weight"]
+        if not self.is_tied(config):
+            names.append(f"{self.lm_head_path}.weight")
+        return names
+
+    def expected_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
+        """Every tensor name a complete checkpoint of ``config`` holds (a tied lm_head is omitted)."""
+        rel = self.layer_tensor_names(config)
+        per_layer = [self.layer_prefix(i) + r for i in range(self.num_layers(config)) for r in rel]
+        return self.non_layer_tensor_names(config) + per_layer
+
+    def layer_index(self, tensor_name: str) -> int | None:
+        """The layer a checkpoint tensor belongs to, or None for embeddings / final norm / lm_head."""
+        m = re.match(re.escape(self.layers_path) + r"\.(\d+)\.", tensor_name)
+        return int(m.group(1)) if m else None
+
+    def split_tensor_names(self, names: Iterable[str]) -> tuple[dict[int, list[str]], list[str]]:
+        """Partition checkpoint names into ``({layer index: names}, non-layer names)``, order kept."""
+        per_layer: dict[int, list[str]] = {}
+        other: list[str] = []
+        for name in names:
+            i = self.layer_index(name)
+            if i is None:
+                other.append(name)
+            else:
+                per_layer.setdefault(i, []).append(name)
+        return dict(sorted(per_layer.items())), other
+
+    def is_quantizable(self, tensor_name: str) -> bool:
+        """True only for the weight of a layer linear (embeddings, norms, lm_head and biases stay)."""
+        i = self.layer_index(tensor_name)
+        if i is None or not tensor_name.endswith(".weight"):
+            return False
+        rel = tensor_name[len(self.layer_prefix(i)) : -len(".weight")]
+        return rel in self.linear_names()
+
+    # -- config --------------------------------------------------------------------------------
+
+    def num_layers(self, config: Mapping[str, Any]) -> int:
+        n = config.get(self.num_layers_key)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(
+                f"config.json: {self.num_layers_key}={n!r} is not a positive integer; "
+                f"fix the config of this {self.name} checkpoint"
+            )
+        return n
+
+    def is_tied(self, config: Mapping[str, Any]) -> bool:
+        """Whether lm_head shares the embedding matrix (config value, else the family default)."""
+        return bool(config.get("tie_word_embeddings", self.tie_word_embeddings))
+
+    def dims(self, config: Mapping[str, Any]) -> dict[str, int]:
+        """Resolve the symbolic widths (and ``head_dim``) against ``config``."""
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            intermediate = int(config["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"config.json: missing or invalid {e} for {self.name}; needs hidden_size, "
+                "num_attention_heads and intermediate_size"
+            ) from None
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = config.get("head_dim") or self.head_dim_default or hidden // heads
+        head_dim = int(head_dim)
+        return {
+            "hidden": hidden,
+            "q": heads * head_dim,
+            "kv": kv_heads * head_dim,
+            "intermediate": intermediate,
+            "head_dim": head_dim,
+        }
+
+    def linear_shape(self, name: str, config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(out_features, in_features)`` of a layer linear under ``config``."""
+        lin, d = self.linear(name), self.dims(config)
+        return sum(d[p] for p in lin.out), d[lin.inp]
+
+    def pair_applies(self, pair: ScalePair, config: Mapping[str, Any]) -> bool:
+        """Whether a scale pair is shape-compatible under ``config``.
+
+        Exact condition: the width of the channels ``prev`` emits into ``linears`` (``hidden`` for a
+        norm, ``prev.out[prev_part]`` for a linear) equals every linear's ``in_features``. For
+        v_proj -> o_proj this is ``num_key_value_heads * head_dim == num_attention_heads * head_dim``,
+        i.e. no grouped-query attention: with GQA one v channel feeds several o_proj inputs.
+        """
+        d = self.dims(config)
+        if pair.prev in self.layer_norms:
+            width = d["hidden"]
+        else:
+            prev = self.linear(pair.prev)
+            width = d[prev.out[pair.prev_part if pair.prev_part is not None else 0]]
+        return all(d[self.linear(n).inp] == width for n in pair.linears)
+
+    def scale_pairs_for(self, config: Mapping[str, Any]) -> list[ScalePair]:
+        """The AWQ pairs that apply to a model built from ``config`` (see :meth:`pair_applies`)."""
+        return [p for p in self.scale_pairs if self.pair_applies(p, config)]
+
+
+# -- building blocks shared by the families ------------------------------------------------------
+
+Q = Linear("self_attn.q_proj", ("q",), "hidden")
+K = Linear("self_attn.k_proj", ("kv",), "hidden")
+V = Linear("self_attn.v_proj", ("kv",), "hidden")
+O = Linear("self_attn.o_proj", ("hidden",), "q")
+GATE = Linear("mlp.gate_proj", ("intermediate",), "hidden")
+UP = Linear("mlp.up_proj", ("intermediate",), "hidden")
+DOWN = Linear("mlp.down_proj", ("hidden",), "intermediate")
+
+ATTN_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+LLAMA_GROUPS = ((Q, K, V), (O,), (GATE, UP), (DOWN,))
+LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def llama_pairs(mlp_norm: str = "post_attention_layernorm") -> tuple[ScalePair, ...]:
+    """The four AWQ pairs of a Llama-style layer; ``mlp_norm`` is the norm that feeds the MLP."""
+    return (
+        ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),  # only without GQA: see Arch.pair_applies
+        ScalePair(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+    )
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+_TABLE: tuple[Arch, ...] = (
+    Arch(
+        name="llama",
+        architectures=("LlamaForCausalLM",),
+        model_type="llama",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS,
+        # attention_bias / mlp_bias default to false; some derivatives (e.g. InternLM-style) set them
+        bias_flags=(("attention_bias", ATTN_LINEARS), ("mlp_bias", MLP_LINEARS)),
+    ),
+    Arch(
+        name="mistral",
+        architectures=("MistralForCausalLM",),
+        model_type="mistral",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS,
+        # Llama layout; biases are hard-coded off in transformers' Mistral, config keys are ignored
+    ),
+    Arch(
+        name="qwen2",
+        architectures=("Qwen2ForCausalLM",),
+        model_type="qwen2",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),  # v_proj bias must be divided by the v->o scale too
+        layer_norms=LLAMA_NORMS,
+        always_biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # Qwen2 quirk: q/k/v bias
+    ),
+    Arch(
+        name="qwen3",
+        architectures=("Qwen3ForCausalLM",),
+        model_type="qwen3",
+        groups=LLAMA_GROUPS,
+        # q_norm/k_norm RMS-normalise q and k per head after projection; v is not normalised, so
+        # v_proj -> o_proj smoothing stays exact (subject to the GQA condition).
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
+        head_dim_default=128,  # Qwen3Config default, not hidden // heads
+        bias_flags=(("attention_bias", ATTN_LINEARS),),
+    ),
+    Arch(
+        name="gemma",
+        architectures=("GemmaForCausalLM",),
+        model_type="gemma",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS,
+        tie_word_embeddings=True,  # Gemma ties lm_head to the embeddings by default
+        head_dim_default=256,  # GemmaConfig default, not hidden // heads
+        norm_weight_offset=1.0,  # GemmaRMSNorm scales by (1 + weight): fold s as w' = (1 + w) / s - 1
+        scales_embeddings=True,  # Gemma multiplies embeddings by sqrt(hidden_size)
+        bias_flags=(("attention_bias", ATTN_LINEARS),),
+    ),
+    Arch(
+        name="gemma2",
+        architectures=("Gemma2ForCausalLM",),
+        model_type="gemma2",
+        groups=LLAMA_GROUPS,
+        # Sandwich norms: post_attention_layernorm normalises the attention *output* (after o_proj),
+        # so it feeds nothing quantizable; the MLP input norm is pre_feedforward_layernorm.
+        scale_pairs=llama_pairs(mlp_norm="pre_feedforward_layernorm"),
+        layer_norms=LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        tie_word_embeddings=True,
+        head_dim_default=256,
+        norm_weight_offset=1.0,  # (1 + weight) RMSNorm, as Gemma
+        scales_embeddings=True,  # as Gemma; logit/attention soft-capping does not touch linears
+        bias_flags=(("attention_bias", ATTN_LINEARS),),
+    ),
+    Arch(
+        name="phi3",
+        architectures=("Phi3ForCausalLM",),
+        model_type="phi3",
+        # Fused projections: qkv_proj rows are [q | k | v], gate_up_proj rows are [gate | up].
+        groups=(
+            (Linear("self_attn.qkv_proj", ("q", "kv", "kv"), "hidden"),),
+            (Linear("self_attn.o_proj", ("hidden",), "q"),),
+            (Linear("mlp.gate_up_proj", ("intermediate", "intermediate"), "hidden"),),
+            (Linear("mlp.down_proj", ("hidden",), "intermediate"),),
+        ),
+        scale_pairs=(
+            ScalePair("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+            ScalePair("self_attn.qkv_proj", ("self_attn.o_proj",), prev_part=2),  # v rows only; no GQA
+            ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+            ScalePair("mlp.gate_up_proj", ("mlp.down_proj",), prev_part=1),  # up rows only
+        ),
+        layer_norms=LLAMA_NORMS,
+    ),
+)
+
+_BY_NAME = {a.name: a for a in _TABLE}
+_BY_ARCHITECTURE = {cls: a for a in _TABLE for cls in a.architectures}
+_BY_MODEL_TYPE = {a.model_type: a for a in _TABLE}
+
+
+def supported() -> list[str]:
+    """Short names of the supported families, in table order."""
+    return [a.name for a in _TABLE]
+
+
+def by_name(name: str) -> Arch:
+    """The family with short name ``name`` (``"llama"``)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise InputError(f"unknown architecture family {name!r}; supported: {', '.join(supported())}") from None
+
+
+def get_arch(config: Mapping[str, Any], source: str = "config.json") -> Arch:
+    """Resolve a ``config.json`` dict to its family.
+
+    ``architectures[0]`` decides when present (a sequence-classification head is not a causal LM and
+    is refused even if ``model_type`` is known); ``model_type`` is the fallback when it is absent.
+    A known class whose ``model_type`` names another family is refused as inconsistent.
+    """
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    cls = archs[0] if archs else None
+    arch = _BY_ARCHITECTURE.get(cls) if cls else _BY_MODEL_TYPE.get(model_type)
+    if arch is None:
+        what = cls or model_type or "<none>"
+        raise InputError(
+            f"unsupported architecture {what!r} ({source} architectures={list(archs)}, "
+            f"model_type={model_type!r}); supported: {', '.join(supported())}"
+        )
+    if model_type is not None and model_type != arch.model_type:
+        raise InputError(
+            f"{source}: architectures[0]={cls!r} is {arch.name} but model_type={model_type!r}; "
+            f"fix model_type to {arch.model_type!r}"
+        )
+    return arch

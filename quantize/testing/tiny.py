@@ -1,0 +1,115 @@
+"""Tiny random HF checkpoints of every supported family, built offline in well under a second.
+
+The models are real transformers models (built from the family's config class, saved with
+``save_pretrained`` as safetensors) with the repository's small BPE tokenizer, so every stage can be
+exercised end to end on CPU. Shapes: 4 attention heads / 2 KV heads (GQA), head_dim = hidden / 4,
+intermediate = 2 * hidden, vocab 1024.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import arch as arch_table
+
+VOCAB_SIZE = 1024
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+
+
+def _config_classes() -> dict[str, type]:
+    import transformers as T
+
+    return {
+        "llama": T.LlamaConfig,
+        "mistral": T.MistralConfig,
+        "qwen2": T.Qwen2Config,
+        "qwen3": T.Qwen3Config,
+        "gemma": T.GemmaConfig,
+        "gemma2": T.Gemma2Config,
+        "phi3": T.Phi3Config,
+    }
+
+
+FAMILIES: list[str] = arch_table.supported()
+
+
+def tokenizer_dir() -> Path:
+    """The bundled tokenizer (vocab 1024; bos 0, eos 1, pad 2)."""
+    return Path(__file__).resolve().parent / "assets" / "tokenizer"
+
+
+def tiny_config(family: str, *, num_layers: int = 2, hidden: int = 64, **overrides: Any):
+    """The transformers config of a tiny ``family`` model; ``overrides`` win over every default."""
+    classes = _config_classes()
+    if family not in classes:
+        raise ValueError(f"no tiny config for family {family!r}; known: {sorted(classes)}")
+    heads = 4
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    kwargs.update(overrides)
+    return classes[family](**kwargs)
+
+
+def _perturb(model: torch.nn.Module, family: str, gen: torch.Generator) -> None:
+    """Give norms and biases non-trivial values (HF initialises them to 1 / 0 / 0).
+
+    Trivial norms and zero biases would let a test pass even if scale folding ignored them; the
+    perturbed values keep each norm's effective multiplier around 1 (Gemma stores it as 1 + w).
+    """
+    offset = arch_table.by_name(family).norm_weight_offset
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 2)[-2]
+            if name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            elif "norm" in leaf:
+                p.copy_(1.0 - offset + 0.2 * torch.randn(p.shape, generator=gen))
+
+
+def build_tiny_model(
+    family: str,
+    out_dir: Path,
+    *,
+    num_layers: int = 2,
+    hidden: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Path:
+    """Build, save and return ``out_dir``: a random ``family`` model plus the bundled tokenizer.
+
+    Deterministic: the same arguments give bit-identical safetensors. The global torch RNG is left
+    untouched. ``overrides`` are config fields (e.g. ``num_key_value_heads=4``, ``attention_bias=True``,
+    ``tie_word_embeddings=False``).
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out_dir = Path(out_dir)
+    config = tiny_config(family, num_layers=num_layers, hidden=hidden, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    _perturb(model, family, torch.Generator().manual_seed(seed + 1))
+    model = model.to(dtype).eval()
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for f in tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy2(f, out_dir / f.name)
+    return out_dir
