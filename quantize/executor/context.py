@@ -21,6 +21,9 @@ from .loop import LayerStreamer
 class LayerResult:
     results: dict[str, Any]  # linear name (relative to the layer) -> method result (e.g. QuantResult)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # relative tensor name -> value written instead of the checkpoint's (e.g. a norm weight with AWQ
+    # scales folded in); the stage casts it to the checkpoint tensor's dtype
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class LayerMethod(Protocol):
@@ -70,6 +73,31 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
+
+    def capture_calls(self, name: str, max_tokens: int | None = None) -> list[tuple[tuple, dict[str, Any]]]:
+        """One pass recording the positional and keyword arguments of each call of module ``name``
+        (one call per batch: its input plus, for attention, masks and rotary embeddings), so a
+        method can re-run the module with other weights. The forward stops at that module. With
+        ``max_tokens``, recording stops once that many tokens were recorded (whole calls)."""
+        calls: list[tuple[tuple, dict[str, Any]]] = []
+        seen = 0
+
+        def hook(_mod, args, kwargs):
+            nonlocal seen
+            if max_tokens is not None and seen >= max_tokens:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            seen += x.shape[:-1].numel()
+            calls.append((tuple(args), dict(kwargs)))
+
+        mod = self.module(name)
+        handle = mod.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.streamer.run_layer(self.index, propagate=False, stop_hook=mod)
+            self.forward_passes += 1
+        finally:
+            handle.remove()
+        return calls
 
     def hessian(self, name: str) -> HessianAccumulator:
         """The input Hessian (2/n X^T X, fp32) of a linear, shared by the linears of its group."""

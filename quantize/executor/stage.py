@@ -96,6 +96,8 @@ def run_quantize_stage(
     # ``resume=True`` only makes a missing or mismatched one worth a warning.
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
+    if hasattr(method, "preflight"):
+        method.preflight(arch, reader.config)
     params = {**params, "device": exec_cfg.device, "batch_size": exec_cfg.batch_size,
               "compute_dtype": str(exec_cfg.dtype).removeprefix("torch."),
               "offload_activations": exec_cfg.offload_activations, "max_shard_bytes": max_shard_bytes}
@@ -134,7 +136,7 @@ def run_quantize_stage(
             ctx = LayerContext(streamer, i, layer)
             res = method.process_layer(ctx)
             streamer.run_layer(i, propagate=True)
-            tensors = _layer_tensors(reader, arch, i, layer_names.get(i, []), res.results, fmt)
+            tensors = _layer_tensors(reader, arch, i, layer_names.get(i, []), res.results, fmt, res.tensors)
             save_file(tensors, str(parts / f"layer-{i:05d}.safetensors"), metadata=_ST_META)
             streamer.release_layer(i)
             m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes + 1, **res.metrics}
@@ -146,6 +148,8 @@ def run_quantize_stage(
             os.replace(rdir / "hidden.safetensors.tmp", rdir / "hidden.safetensors")
             _atomic_json(rdir / "state.json", {"run_id": run_id, "next_layer": i + 1, "layers": layer_metrics})
 
+        # optional head pass (EXL2 lm_head): after the last layer, on the quantized model's outputs
+        head_metrics = _head_part(method, streamer, fmt, parts)
         _compile(staging, reader, arch, other_names, n_layers, max_shard_bytes)
         shutil.rmtree(parts)
         shutil.rmtree(rdir)
@@ -156,6 +160,8 @@ def run_quantize_stage(
         for name, data in fmt.extra_files().items():
             (staging / name).write_bytes(data)
         metrics = _summary(layer_metrics)
+        if head_metrics:
+            metrics["head"] = head_metrics
         metrics["seconds"] = round(time.time() - t_start, 2)
         metrics["layers"] = layer_metrics
         write_model_card(staging, stage=stage, model_dir=Path(model_dir), calibration=calib, params=params, metrics=metrics)
@@ -175,17 +181,41 @@ def _load_state(rdir: Path, run_id: str) -> dict | None:
     return state
 
 
-def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, Any], fmt: Format) -> dict[str, torch.Tensor]:
+def _head_part(method: LayerMethod, streamer: LayerStreamer, fmt: Format, parts: Path) -> dict[str, Any]:
+    """Run ``method.process_head(streamer)`` once (a method without it quantizes no head) and keep
+    its packed tensors in ``parts/head.safetensors`` (metrics beside it), so a resumed run skips it."""
+    process_head = getattr(method, "process_head", None)
+    path, meta = parts / "head.safetensors", parts / "head.json"
+    if process_head is None:
+        return {}
+    if not meta.is_file():
+        res = process_head(streamer)
+        tensors = {f"{prefix}.{suffix}": t.contiguous() for prefix, r in res.results.items()
+                   for suffix, t in fmt.pack(r).items()}
+        save_file(tensors, str(path) + ".tmp", metadata=_ST_META)
+        os.replace(str(path) + ".tmp", path)
+        _atomic_json(meta, {"metrics": res.metrics})
+    return json.loads(meta.read_text())["metrics"]
+
+
+def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, Any], fmt: Format,
+                   replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     prefix = arch.layer_prefix(i)
     out: dict[str, torch.Tensor] = {}
     quantized = {prefix + lin + ".weight": lin for lin in results}
+    replaced = {prefix + rel: t for rel, t in (replaced or {}).items()}
+    pack_bias = getattr(fmt, "pack_bias", None)  # a format may store a quantized linear's bias its own way
     for name in names:
         if name in quantized:
             for suffix, t in fmt.pack(results[quantized[name]]).items():
                 out[f"{prefix}{quantized[name]}.{suffix}"] = t.contiguous()
+        elif pack_bias is not None and name.endswith(".bias") and name[: -len("bias")] + "weight" in quantized:
+            out[name] = pack_bias(reader.get(name)).contiguous()
+        elif name in replaced:
+            out[name] = replaced[name].to(device="cpu", dtype=reader.dtype(name)).contiguous()
         else:
             out[name] = reader.get(name).contiguous()
-    missing = set(quantized) - set(names)
+    missing = (set(quantized) | set(replaced)) - set(names)
     if missing:
         raise RuntimeFault(f"layer {i}: quantized {sorted(missing)} not found in the checkpoint")
     return out
@@ -205,8 +235,15 @@ def _compile(staging: Path, reader, arch, other_names: list[str], n_layers: int,
         for n in sorted(part):
             writer.add(n, part[n])
         del part
+    head_path = staging / "parts" / "head.safetensors"
+    head = load_file(str(head_path)) if head_path.is_file() else {}
+    replaced = {n.rsplit(".", 1)[0] + ".weight" for n in head}  # dense weights the head part packs
     for n in last:
-        writer.add(n, reader.get(n))
+        if n not in replaced:
+            writer.add(n, reader.get(n))
+        else:
+            for h in sorted(k for k in head if k.rsplit(".", 1)[0] + ".weight" == n):
+                writer.add(h, head[h])
     writer.close()
 
 
@@ -220,4 +257,7 @@ def _summary(layer_metrics: list[dict]) -> dict[str, Any]:
     if errs:
         out["mean_rel_error"] = sum(errs) / len(errs)
         out["max_rel_error"] = max(errs)
+    weights = sum(m.get("quantized_weights", 0) for m in layer_metrics)
+    if weights:  # methods that report the exact storage of what they quantized
+        out["bpw"] = sum(m.get("storage_bits", 0) for m in layer_metrics) / weights
     return out

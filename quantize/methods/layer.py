@@ -22,11 +22,21 @@ def _rel_error(W: torch.Tensor, loss: float, H: torch.Tensor) -> float:
     return float(loss / ref) if ref > 0 else 0.0
 
 
+def check_group_sizes(arch, config, spec: QuantSpec) -> None:
+    """Preflight: every linear's in_features must be a multiple of the group size (InputError)."""
+    for name in arch.linear_names():
+        _, K = arch.linear_shape(name, config)
+        spec.group_width(K, name=f"{arch.layer_prefix(0)}{name}")
+
+
 class GPTQMethod:
     name = "gptq"
 
     def __init__(self, spec: QuantSpec):
         self.spec = spec
+
+    def preflight(self, arch, config) -> None:
+        check_group_sizes(arch, config, self.spec)
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
@@ -64,6 +74,9 @@ class RTNMethod:
 
     def __init__(self, spec: QuantSpec):
         self.spec = spec
+
+    def preflight(self, arch, config) -> None:
+        check_group_sizes(arch, config, self.spec)
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
