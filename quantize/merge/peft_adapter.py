@@ -186,6 +186,10 @@ class PeftAdapter:
     def tensor(self, key: str) -> Tensor:
         return self.reader.get(key)
 
+    def loader(self, key: str):
+        """A callable reading ``key`` when an update runs (adapter tensors are not held in memory)."""
+        return lambda: self.reader.get(key)
+
     def tokenizer_files(self) -> list[str]:
         return [n for n in TOKENIZER_FILES if (self.directory / n).is_file()]
 
@@ -321,7 +325,7 @@ def plan_adapter(
                 "adapter trained on a different model size/revision"
             )
         key = keys[0]
-        updates[name] = [Replace(lambda key=key: adapter.tensor(key), f"adapter:{_strip(key)}")]
+        updates[name] = [Replace(adapter.loader(key), f"adapter:{_strip(key)}")]
         shapes[name] = shape
 
     # 2. LoRA factors, per module
@@ -366,16 +370,17 @@ def plan_adapter(
         if s.use_dora:
             if "magnitude" not in f.keys:
                 raise InputError(f"{adapter.weight_file}: use_dora is set but {module} has no lora_magnitude_vector; re-save the adapter")
-            magnitude = adapter.tensor(f.keys["magnitude"]).reshape(-1)
+            n_mag = math.prod(adapter.reader.shape(f.keys["magnitude"]))
             n_out = expect[1] if f.is_embedding else (expect[0] if not s.fan_in_fan_out else expect[1])
-            if magnitude.numel() != n_out:
-                raise InputError(f"{adapter.weight_file}: {module} DoRA magnitude has {magnitude.numel()} entries, expected {n_out}")
+            if n_mag != n_out:
+                raise InputError(f"{adapter.weight_file}: {module} DoRA magnitude has {n_mag} entries, expected {n_out}")
+            magnitude = adapter.loader(f.keys["magnitude"])
         elif "magnitude" in f.keys:
             raise InputError(f"{adapter.weight_file}: {module} has a DoRA magnitude but use_dora is false; config and weights disagree")
         if not base.dtype(src_of(target)).is_floating_point:
             raise InputError(f"{base.path}: {target} is {base.dtype(src_of(target))}: the base is quantized; merge into the 16-bit base")
         scale = lm.lora_scale(alpha, rank, use_rslora=s.use_rslora)
-        A, B = adapter.tensor(f.keys[a_role]), adapter.tensor(f.keys[b_role])
+        A, B = adapter.loader(f.keys[a_role]), adapter.loader(f.keys[b_role])
         cls = EmbeddingLora if f.is_embedding else LinearLora
         kw = {} if f.is_embedding else {"fan_in_fan_out": s.fan_in_fan_out}
         updates.setdefault(target, []).append(
@@ -385,7 +390,7 @@ def plan_adapter(
             bias = f"{module}.bias"
             if bias not in base:
                 raise InputError(f"{adapter.weight_file}: {module} has lora_B.bias but the base layer has no bias; wrong base model")
-            updates.setdefault(bias, []).append(BiasLora(module, adapter.tensor(f.keys["lora_bias"]), scale))
+            updates.setdefault(bias, []).append(BiasLora(module, adapter.loader(f.keys["lora_bias"]), scale))
 
     _check_completeness(adapter, base, updates)
     if tied:  # PEFT ties trainable tokens of a tied embedding to the head as well
@@ -432,7 +437,7 @@ def _plan_trainable_tokens(adapter, f, target, updates, shapes, base, src_of) ->
     W_shape = shapes.get(target) or base.shape(src_of(target))
     if shape[1:] != tuple(W_shape[1:]) or max(idx) >= W_shape[0]:
         raise InputError(f"{adapter.weight_file}: {rows_key} does not fit {target} {list(W_shape)}: wrong base model")
-    updates.setdefault(target, []).append(SetRows(list(idx), lambda k=rows_key: adapter.tensor(k)))
+    updates.setdefault(target, []).append(SetRows(list(idx), adapter.loader(rows_key)))
     shapes.setdefault(target, tuple(W_shape))
 
 

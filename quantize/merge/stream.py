@@ -24,6 +24,11 @@ from ..io.reader import CheckpointReader
 from . import lora_math as lm
 
 TensorSource = Callable[[], Tensor]
+Lazy = Tensor | TensorSource  # a tensor, or a loader called when the update runs (keeps adapters off the heap)
+
+
+def _load(x: Lazy | None) -> Tensor | None:
+    return x() if callable(x) else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,17 +60,20 @@ class Replace:
 @dataclass
 class LinearLora:
     module: str
-    A: Tensor
-    B: Tensor
+    A: Lazy
+    B: Lazy
     scale: float
     rank: int
     alpha: float
     rslora: bool = False
-    magnitude: Tensor | None = None
+    magnitude: Lazy | None = None
     fan_in_fan_out: bool = False
 
     def apply(self, W: Tensor) -> Tensor:
-        return lm.merge_linear(W, self.A, self.B, self.scale, magnitude=self.magnitude, fan_in_fan_out=self.fan_in_fan_out)
+        magnitude = _load(self.magnitude)
+        return lm.merge_linear(W, _load(self.A), _load(self.B), self.scale,
+                               magnitude=None if magnitude is None else magnitude.reshape(-1),
+                               fan_in_fan_out=self.fan_in_fan_out)
 
     def record(self) -> dict[str, Any]:
         rec = {"op": "dora" if self.magnitude is not None else "lora", "module": self.module, "rank": self.rank,
@@ -78,16 +86,18 @@ class LinearLora:
 @dataclass
 class EmbeddingLora:
     module: str
-    A: Tensor  # lora_embedding_A [r, vocab]
-    B: Tensor  # lora_embedding_B [dim, r]
+    A: Lazy  # lora_embedding_A [r, vocab]
+    B: Lazy  # lora_embedding_B [dim, r]
     scale: float
     rank: int
     alpha: float
     rslora: bool = False
-    magnitude: Tensor | None = None
+    magnitude: Lazy | None = None
 
     def apply(self, W: Tensor) -> Tensor:
-        return lm.merge_embedding(W, self.A, self.B, self.scale, magnitude=self.magnitude)
+        magnitude = _load(self.magnitude)
+        return lm.merge_embedding(W, _load(self.A), _load(self.B), self.scale,
+                                  magnitude=None if magnitude is None else magnitude.reshape(-1))
 
     def record(self) -> dict[str, Any]:
         return {"op": "embedding_dora" if self.magnitude is not None else "embedding_lora", "module": self.module,
@@ -99,11 +109,11 @@ class BiasLora:
     """``lora_bias=True``: ``b + s·lora_B.bias``."""
 
     module: str
-    bias: Tensor
+    bias: Lazy
     scale: float
 
     def apply(self, W: Tensor) -> Tensor:
-        return lm.merge_bias(W, self.bias, self.scale)
+        return lm.merge_bias(W, _load(self.bias), self.scale)
 
     def record(self) -> dict[str, Any]:
         return {"op": "lora_bias", "module": self.module, "scale": self.scale}
@@ -158,15 +168,24 @@ def apply_updates(W: Tensor | None, updates: Sequence[Update]) -> Tensor:
 
 
 def finish(name: str, merged: Tensor, dtype: torch.dtype, *, what: str = "the adapter") -> Tensor:
-    """Round a merged float32 tensor once to ``dtype``; refuse NaN/Inf (before or after rounding)."""
-    out = lm.round_to(merged, dtype)
-    bad = int((~torch.isfinite(out)).sum())
-    if bad:
-        overflow = bool(torch.isfinite(merged).all())
-        why = (f"values overflow {dtype} (pass --dtype fp32 or bf16)" if overflow
-               else f"{what} is broken (diverged training or corrupt file); re-export it")
-        raise InputError(f"merged tensor {name}: {bad} of {out.numel()} values are NaN/Inf after merging; {why}")
-    return out
+    """Round a merged float32 tensor once to ``dtype``; refuse NaN/Inf, and values that overflow ``dtype``.
+
+    One ``aminmax`` pass decides both (NaN propagates into it; rounding is monotonic, so the tensor
+    overflows ``dtype`` iff its smallest or largest value does).
+    """
+    lo, hi = torch.aminmax(merged)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        bad = int((~torch.isfinite(merged)).sum())
+        raise InputError(
+            f"merged tensor {name}: {bad} of {merged.numel()} values are NaN/Inf after merging; "
+            f"{what} is broken (diverged training or corrupt file); re-export it"
+        )
+    if bool(torch.isinf(lo.to(dtype))) or bool(torch.isinf(hi.to(dtype))):
+        raise InputError(
+            f"merged tensor {name}: values up to {max(-float(lo), float(hi)):.3g} after merging overflow {dtype} (NaN/Inf "
+            "when written); pass --dtype fp32 or bf16"
+        )
+    return lm.round_to(merged, dtype)
 
 
 def output_dtype(base_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
