@@ -74,7 +74,6 @@ _SPLIT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _FUSED_QKV = "self_attn.qkv_proj"
 _FUSED_GATE_UP = "mlp.gate_up_proj"
 _MLP = {"mlp.fc_1": "mlp.gate_proj", "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
-_GLOBALS = {"transformer.wte": "embed", "transformer.ln_f": "final_norm", "lm_head": "lm_head"}
 
 # Lit-GPT LoRA hyperparameters and their defaults (litgpt finetune_lora).
 LORA_DEFAULTS: dict[str, Any] = {

@@ -257,7 +257,6 @@ class AdapterPlan:
     jobs: list[Job]
     tied_job: TiedEmbeddingJob | None
     vocab_size: int | None  # new vocabulary size when the embedding was resized
-    notes: list[str]
 
 
 def _nearest(name: str, names: list[str]) -> str:
@@ -308,7 +307,6 @@ def plan_adapter(
 
     updates: dict[str, list[Update]] = {}
     shapes: dict[str, tuple[int, ...]] = {}  # current shape of every touched tensor
-    notes: list[str] = []
 
     # 1. full replacements (modules_to_save, saved embeddings, trained biases) come first
     for name, keys in sorted(adapter.replacements.items()):
@@ -345,56 +343,24 @@ def plan_adapter(
                 f"{adapter.weight_file}: has LoRA for {module}, which {CONFIG_NAME} does not target "
                 f"(target_modules={s.target_modules!r}); config and weights disagree, re-save the adapter"
             )
-        a_role, b_role = ("emb_A", "emb_B") if f.is_embedding else ("A", "B")
-        for role in (a_role, b_role):
-            if role not in f.keys:
-                raise InputError(f"{adapter.weight_file}: {module} has no {role.replace('emb_', 'lora_embedding_')} tensor; re-save the adapter")
-        a_shape, b_shape = _check_factor(adapter, f.keys[a_role]), _check_factor(adapter, f.keys[b_role])
         W_shape = shapes.get(target) or base.shape(src_of(target))
-        rank, alpha = s.rank_alpha(module)
-        if a_shape[0] != rank or b_shape[1] != rank:
-            raise InputError(
-                f"{adapter.weight_file}: {module} has rank {a_shape[0]} (lora_A) / {b_shape[1]} (lora_B) but "
-                f"{CONFIG_NAME} resolves r={rank} for it (r / rank_pattern); config and weights disagree"
-            )
-        if f.is_embedding:  # A [r, vocab], B [dim, r], E [vocab, dim]
-            expect = (a_shape[1], b_shape[0])
-        else:  # A [r, in], B [out, r], W [out, in] (stored [in, out] for fan_in_fan_out)
-            expect = (b_shape[0], a_shape[1]) if not s.fan_in_fan_out else (a_shape[1], b_shape[0])
-        if tuple(W_shape) != expect:
-            raise InputError(
-                f"LoRA for {module} has shape A {list(a_shape)}, B {list(b_shape)} but base {target} is "
-                f"{list(W_shape)}: adapter trained on a different model size/revision"
-            )
-        magnitude = None
-        if s.use_dora:
-            if "magnitude" not in f.keys:
-                raise InputError(f"{adapter.weight_file}: use_dora is set but {module} has no lora_magnitude_vector; re-save the adapter")
-            n_mag = math.prod(adapter.reader.shape(f.keys["magnitude"]))
-            n_out = expect[1] if f.is_embedding else (expect[0] if not s.fan_in_fan_out else expect[1])
-            if n_mag != n_out:
-                raise InputError(f"{adapter.weight_file}: {module} DoRA magnitude has {n_mag} entries, expected {n_out}")
-            magnitude = adapter.loader(f.keys["magnitude"])
-        elif "magnitude" in f.keys:
-            raise InputError(f"{adapter.weight_file}: {module} has a DoRA magnitude but use_dora is false; config and weights disagree")
         if not base.dtype(src_of(target)).is_floating_point:
-            raise InputError(f"{base.path}: {target} is {base.dtype(src_of(target))}: the base is quantized; merge into the 16-bit base")
-        scale = lm.lora_scale(alpha, rank, use_rslora=s.use_rslora)
-        A, B = adapter.loader(f.keys[a_role]), adapter.loader(f.keys[b_role])
-        cls = EmbeddingLora if f.is_embedding else LinearLora
-        kw = {} if f.is_embedding else {"fan_in_fan_out": s.fan_in_fan_out}
-        updates.setdefault(target, []).append(
-            cls(module, A, B, scale, rank, alpha, rslora=s.use_rslora, magnitude=magnitude, **kw))
+            raise InputError(f"{base.path}: {target} is {base.dtype(src_of(target))}: the base is quantized; "
+                             "merge into the 16-bit base")
+        lora = _lora_update(adapter, f, tuple(W_shape))
+        updates.setdefault(target, []).append(lora)
         shapes.setdefault(target, tuple(W_shape))
         if "lora_bias" in f.keys:
             bias = f"{module}.bias"
             if bias not in base:
-                raise InputError(f"{adapter.weight_file}: {module} has lora_B.bias but the base layer has no bias; wrong base model")
-            updates.setdefault(bias, []).append(BiasLora(module, adapter.loader(f.keys["lora_bias"]), scale))
+                raise InputError(f"{adapter.weight_file}: {module} has lora_B.bias but the base layer has no bias; "
+                                 "wrong base model")
+            updates.setdefault(bias, []).append(BiasLora(module, adapter.loader(f.keys["lora_bias"]), lora.scale))
 
     _check_completeness(adapter, base, updates)
-    if tied:  # PEFT ties trainable tokens of a tied embedding to the head as well
-        updates.setdefault(head, []).extend(u for u in updates.get(embed, []) if isinstance(u, SetRows))
+    tied_rows = [u for u in updates.get(embed, []) if isinstance(u, SetRows)]
+    if tied and tied_rows:  # PEFT ties trainable tokens of a tied embedding to the head as well
+        updates.setdefault(head, []).extend(tied_rows)
 
     # 3. vocabulary and tied embeddings
     vocab = shapes.get(embed, base.shape(embed))[0]
@@ -407,9 +373,11 @@ def plan_adapter(
         )
     _check_tokenizer(adapter, vocab, embed in updates or head in updates)
 
+    def out_dtype(name: str) -> torch.dtype:
+        return output_dtype(base.dtype(src_of(name)), dtype)
+
     jobs: list[Job] = []
     tied_job = None
-    def out_dtype(name): return output_dtype(base.dtype(src_of(name)), dtype)
     for name in base_names:
         if tied and name in (embed, head):
             if name == head:
@@ -419,7 +387,53 @@ def plan_adapter(
             jobs.append(tied_job)
             continue
         jobs.append(TensorJob(name, name, out_dtype(name), updates.get(name, [])))
-    return AdapterPlan(jobs, tied_job, vocab_size, notes)
+    return AdapterPlan(jobs, tied_job, vocab_size)
+
+
+def _lora_update(adapter: PeftAdapter, f: ModuleFactors, W_shape: tuple[int, ...]) -> LinearLora | EmbeddingLora:
+    """Validate one module's factors against the config and the base weight shape; build its update."""
+    s, module = adapter.settings, f.module
+    a_role, b_role = ("emb_A", "emb_B") if f.is_embedding else ("A", "B")
+    for role in (a_role, b_role):
+        if role not in f.keys:
+            raise InputError(f"{adapter.weight_file}: {module} has no {role.replace('emb_', 'lora_embedding_')} "
+                             "tensor; re-save the adapter")
+    a_shape, b_shape = _check_factor(adapter, f.keys[a_role]), _check_factor(adapter, f.keys[b_role])
+    rank, alpha = s.rank_alpha(module)
+    if a_shape[0] != rank or b_shape[1] != rank:
+        raise InputError(
+            f"{adapter.weight_file}: {module} has rank {a_shape[0]} (lora_A) / {b_shape[1]} (lora_B) but "
+            f"{CONFIG_NAME} resolves r={rank} for it (r / rank_pattern); config and weights disagree"
+        )
+    if f.is_embedding:  # A [r, vocab], B [dim, r], E [vocab, dim]; DoRA magnitude per dim
+        expect, n_out = (a_shape[1], b_shape[0]), b_shape[0]
+    elif s.fan_in_fan_out:  # A [r, in], B [out, r], W stored [in, out]
+        expect, n_out = (a_shape[1], b_shape[0]), b_shape[0]
+    else:  # A [r, in], B [out, r], W [out, in]
+        expect, n_out = (b_shape[0], a_shape[1]), b_shape[0]
+    if W_shape != expect:
+        raise InputError(
+            f"LoRA for {module} has shape A {list(a_shape)}, B {list(b_shape)} but base {module}.weight is "
+            f"{list(W_shape)}: adapter trained on a different model size/revision"
+        )
+    magnitude = None
+    if s.use_dora:
+        if "magnitude" not in f.keys:
+            raise InputError(f"{adapter.weight_file}: use_dora is set but {module} has no lora_magnitude_vector; "
+                             "re-save the adapter")
+        n_mag = math.prod(adapter.reader.shape(f.keys["magnitude"]))
+        if n_mag != n_out:
+            raise InputError(f"{adapter.weight_file}: {module} DoRA magnitude has {n_mag} entries, expected {n_out}")
+        magnitude = adapter.loader(f.keys["magnitude"])
+    elif "magnitude" in f.keys:
+        raise InputError(f"{adapter.weight_file}: {module} has a DoRA magnitude but use_dora is false; "
+                         "config and weights disagree")
+    scale = lm.lora_scale(alpha, rank, use_rslora=s.use_rslora)
+    A, B = adapter.loader(f.keys[a_role]), adapter.loader(f.keys[b_role])
+    if f.is_embedding:
+        return EmbeddingLora(module, A, B, scale, rank, alpha, rslora=s.use_rslora, magnitude=magnitude)
+    return LinearLora(module, A, B, scale, rank, alpha, rslora=s.use_rslora, magnitude=magnitude,
+                      fan_in_fan_out=s.fan_in_fan_out)
 
 
 def _plan_trainable_tokens(adapter, f, target, updates, shapes, base, src_of) -> None:
