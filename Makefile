@@ -9,7 +9,7 @@ METHOD ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup test quantize bench clean tiny-model
+.PHONY: setup test quantize bench interop clean tiny-model
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ quantize: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ output.
+interop:
+	scripts/setup_interop.sh
+	.venv-interop/bin/python -m pytest -q -s -p no:cacheprovider -m interop tests/test_interop_gptq.py
 
 # Re-train the embedded tiny model (committed under models/tiny-llama; about a minute on 2 cores).
 tiny-model: setup
