@@ -21,7 +21,7 @@ COMMANDS: dict[str, str | None] = {
     "sample": "sample",
     "gptq": "gptq",
     "awq": None,
-    "exl2": None,
+    "exl2": "exl2",
     "eval": "eval",
     "plan": "plan",
     "run": "run",

@@ -8,7 +8,6 @@ from ..errors import NotImplementedStage
 
 _PENDING = {
     "awq": "AWQ quantization",
-    "exl2": "EXL2 quantization",
 }
 
 

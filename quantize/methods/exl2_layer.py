@@ -1,0 +1,263 @@
+"""EXL2 plug-ins for the streaming executor: the measurement pass and the quantization pass.
+
+Measurement (:class:`Exl2MeasureMethod`, driven by :func:`run_measurement`): per decoder layer, one
+reference forward collects the Hessian of every sequential group; then for each slot (attention,
+MLP) and each of its candidate option rows (19 / 17, §3.3) the slot's linears are replaced by their
+EXL2 fake-quantized weights and the slot's output is compared with the reference:
+
+* attention: the residual stream after attention, i.e. the input of the norm that feeds the MLP
+  (found from the architecture table's MLP scale pair; the forward stops there);
+* MLP: the decoder layer's output (attention unquantized, so its input is the reference one).
+
+``accuracy = max(1e-6, 1 − mean_rows ‖y_q − y_ref‖_F / ‖y_ref‖_F)`` (exllamav2's metric). Weights
+are restored afterwards, so the next layer sees reference inputs, as in exllamav2. Every distinct
+(linear, option) is quantized once per layer with GPTQ against the reference Hessian.
+
+Quantization (:class:`Exl2QuantMethod`, driven by ``run_quantize_stage``): per sequential group,
+the Hessian of the *current* (already quantized upstream) activations, one prepared inverse, each
+linear quantized with the option row the optimizer chose for its slot. ``process_head`` quantizes
+``lm_head`` after the last layer on the final-norm outputs of the quantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import log
+from ..errors import RuntimeFault
+from ..executor.context import LayerContext, LayerResult
+from ..executor.loop import ExecConfig, LayerStreamer
+from .exl2 import (
+    EXL2_DAMP,
+    SLOT_OPTIONS,
+    Exl2Result,
+    QParams,
+    exl2_quantize,
+    exllamav2_total_bits,
+    linear_slot,
+    output_rel_error,
+    prepare_exl2_hessian,
+    slot_linears,
+)
+from .gptq import weighted_error
+from .hessian import HessianAccumulator
+from .layer import raise_nonfinite
+
+MEASUREMENT_FILE = "measurement.json"
+
+
+def attention_probe(arch) -> str | None:
+    """The module whose input is the residual stream after attention: the norm feeding the MLP's
+    first linears (the ``prev`` of that scale pair in the architecture table). None: unknown."""
+    first_mlp = slot_linears(arch).get("mlp", [None])[0]
+    for pair in arch.scale_pairs:
+        if first_mlp in pair.linears and pair.prev in arch.layer_norms:
+            return pair.prev
+    return None
+
+
+def _hessian(acc: HessianAccumulator, K: int, ctx: LayerContext, name: str) -> torch.Tensor:
+    """The accumulated H, or the identity when no calibration signal reached these inputs."""
+    H = acc.H
+    if H is None or acc.n == 0 or not bool((torch.diagonal(H) > 0).any()):
+        return torch.eye(K, device=ctx.device)
+    if not torch.isfinite(H).all():
+        raise_nonfinite(ctx, name)
+    return H
+
+
+def _run_probe(ctx: LayerContext, probe: str | None, consume: Callable[[int, torch.Tensor], None]) -> None:
+    """One pass over the calibration batches; ``consume(batch, y)`` with the input of module
+    ``probe`` (the forward stops there) or, when None, the decoder layer's output."""
+    batch = [0]
+    if probe is None:
+        def hook(_m, _args, out):
+            consume(batch[0], out[0] if isinstance(out, tuple) else out)
+        handle, stop = ctx.layer.register_forward_hook(hook), None
+    else:
+        mod = ctx.module(probe)
+
+        def hook(_m, args):
+            consume(batch[0], args[0])
+        handle, stop = mod.register_forward_pre_hook(hook), mod
+    try:
+        ctx.streamer.run_layer(ctx.index, propagate=False, stop_hook=stop,
+                               on_batch=lambda b: batch.__setitem__(0, b))
+    finally:
+        handle.remove()
+    ctx.forward_passes += 1
+
+
+class Exl2MeasureMethod:
+    """Measures every candidate option row of every slot of a layer; changes no weights."""
+
+    name = "exl2-measure"
+
+    def __init__(self, damp: float = EXL2_DAMP):
+        self.damp = damp
+
+    def process_layer(self, ctx: LayerContext) -> LayerResult:
+        arch = ctx.arch
+        originals = {n: ctx.weight(n) for n in arch.linear_names()}
+        groups = arch.group_names()
+        accs = {g[0]: HessianAccumulator() for g in groups}
+        ctx.observe([g[0] for g in groups], lambda n, x: accs[n].add(x))
+        prepared = {}
+        for g in groups:
+            K = originals[g[0]].shape[1]
+            p = prepare_exl2_hessian(_hessian(accs[g[0]], K, ctx, g[0]), self.damp, name=f"{ctx.prefix}{g[0]} Hessian")
+            prepared.update({n: p for n in g})
+        del accs
+        seq_len = ctx.streamer.batches[0].hidden.shape[1]
+        measurement: dict[str, list[dict[str, Any]]] = {}
+        t0 = time.time()
+        for slot, linears in slot_linears(arch).items():
+            probe = attention_probe(arch) if slot == "self_attn" else None
+            ref: dict[int, torch.Tensor] = {}
+            _run_probe(ctx, probe, lambda b, y: ref.__setitem__(b, y.detach().clone()))
+            # each distinct (linear, option) is quantized once and kept (as fp16: its values are
+            # fp16-exact) only until the last option row that uses it
+            rows = SLOT_OPTIONS[slot]
+            last_use = {(lin, row[linear_slot(lin)[1]].desc): j for j, row in enumerate(rows) for lin in linears}
+            cache: dict[tuple[str, str], torch.Tensor] = {}
+            entries = []
+            for j, row in enumerate(rows):
+                entry: dict[str, Any] = {"accuracy": 0.0, "total_bits": 0}
+                for lin in linears:
+                    qp = row[linear_slot(lin)[1]]
+                    key = (lin, qp.desc)
+                    if key not in cache:
+                        r = exl2_quantize(originals[lin], qp, prepared=prepared[lin], name=ctx.prefix + lin)
+                        cache[key] = r.W_hat.to(torch.float16)
+                    ctx.set_weight(lin, cache[key].float())
+                    N, K = originals[lin].shape
+                    entry["total_bits"] += exllamav2_total_bits(qp, K, N, bias=ctx.module(lin).bias is not None)
+                    entry[lin.rpartition(".")[2]] = qp.to_dict()
+                errs: list[float] = []
+                _run_probe(ctx, probe, lambda b, y: errs.extend(output_rel_error(ref[b], y, seq_len)))
+                entry["accuracy"] = max(1e-6, 1.0 - sum(errs) / len(errs))
+                entries.append(entry)
+                for key in [k for k, last in last_use.items() if last == j]:
+                    cache.pop(key, None)
+            for lin in linears:
+                ctx.set_weight(lin, originals[lin])
+            measurement[ctx.prefix + slot] = entries
+            del ref, cache
+        return LayerResult({}, {"measurement": measurement, "measure_seconds": round(time.time() - t0, 3)})
+
+
+class Exl2QuantMethod:
+    """Quantizes each linear with its planned :class:`QParams`; ``plan[layer][linear]``."""
+
+    name = "exl2"
+
+    def __init__(self, plan: dict[int, dict[str, QParams]], head: QParams | None = None, damp: float = EXL2_DAMP):
+        self.plan = plan
+        self.head = head
+        self.damp = damp
+
+    def process_layer(self, ctx: LayerContext) -> LayerResult:
+        plan = self.plan[ctx.index]
+        results: dict[str, Exl2Result] = {}
+        m: dict[str, Any] = {"rel_error": {}, "damp_used": {}, "healed": {}, "options": {}}
+        bits = weights = 0
+        for group in ctx.arch.group_names():
+            acc = ctx.hessian(group[0])
+            H = _hessian(acc, ctx.module(group[0]).in_features, ctx, group[0])
+            prepared = prepare_exl2_hessian(H, self.damp, name=f"{ctx.prefix}{group[0]} Hessian")
+            for name in group:
+                W = ctx.weight(name)
+                r = exl2_quantize(W, plan[name], prepared=prepared, name=ctx.prefix + name)
+                if not torch.isfinite(r.W_hat).all():
+                    raise_nonfinite(ctx, name)
+                ctx.set_weight(name, r.W_hat)
+                results[name] = r
+                ref = weighted_error(W, torch.zeros_like(W), H)
+                m["rel_error"][name] = weighted_error(W, r.W_hat, H) / ref if ref > 0 else 0.0
+                m["damp_used"][name] = r.damp_used
+                m["healed"][name] = bool(r.damp_used > self.damp * (1 + 1e-9))
+                m["options"][name] = plan[name].desc
+                bits += r.storage_bits()
+                weights += W.numel()
+            del H, prepared, acc
+        m["storage_bits"] = bits
+        m["quantized_weights"] = weights
+        return LayerResult(results, m)
+
+    def process_head(self, streamer: LayerStreamer) -> LayerResult:
+        """lm_head on the final-norm outputs of the (quantized) model, after the last layer."""
+        if self.head is None:
+            return LayerResult({}, {})
+        from ..executor import skeleton
+
+        arch = streamer.arch
+        W = streamer.reader.get(arch.lm_head_path + ".weight").float().to(streamer.cfg.device)
+        acc = HessianAccumulator()
+        head = skeleton.get_submodule(streamer.model, arch.lm_head_path)
+        handle = head.register_forward_pre_hook(acc.pre_hook)
+        try:
+            for _ in streamer.head_logits():
+                pass
+        finally:
+            handle.remove()
+        H = acc.H if acc.H is not None and acc.n else torch.eye(W.shape[1], device=W.device)
+        r = exl2_quantize(W, self.head, H, damp=self.damp, name=arch.lm_head_path)
+        ref = weighted_error(W, torch.zeros_like(W), H)
+        metrics = {"rel_error": weighted_error(W, r.W_hat, H) / ref if ref > 0 else 0.0, "option": self.head.desc,
+                   "storage_bits": r.storage_bits(), "weights": W.numel(), "bpw": r.storage_bits() / W.numel()}
+        return LayerResult({arch.lm_head_path: r}, metrics)
+
+
+# -- the measurement pass ------------------------------------------------------------------------
+
+
+def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, exec_cfg: ExecConfig,
+                    work_dir: Path, run_id: str, damp: float = EXL2_DAMP) -> dict[str, Any]:
+    """Stream every layer once through :class:`Exl2MeasureMethod`; return the measurement entries.
+
+    ``work_dir`` holds a resume point after every layer (reference hidden states + entries so far);
+    a rerun with the same ``run_id`` continues there. It is removed when the pass completes.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_path, hidden_path = work_dir / "state.json", work_dir / "hidden.safetensors"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is not None and state.get("run_id") != run_id:
+        log.warning("a previous partial measurement used other inputs; measuring from layer 0")
+        state = None
+    streamer = LayerStreamer(Path(model_dir), reader, arch, exec_cfg)
+    streamer.capture(input_ids)
+    start, entries = 0, {}
+    if state is not None:
+        start, entries = state["next_layer"], state["measurement"]
+        hidden = load_file(str(hidden_path))
+        streamer.set_hidden_states([hidden[f"b{i}"] for i in range(len(hidden))])
+        log.info(f"resuming the measurement at layer {start}")
+    method = Exl2MeasureMethod(damp)
+    n = streamer.num_layers
+    for i in log.progress(range(start, n), total=n - start, desc="exl2 measure"):
+        t0 = time.time()
+        ctx = LayerContext(streamer, i, streamer.load_layer(i))
+        res = method.process_layer(ctx)
+        streamer.run_layer(i, propagate=True)  # reference weights: the next layer sees reference inputs
+        streamer.release_layer(i)
+        entries.update(res.metrics["measurement"])
+        log.event("measure_layer", f"measure layer {i}: {time.time() - t0:.2f}s ({ctx.forward_passes + 1} passes)",
+                  layer=i, seconds=round(time.time() - t0, 3))
+        save_file({f"b{j}": h.contiguous().cpu() for j, h in enumerate(streamer.hidden_states())},
+                  str(hidden_path) + ".tmp", metadata={"format": "pt"})
+        os.replace(str(hidden_path) + ".tmp", hidden_path)
+        tmp = state_path.with_name("state.json.tmp")
+        tmp.write_text(json.dumps({"run_id": run_id, "next_layer": i + 1, "measurement": entries}))
+        os.replace(tmp, state_path)
+    if len(entries) != n * len(slot_linears(arch)):
+        raise RuntimeFault(f"measurement covers {len(entries)} slots, expected {n * len(slot_linears(arch))}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return entries
