@@ -20,7 +20,7 @@ COMMANDS: dict[str, str | None] = {
     "merge": "merge",
     "sample": "sample",
     "gptq": "gptq",
-    "awq": None,
+    "awq": "awq",
     "exl2": "exl2",
     "eval": "eval",
     "plan": "plan",

@@ -6,9 +6,7 @@ import click
 
 from ..errors import NotImplementedStage
 
-_PENDING = {
-    "awq": "AWQ quantization",
-}
+_PENDING: dict[str, str] = {}
 
 
 def make_stub(name: str) -> click.Command:

@@ -7,8 +7,9 @@ context for activation statistics of named linears and puts dequantized weights 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -74,11 +75,12 @@ class LayerContext:
             for h in handles:
                 h.remove()
 
-    def capture_calls(self, name: str, max_tokens: int | None = None) -> list[tuple[tuple, dict[str, Any]]]:
-        """One pass recording the positional and keyword arguments of each call of module ``name``
-        (one call per batch: its input plus, for attention, masks and rotary embeddings), so a
-        method can re-run the module with other weights. The forward stops at that module. With
-        ``max_tokens``, recording stops once that many tokens were recorded (whole calls)."""
+    @contextmanager
+    def recording_calls(self, name: str, max_tokens: int | None = None) -> Iterator[list[tuple[tuple, dict[str, Any]]]]:
+        """Record the positional and keyword arguments of each call of module ``name`` (its input
+        plus, for attention, masks and rotary embeddings: one call per batch) during the passes run
+        inside the block (``observe``, ``inputs``, ...), so a method can re-run the module with
+        other weights. With ``max_tokens``, recording stops once that many tokens were recorded."""
         calls: list[tuple[tuple, dict[str, Any]]] = []
         seen = 0
 
@@ -90,14 +92,11 @@ class LayerContext:
             seen += x.shape[:-1].numel()
             calls.append((tuple(args), dict(kwargs)))
 
-        mod = self.module(name)
-        handle = mod.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = self.module(name).register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.streamer.run_layer(self.index, propagate=False, stop_hook=mod)
-            self.forward_passes += 1
+            yield calls
         finally:
             handle.remove()
-        return calls
 
     def hessian(self, name: str) -> HessianAccumulator:
         """The input Hessian (2/n X^T X, fp32) of a linear, shared by the linears of its group."""

@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import InputError
 from .base import Format
 
-SUPPORTED = ("gptq", "exl2")
+SUPPORTED = ("gptq", "awq", "exl2")
 
 
 def format_from_config(qc: dict[str, Any], source: str = "config.json") -> Format:
@@ -16,6 +16,10 @@ def format_from_config(qc: dict[str, Any], source: str = "config.json") -> Forma
         from .gptq_checkpoint import GPTQFormat
 
         return GPTQFormat.from_quantization_config(qc, source=source)
+    if method == "awq":
+        from .awq import AWQFormat
+
+        return AWQFormat.from_quantization_config(qc, source=source)
     if method == "exl2":
         from .exl2 import EXL2Format
 

@@ -113,6 +113,12 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "static_groups": g.static_groups}
+    elif recipe.method == "awq":
+        def do_quantize():
+            from ..commands.awq import quantize_awq
+            return quantize_awq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
+                                group_size=recipe.group_size, exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
+        qparams = {"method": "awq", "bits": recipe.bits, "group_size": recipe.group_size}
     elif recipe.method == "exl2":
         def do_quantize():
             from ..commands.exl2 import quantize_exl2
@@ -120,7 +126,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
         qparams = {"method": "exl2", "bpw": recipe.bpw}
     else:
-        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, exl2)")
+        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2)")
     plans.append(StagePlan(recipe.method, qdir, qparams, do_quantize, (model_dir, calib_dir)))
 
     ev = recipe.eval

@@ -1,0 +1,311 @@
+"""AWQ (activation-aware weight quantization, Lin et al. 2023, arXiv:2306.00978) as pure functions.
+
+For a smoothing pair "previous op -> linears" (quantize/arch.py ``ScalePair``) a per-input-channel
+scale ``s`` is multiplied into the linears' input columns and divided out of the previous op's
+output channels, which leaves the fp model's function unchanged but moves quantization error away
+from the channels that carry large activations. Per pair:
+
+1. statistics: ``x_mean[k] = mean_t |x[t, k]|`` over all calibration tokens, and ``w_mean[k]`` the
+   mean over output rows of ``|W[n, k]| / max_{k' in group(k)} |W[n, k']|`` (:func:`weight_mean`);
+2. scale search (:func:`search_scales`): ``s(α) = x_mean^α / w_mean^(1−α)`` ("duo scaling"),
+   normalised so ``max(s)·min(s) = 1``, for α on a 20-point grid; the caller's loss runs the affected
+   sub-block with the weights ``Q(W·s)/s`` and returns its output error against the fp output.
+   ``s = 1`` (plain round-to-nearest) is always a candidate too, so the chosen scales never do worse
+   than RTN on the search tokens;
+3. folding (:func:`fold_into_norm`, :func:`fold_into_rows`, :func:`scale_columns`);
+4. clip search (:func:`search_clip`): per output row and group, shrink the range to
+   ``[−r·max|w|, r·max|w|]`` for r = 1, 0.95, …, 0.55 and keep the r minimising the group's output
+   error ``ΔW_g Σ_g ΔW_gᵀ``, with ``Σ_g`` the group's input second moment (:class:`GroupGram`);
+5. 4-bit asymmetric group quantization on AWQ's min/max grid (:func:`awq_quantize`).
+
+The clip error is AutoAWQ's objective (mean over tokens of the squared partial output of each group)
+computed exactly as a quadratic form in the per-group Gram matrices: the Gram matrices are
+accumulated over *all* calibration tokens, which is both cheaper than AutoAWQ's token subsample and
+not an approximation of it. All math is fp32; nothing here touches a model, a device or a file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grid import QuantResult, QuantSpec, dequantize_grouped, fp16_exact
+
+BITS = 4
+MAXQ = (1 << BITS) - 1
+SCALE_GRID = 20  # α = 0, 0.05, ..., 0.95
+CLIP_GRID = 20  # r = 1 − i/20
+CLIP_MAX_SHRINK = 0.5  # i < 0.5·20: r down to 0.55
+_MIN_RANGE = 1e-5  # AutoAWQ: scale = max(max − min, 1e-5) / 15
+_W_EPS = 1e-6  # |W| / (group max + eps) in w_mean
+_DUO_EPS = 1e-4  # x^α / (w^(1−α) + eps), then clamp(min=eps)
+_CHUNK_ELEMS = 1 << 24  # rows × columns per clip-search chunk (bounds temporaries)
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+
+class AbsMean:
+    """Per-channel mean |x| over every token seen (fp64 sums: exact enough for any token count)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        s = x.float().abs().sum(0).double()
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        if self.sum is None or self.n == 0:
+            raise ValueError("no activations were accumulated")
+        return (self.sum / self.n).float()
+
+
+class GroupGram:
+    """Per-group input second moments ``Σ_g = mean_t x_g(t) x_g(t)ᵀ`` (fp32, ``[G, g, g]``).
+
+    The block diagonal of the GPTQ Hessian (up to its factor 2): enough to score a group's
+    quantization error ``ΔW_g Σ_g ΔW_gᵀ`` exactly.
+    """
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.sum: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        K = x.shape[1]
+        g = K if self.group_size == -1 else self.group_size
+        xg = x.view(x.shape[0], K // g, g)
+        s = torch.einsum("tgi,tgj->gij", xg, xg)
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += x.shape[0]
+
+    @property
+    def gram(self) -> Tensor:
+        if self.sum is None or self.n == 0:
+            raise ValueError("no activations were accumulated")
+        return self.sum / self.n
+
+
+def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
+    """``w_mean [K]``: mean over the rows of all ``weights`` of |W| normalised by its group's max |W|."""
+    W = torch.cat([w.float() for w in weights], dim=0)
+    N, K = W.shape
+    g = K if group_size == -1 else group_size
+    a = W.abs().view(N, K // g, g)
+    a = a / (a.amax(dim=-1, keepdim=True) + _W_EPS)
+    return a.view(N, K).mean(0)
+
+
+# -- the AWQ grid ----------------------------------------------------------------------------------
+
+
+def _group_width(K: int, group_size: int) -> int:
+    g = K if group_size == -1 else group_size
+    if K % g:
+        raise ValueError(f"in_features={K} is not a multiple of group_size={group_size}")
+    return g
+
+
+def _grid_params(groups: Tensor) -> tuple[Tensor, Tensor]:
+    """AWQ asymmetric params per group of ``groups [..., g]``: fp16-exact scale, integer zero (fp32)."""
+    mx = groups.amax(dim=-1)
+    mn = groups.amin(dim=-1)
+    scale = fp16_exact((mx - mn).clamp(min=_MIN_RANGE) / MAXQ)
+    zero = (-torch.round(mn / scale)).clamp(0, MAXQ)
+    return scale, zero
+
+
+def fake_quantize(W: Tensor, group_size: int) -> Tensor:
+    """``Q(W)``: quantize-then-dequantize ``W [N, K]`` on the AWQ grid, fp32 (search inner loop)."""
+    W = W.float()
+    N, K = W.shape
+    g = _group_width(K, group_size)
+    groups = W.view(N, K // g, g)
+    scale, zero = _grid_params(groups)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return ((torch.clamp(torch.round(groups / s) + z, 0, MAXQ) - z) * s).view(N, K)
+
+
+def awq_quantize(W: Tensor, spec: QuantSpec, loss: float = float("nan")) -> QuantResult:
+    """4-bit asymmetric round-to-nearest of every contiguous group of ``W [N, K]`` (AutoAWQ's
+    ``pseudo_quantize_tensor``, zero_point=True) with fp16-exact scales, so the packed AWQ tensors
+    dequantize to ``W_hat`` bit for bit."""
+    W = W.float()
+    N, K = W.shape
+    g = _group_width(K, spec.group_size)
+    G = K // g
+    groups = W.view(N, G, g)
+    scale, zero = _grid_params(groups)
+    codes = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, MAXQ)
+    codes = codes.view(N, K).to(torch.int32)
+    g_idx = (torch.arange(K, device=W.device) // g).to(torch.int32)
+    scales, zeros = scale.T.contiguous(), zero.T.to(torch.int32).contiguous()
+    W_hat = dequantize_grouped(codes, scales, zeros, g_idx)
+    return QuantResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=None, W_hat=W_hat, spec=spec,
+                       loss=loss, damp_used=0.0, dead_columns=0)
+
+
+# -- scale search ----------------------------------------------------------------------------------
+
+
+def duo_scales(x_mean: Tensor, w_mean: Tensor | None, alpha: float) -> Tensor:
+    """``s = x_mean^α / (w_mean^(1−α) + ε)`` (``x_mean^α`` alone without ``w_mean``), clamped to ≥ ε,
+    normalised so that ``max(s)·min(s) = 1``. fp32 ``[K]``."""
+    x = x_mean.float()
+    s = x.pow(alpha) if w_mean is None else x.pow(alpha) / (w_mean.float().pow(1.0 - alpha) + _DUO_EPS)
+    s = s.clamp(min=_DUO_EPS)
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def scaled_fake_quant(W: Tensor, s: Tensor, group_size: int) -> Tensor:
+    """The weight the scaled linear effectively applies to the *unscaled* input: ``Q(W·s) / s``."""
+    return fake_quantize(W.float() * s, group_size) / s
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    scales: Tensor  # fp32 [K], the chosen s (all ones when the identity won)
+    alpha: float | None  # the chosen α; None: the identity (plain RTN) was best
+    loss: float  # the caller's loss at the chosen scales
+    rtn_loss: float  # the loss at s = 1
+    losses: dict[float, float]  # α -> loss over the grid (nan where non-finite)
+
+
+def search_scales(
+    x_mean: Tensor,
+    weights: Sequence[Tensor],
+    loss_fn: Callable[[list[Tensor]], float],
+    group_size: int,
+    *,
+    n_grid: int = SCALE_GRID,
+    duo_scaling: bool = True,
+) -> ScaleSearch:
+    """Grid-search the per-channel scales of one smoothing pair.
+
+    ``weights``: the pair's linears ``[N_i, K]`` (fp, current values). ``loss_fn(effective)`` gets,
+    per linear, the weight ``Q(W·s)/s`` to apply to the unscaled input and returns the sub-block's
+    output error. Candidates: ``s(α)`` for α = i / n_grid, i < n_grid, and ``s = 1``; ties keep the
+    identity, then the smaller α. A candidate with a non-finite scale or loss never wins; if none is
+    finite a ``ValueError`` is raised (the caller names the layer and module).
+    """
+    K = x_mean.numel()
+    w_mean = weight_mean(weights, group_size) if duo_scaling else None
+    ones = torch.ones(K, dtype=torch.float32, device=x_mean.device)
+    rtn_loss = float(loss_fn([fake_quantize(w, group_size) for w in weights]))
+    best_s, best_alpha, best = ones, None, rtn_loss if math.isfinite(rtn_loss) else math.inf
+    losses: dict[float, float] = {}
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = duo_scales(x_mean, w_mean, alpha)
+        if not bool(torch.isfinite(s).all()):
+            losses[alpha] = math.nan
+            continue
+        loss = float(loss_fn([scaled_fake_quant(w, s, group_size) for w in weights]))
+        losses[alpha] = loss if math.isfinite(loss) else math.nan
+        if math.isfinite(loss) and loss < best:
+            best_s, best_alpha, best = s, alpha, loss
+    if not math.isfinite(best):
+        raise ValueError("every candidate scale gave a non-finite loss")
+    return ScaleSearch(scales=best_s, alpha=best_alpha, loss=best, rtn_loss=rtn_loss, losses=losses)
+
+
+def output_mse(deltas: Sequence[Tensor], H: Tensor) -> float:
+    """Mean squared output error of linears perturbed by ``deltas`` (``Ŵ − W``, ``[N_i, K]``) on inputs
+    with Hessian ``H = 2/n XᵀX``: ``Σ_i tr(ΔW_i H ΔW_iᵀ) / (2 Σ_i N_i)`` = mean over tokens and outputs
+    of ``(x ΔWᵀ)²``. The scale-search loss of a pair whose affected sub-block is the linears themselves,
+    computed from all tokens without re-running them."""
+    total = sum(float(((d.float() @ H) * d.float()).sum()) for d in deltas)
+    return total / (2 * sum(d.shape[0] for d in deltas))
+
+
+# -- folding ---------------------------------------------------------------------------------------
+
+
+def fold_into_norm(weight: Tensor, s: Tensor, offset: float = 0.0, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Divide a norm's output channels by ``s``.
+
+    The norm multiplies by ``offset + weight`` (Gemma's RMSNorm stores ``w`` and applies ``1 + w``),
+    so the new weight is ``(offset + w) / s − offset``; a LayerNorm bias is divided too.
+    """
+    s = s.float()
+    w = (offset + weight.float()) / s - offset
+    return w, (None if bias is None else bias.float() / s)
+
+
+def fold_into_rows(W: Tensor, s: Tensor, start: int = 0, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Divide output rows ``start : start + len(s)`` of a previous linear (and its bias) by ``s``."""
+    s = s.float()
+    W = W.float().clone()
+    rows = slice(start, start + s.numel())
+    W[rows] /= s.unsqueeze(1)
+    if bias is not None:
+        bias = bias.float().clone()
+        bias[rows] /= s
+    return W, bias
+
+
+def scale_columns(W: Tensor, s: Tensor) -> Tensor:
+    """Multiply the input columns of a linear ``[N, K]`` by ``s [K]``."""
+    return W.float() * s.float()
+
+
+# -- clip search -----------------------------------------------------------------------------------
+
+
+def group_error(W: Tensor, W_hat: Tensor, gram: Tensor) -> Tensor:
+    """``[N, G]``: ``(Ŵ − W)_g Σ_g (Ŵ − W)_gᵀ`` per output row and group (mean squared partial output)."""
+    G, g, _ = gram.shape
+    d = (W_hat.float() - W.float()).view(W.shape[0], G, g)
+    return (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(-1)
+
+
+def search_clip(
+    W: Tensor,
+    gram: Tensor,
+    group_size: int,
+    *,
+    n_grid: int = CLIP_GRID,
+    max_shrink: float = CLIP_MAX_SHRINK,
+) -> Tensor:
+    """Per output row and group, the clip threshold ``[N, G]`` (fp32) minimising :func:`group_error`
+    of the quantized clipped weight against the unclipped ``W``. r = 1 (no clipping) is a candidate,
+    so clipping never increases that error."""
+    W = W.float()
+    N, K = W.shape
+    g = _group_width(K, group_size)
+    G = K // g
+    if tuple(gram.shape) != (G, g, g):
+        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected ({G}, {g}, {g})")
+    amax = W.view(N, G, g).abs().amax(dim=-1)
+    best_max = amax.clone()
+    rows = max(1, _CHUNK_ELEMS // K)
+    for r0 in range(0, N, rows):
+        w = W[r0 : r0 + rows]
+        am = amax[r0 : r0 + rows]
+        best_err = torch.full_like(am, math.inf)
+        for i in range(int(max_shrink * n_grid)):
+            mv = am * (1.0 - i / n_grid)
+            lim = mv.repeat_interleave(g, dim=1)
+            err = group_error(w, fake_quantize(torch.maximum(torch.minimum(w, lim), -lim), g), gram)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max[r0 : r0 + rows] = torch.where(better, mv, best_max[r0 : r0 + rows])
+    return best_max
+
+
+def clip_weight(W: Tensor, max_val: Tensor) -> Tensor:
+    """Clamp every group of ``W [N, K]`` to ``[−max_val, max_val]`` (``max_val [N, G]``)."""
+    N, K = W.shape
+    lim = max_val.float().repeat_interleave(K // max_val.shape[1], dim=1)
+    return torch.maximum(torch.minimum(W.float(), lim), -lim)

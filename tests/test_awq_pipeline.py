@@ -1,0 +1,217 @@
+"""AWQ end to end through the streaming executor: every family, read-back, quality vs RTN, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantize import manifest as mf
+from quantize.calibration import sample_calibration
+from quantize.cli import main
+from quantize.commands.awq import quantize_awq
+from quantize.commands.gptq import quantize_gptq
+from quantize.errors import RuntimeFault
+from quantize.eval.perplexity import eval_windows_from_dataset, evaluate_windows
+from quantize.executor.loop import ExecConfig
+from quantize.io.quantized import load_dequantized_model
+from quantize.io.reader import CheckpointReader
+from quantize.methods.awq_layer import AWQMethod
+from quantize.testing.tiny import FAMILIES
+
+CPU = ExecConfig(device="cpu", dtype=torch.float32, batch_size=4)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def calib_for(tmp_path_factory):
+    cache = {}
+
+    def make(model_dir: Path, n=8, seq_len=64) -> Path:
+        key = (str(model_dir), n, seq_len)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("cal") / "cal"
+            sample_calibration(model_dir, "wikitext2", n, seq_len, 0, out)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def _awq(model, cal, out, **kw):
+    return quantize_awq(model_dir=model, calibration=cal, out=out, exec_cfg=CPU, **{"group_size": 32, **kw})
+
+
+def _rtn(model, cal, out, group_size=32):
+    return quantize_gptq(model_dir=model, calibration=cal, out=out, bits=4, group_size=group_size, act_order=False,
+                         sym=False, damp=0.01, static_groups=False, block_size=128, rtn=True, exec_cfg=CPU)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_quantizes_reads_back_and_beats_rtn(family, tiny_model_dir, calib_for, tmp_path):
+    torch.set_num_threads(1)
+    model = tiny_model_dir(family)
+    cal = calib_for(model)
+    m = _awq(model, cal, tmp_path / "awq")
+    assert m.status == "complete" and not mf.verify(tmp_path / "awq")
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True,
+                  "modules_to_not_convert": None}
+    # packed tensors in the AWQ GEMM shapes, no dense linear weights
+    reader = CheckpointReader(tmp_path / "awq")
+    names = reader.names()
+    assert not any(n.endswith("_proj.weight") for n in names)
+    for n in [n for n in names if n.endswith(".qweight")]:
+        K, words = reader.shape(n)
+        assert reader.shape(n[: -len("qweight")] + "scales") == (K // 32, words * 8)
+    # the scale search chose per pair, and never did worse than round-to-nearest on its tokens
+    for layer in m.metrics["layers"]:
+        assert layer["scale_loss"] and set(layer["scale_loss"]) == set(layer["awq_alpha"])
+        for prev, loss in layer["scale_loss"].items():
+            assert loss <= layer["rtn_loss"][prev], (family, layer["layer"], prev)
+        for name, err in layer["noclip_rel_error"].items():
+            assert err >= layer["rel_error"][name] - 1e-9, (family, name)  # clipping never hurt
+
+    # read-back: a transformers model with dequantized weights and folded norms, close to the fp model
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    q = load_dequantized_model(tmp_path / "awq").eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3]])
+    with torch.no_grad():
+        a, b = ref(ids).logits, q(ids).logits
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 0.05, f"{family}: KL {kl}"
+
+    # quality: lower KL to the fp model than plain RTN 4-bit on the same group size, on held-out text
+    _rtn(model, cal, tmp_path / "rtn")
+    windows, _ = eval_windows_from_dataset(model, "wikitext2-test", 64, 16)
+    awq = evaluate_windows(tmp_path / "awq", windows, CPU, baseline=model)
+    rtn = evaluate_windows(tmp_path / "rtn", windows, CPU, baseline=model)
+    assert awq.kl < rtn.kl, f"{family}: AWQ KL {awq.kl:.3g} vs RTN {rtn.kl:.3g}"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_readback_equals_what_was_propagated(family, tiny_model_dir, calib_for, tmp_path):
+    """Without GQA the v->o pair applies too (qwen2: v bias folded, phi3: fused rows). The checkpoint
+    holds exactly the quantized weights and folded norms/biases the executor propagated with."""
+    torch.set_num_threads(1)
+    model = tiny_model_dir(family, num_key_value_heads=4)
+    seen: dict[str, torch.Tensor] = {}
+    orig = AWQMethod.process_layer
+
+    def spy(self, ctx):
+        res = orig(self, ctx)
+        for name, r in res.results.items():
+            seen[ctx.prefix + name + ".weight"] = r.W_hat.clone()
+        for rel, t in res.tensors.items():
+            seen[ctx.prefix + rel] = t.clone()
+        assert len(res.metrics["awq_alpha"]) == 4  # norm->qkv, v->o, norm->mlp, up->down
+        return res
+
+    AWQMethod.process_layer = spy
+    try:
+        _awq(model, calib_for(model), tmp_path / "q")
+    finally:
+        AWQMethod.process_layer = orig
+    src = CheckpointReader(model)
+    q = dict(load_dequantized_model(tmp_path / "q").named_parameters())
+    folded = [n for n in seen if not n.endswith("_proj.weight")]
+    assert any("layernorm" in n for n in folded)
+    if family == "qwen2":
+        assert any(n.endswith("v_proj.bias") for n in folded)
+    for name, t in seen.items():
+        assert torch.equal(q[name].float(), t), name
+    # folded tensors differ from the source checkpoint (unless the search kept s = 1 for that pair)
+    assert sum(not torch.equal(src.get(n).float(), seen[n]) for n in folded) >= len(folded) // 2
+
+
+def test_deterministic_and_resume_bit_identical(tiny_model_dir, calib_for, tmp_path):
+    torch.set_num_threads(1)
+    model = tiny_model_dir("llama", num_layers=3)
+    cal = calib_for(model)
+    _awq(model, cal, tmp_path / "a")
+    _awq(model, cal, tmp_path / "b")
+    files = [o.path for o in mf.load_manifest(tmp_path / "a").outputs if o.path != "README.md"]
+    for f in files:
+        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f), f
+
+    orig = AWQMethod.process_layer
+
+    def crash(self, ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return orig(self, ctx)
+
+    AWQMethod.process_layer = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _awq(model, cal, tmp_path / "c")
+    finally:
+        AWQMethod.process_layer = orig
+    assert (tmp_path / "c.partial" / "resume" / "state.json").is_file()
+    _awq(model, cal, tmp_path / "c")
+    for f in files:  # folded norms of layers 0-1 came from the parts written before the kill
+        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "c" / f), f
+
+
+def test_non_finite_scale_is_named_and_never_written(tiny_llama, calib_for, tmp_path, monkeypatch):
+    from quantize.methods import awq as A
+
+    real = A.search_scales
+
+    def poisoned(*args, **kw):
+        r = real(*args, **kw)
+        bad = r.scales.clone()
+        bad[0] = float("nan")
+        return A.ScaleSearch(bad, r.alpha, r.loss, r.rtn_loss, r.losses)
+
+    monkeypatch.setattr(A, "search_scales", poisoned)
+    with pytest.raises(RuntimeFault, match=r"layer 0 \(model\.layers\.0\.input_layernorm -> self_attn\.q_proj"):
+        _awq(tiny_llama, calib_for(tiny_llama), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    assert not list((tmp_path / "q.partial" / "parts").glob("*.safetensors"))
+
+
+def test_cli_awq(tiny_llama, calib_for, tmp_path, capsys):
+    torch.set_num_threads(1)
+    cal = calib_for(tiny_llama)
+    capsys.readouterr()
+    base = ["awq", "--model", str(tiny_llama), "--calibration", str(cal), "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "x"), "--bits", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "4-bit only" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(base + ["--out", str(tmp_path / "x"), "--group-size", "48"]) == 2
+    assert "group_size=48" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    assert main(base + ["--out", str(tmp_path / "q"), "--group-size", "64", "--json-logs"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "round-to-nearest" in out
+    m = mf.load_manifest(tmp_path / "q")
+    assert m.params["method"] == "awq" and m.params["group_size"] == 64 and m.params["n_grid"] == 20
+    assert main(["verify", str(tmp_path / "q")]) == 0
+
+
+def test_run_recipe_with_awq(tiny_llama, tmp_path):
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((root / "recipes/tiny.yaml").read_text())
+    args = ["run", str(recipe), "--out", str(tmp_path / "run"), "--method", "awq", "--set", f"source.model={tiny_llama}",
+            "--set", "calibration.samples=8", "--set", "calibration.seq_len=64", "--set", "eval.seq_len=64",
+            "--set", "eval.max_windows=4", "--set", "group_size=32", "--set", "eval.max_ppl_increase=null"]
+    assert main(args) == 0
+    top = mf.load_manifest(tmp_path / "run")
+    assert top.status == "complete" and [s["stage"] for s in top.metrics["stages"]] == ["sample", "awq", "eval"]
+    q = mf.load_manifest(tmp_path / "run" / "model")
+    assert q.stage == "awq" and q.params["group_size"] == 32
+    assert json.loads((tmp_path / "run/model/config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    assert main(args) == 0  # a rerun skips every completed stage
+    assert [s["status"] for s in mf.load_manifest(tmp_path / "run").metrics["stages"]] == ["skipped"] * 3
