@@ -46,3 +46,16 @@ class IntegrityError(RuntimeFault):
 
 class GateFailed(RuntimeFault):
     """A quality gate (e.g. --max-ppl-increase) was exceeded; the results are still written (exit 1)."""
+
+
+def invalid(source: object, what: str, e: Exception) -> InputError:
+    """One-line InputError for a pydantic ValidationError: ``SOURCE: invalid WHAT at LOC: MSG``.
+
+    Unknown keys read "unknown key (typo?)"; validator messages lose pydantic's "Value error, ".
+    """
+    err = e.errors()[0]  # type: ignore[attr-defined]
+    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    return InputError(f"{source}: invalid {what} at {where}: {msg}")

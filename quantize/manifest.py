@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, invalid
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -149,9 +149,7 @@ def load_manifest(directory: Path, *, required: bool = False) -> Manifest | None
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise InputError(f"{path}: invalid manifest at {where}: {err['msg']}") from None
+        raise invalid(path, "manifest", e) from None
 
 
 def dump_manifest(m: Manifest) -> bytes:

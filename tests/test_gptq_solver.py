@@ -306,7 +306,7 @@ def test_bad_inputs():
 def test_spec_validation():
     assert QuantSpec().model_dump() == QuantSpec.parse({}).model_dump()
     for data, field in [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"damp": 0}, "damp"), ({"groupsize": 128}, "groupsize")]:
-        with pytest.raises(InputError, match=f"recipe.yaml: invalid {field}"):
+        with pytest.raises(InputError, match=f"recipe.yaml: invalid setting at {field}"):
             QuantSpec.parse(data, source="recipe.yaml")
     with pytest.raises(Exception):
         QuantSpec().bits = 8  # frozen

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from ..errors import InputError
+from ..errors import InputError, invalid
 from ..manifest import check_relative
 
 ENV_DIR = "QUANTIZE_CALIBRATION_DIR"
@@ -100,9 +100,7 @@ def _load(path: Path, mtime_ns: int) -> Registry:
     try:
         return Registry.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise InputError(f"{path}: invalid registry at {where}: {err['msg']}") from None
+        raise invalid(path, "registry", e) from None
 
 
 def load_registry(directory: Path | None = None) -> Registry:

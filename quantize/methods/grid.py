@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, invalid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _FP16_MIN_SUBNORMAL = 2.0**-24
@@ -67,9 +67,7 @@ class QuantSpec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise InputError(f"{source}: invalid {where}: {err['msg']}") from None
+            raise invalid(source, "setting", e) from None
 
     @property
     def maxq(self) -> int:

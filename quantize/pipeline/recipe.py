@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import InputError
+from ..errors import InputError, invalid
 
 
 class _Strict(BaseModel):
@@ -154,11 +154,4 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
-        if err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        raise InputError(f"{path}: {where}: {msg}") from None
+        raise invalid(path, "recipe", e) from None
