@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:  # --help, --version
         return e.exit_code
-    except click.exceptions.Abort:
-        sys.stderr.write("aborted\n")
-        return EXIT_RUNTIME
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt
+        sys.stderr.write("interrupted; rerun the same command to carry on\n")
+        return 130
     except click.ClickException as e:  # usage errors
         if debug:
             raise
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         log.event("error", f"error: {_one_line(msg)}{where}", code=EXIT_INPUT)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("interrupted; rerun the same command to carry on\n")
         return 130
     except MemoryError:
         log.event("error", "error: out of host memory; use a smaller --batch or --offload-activations", code=1)
