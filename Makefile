@@ -31,10 +31,10 @@ quantize: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
-# Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ output.
+# Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ/AWQ output.
 interop:
 	scripts/setup_interop.sh
-	.venv-interop/bin/python -m pytest -q -s -p no:cacheprovider -m interop tests/test_interop_gptq.py
+	.venv-interop/bin/python -m pytest -q -s -p no:cacheprovider -m interop tests
 
 # Re-train the embedded tiny model (committed under models/tiny-llama; about a minute on 2 cores).
 tiny-model: setup
