@@ -120,6 +120,12 @@ def take_sequences(calls: list[tuple[tuple, dict]], max_tokens: int) -> list[tup
     return out
 
 
+def _rel_error(W: Tensor, W_hat: Tensor, gram: Tensor) -> float:
+    """Output error of ``W_hat`` relative to the output energy of ``W`` (block-diagonal, per group)."""
+    ref = float(A.group_error(W, torch.zeros_like(W), gram).sum())
+    return float(A.group_error(W, W_hat, gram).sum()) / ref if ref > 0 else 0.0
+
+
 def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -180,19 +186,16 @@ class AWQMethod:
                 raise self._fault(ctx, group[0], "non-finite input statistics")
             for name in group:
                 w = W[name]
-                r0 = A.awq_quantize(w, self.spec)
-                ref = A.group_error(w, torch.zeros_like(w), gram).sum()
-                rel = lambda q: float(A.group_error(w, q, gram).sum() / ref) if ref > 0 else 0.0  # noqa: E731
-                r = r0
+                r = r0 = A.awq_quantize(w, self.spec)
                 if p.clip and name.rsplit(".", 1)[-1] not in _NO_CLIP:
                     max_val = A.search_clip(w, gram, p.group_size, n_grid=p.clip_grid, max_shrink=p.max_shrink)
                     r = A.awq_quantize(A.clip_weight(w, max_val), self.spec)
-                    m["noclip_rel_error"][name] = rel(r0.W_hat)
+                    m["noclip_rel_error"][name] = _rel_error(w, r0.W_hat, gram)
                 if not (bool(torch.isfinite(r.W_hat).all()) and bool(torch.isfinite(r.scales.half()).all())):
                     raise self._fault(ctx, name, "non-finite quantized weight or fp16 scale overflow after AWQ scaling")
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
-                m["rel_error"][name] = rel(r.W_hat)
+                m["rel_error"][name] = _rel_error(w, r.W_hat, gram)
             del acc, gram
         return LayerResult(results, m, tensors)
 
