@@ -3,7 +3,7 @@
 Layout of the staging directory ``OUT.partial/`` while a run is under way:
 
     parts/layer-00007.safetensors   packed tensors of each finished layer
-    resume/hidden.safetensors       inputs of the next layer (the propagated activations)
+    resume/hidden-00008.safetensors inputs of the next layer (the propagated activations)
     resume/state.json               next layer, the run's fingerprint, per-layer metrics
 
 A killed run rerun with the same command (or --resume) continues at ``next_layer``; outputs are
@@ -35,6 +35,7 @@ from ..io.reader import CheckpointReader
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
+from .resume import ResumePoint
 
 _ST_META = {"format": "pt"}
 
@@ -111,7 +112,9 @@ def run_quantize_stage(
 
     with staged as staging:
         parts, rdir = staging / "parts", staging / "resume"
-        state = _load_state(rdir, run_id)
+        point = ResumePoint(rdir, run_id)
+        loaded = point.load()
+        state = loaded[0] if loaded else None
         if state is None and resume:
             log.warning(f"--resume: no resumable partial run at {staging}; starting from layer 0")
         if state is None:
@@ -126,8 +129,7 @@ def run_quantize_stage(
         start, layer_metrics = 0, []
         if state is not None:
             start, layer_metrics = state["next_layer"], state["layers"]
-            hidden = load_file(str(rdir / "hidden.safetensors"))
-            streamer.set_hidden_states([hidden[f"b{i}"] for i in range(len(hidden))])
+            streamer.set_hidden_states(loaded[1])
             log.info(f"resuming at layer {start} of {n_layers}")
 
         for i in log.progress(range(start, n_layers), total=n_layers - start, desc=f"{stage} layers"):
@@ -142,11 +144,7 @@ def run_quantize_stage(
             m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes + 1, **res.metrics}
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
-            # resume point: hidden states first, then the state that points at them
-            save_file({f"b{j}": h.contiguous().cpu() for j, h in enumerate(streamer.hidden_states())},
-                      str(rdir / "hidden.safetensors.tmp"), metadata=_ST_META)
-            os.replace(rdir / "hidden.safetensors.tmp", rdir / "hidden.safetensors")
-            _atomic_json(rdir / "state.json", {"run_id": run_id, "next_layer": i + 1, "layers": layer_metrics})
+            point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)
 
         # optional head pass (EXL2 lm_head): after the last layer, on the quantized model's outputs
         head_metrics = _head_part(method, streamer, fmt, parts)
@@ -168,17 +166,6 @@ def run_quantize_stage(
         done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)
     log.event("stage_end", f"{stage}: wrote {out} in {metrics['seconds']:.1f}s", stage=stage, out=str(out))
     return done
-
-
-def _load_state(rdir: Path, run_id: str) -> dict | None:
-    path = rdir / "state.json"
-    if not path.is_file():
-        return None
-    state = json.loads(path.read_text())
-    if state.get("run_id") != run_id:
-        log.warning("a previous partial run used other inputs or parameters; starting over")
-        return None
-    return state
 
 
 def _head_part(method: LayerMethod, streamer: LayerStreamer, fmt: Format, parts: Path) -> dict[str, Any]:

@@ -21,19 +21,18 @@ linear quantized with the option row the optimizer chose for its slot. ``process
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+
 
 from .. import log
 from ..errors import RuntimeFault
 from ..executor.context import LayerContext, LayerResult
+from ..executor.resume import ResumePoint
 from ..executor.loop import ExecConfig, LayerStreamer
 from .exl2 import (
     EXL2_DAMP,
@@ -227,18 +226,15 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
     a rerun with the same ``run_id`` continues there. It is removed when the pass completes.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    state_path, hidden_path = work_dir / "state.json", work_dir / "hidden.safetensors"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if state is not None and state.get("run_id") != run_id:
-        log.warning("a previous partial measurement used other inputs; measuring from layer 0")
-        state = None
+    point = ResumePoint(work_dir, run_id)
+    loaded = point.load()
     streamer = LayerStreamer(Path(model_dir), reader, arch, exec_cfg)
     streamer.capture(input_ids)
     start, entries = 0, {}
-    if state is not None:
+    if loaded is not None:
+        state, hidden = loaded
         start, entries = state["next_layer"], state["measurement"]
-        hidden = load_file(str(hidden_path))
-        streamer.set_hidden_states([hidden[f"b{i}"] for i in range(len(hidden))])
+        streamer.set_hidden_states(hidden)
         log.info(f"resuming the measurement at layer {start}")
     method = Exl2MeasureMethod(damp)
     n = streamer.num_layers
@@ -251,12 +247,7 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
         entries.update(res.metrics["measurement"])
         log.event("measure_layer", f"measure layer {i}: {time.time() - t0:.2f}s ({ctx.forward_passes + 1} passes)",
                   layer=i, seconds=round(time.time() - t0, 3))
-        save_file({f"b{j}": h.contiguous().cpu() for j, h in enumerate(streamer.hidden_states())},
-                  str(hidden_path) + ".tmp", metadata={"format": "pt"})
-        os.replace(str(hidden_path) + ".tmp", hidden_path)
-        tmp = state_path.with_name("state.json.tmp")
-        tmp.write_text(json.dumps({"run_id": run_id, "next_layer": i + 1, "measurement": entries}))
-        os.replace(tmp, state_path)
+        point.save(i + 1, streamer.hidden_states(), measurement=entries)
     if len(entries) != n * len(slot_linears(arch)):
         raise RuntimeFault(f"measurement covers {len(entries)} slots, expected {n * len(slot_linears(arch))}")
     shutil.rmtree(work_dir, ignore_errors=True)
