@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -22,63 +20,32 @@ from quantize.formats.awq import (
 from quantize.formats.registry import format_from_config
 from quantize.methods.awq import awq_quantize
 
-
-def _u32(t: torch.Tensor) -> list[int]:
-    return [v & 0xFFFFFFFF for v in t.reshape(-1).tolist()]
-
-
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
-
-
-def _example(N: int, K: int, G: int, scale_den: float, stride: int):
-    """FORMATS.md §1.8 logical codes: Q[n][k] = (3n+5k+2) mod 16, scales, zeros."""
-    n = torch.arange(N).view(N, 1)
-    k = torch.arange(K).view(1, K)
-    Q = (3 * n + 5 * k + 2) % 16
-    g = torch.arange(G).view(G, 1)
-    cols = torch.arange(N).view(1, N)
-    scales = (cols + 1 + stride * g) / scale_den
-    zeros = 1 + (cols + 3 * g) % 15
-    return Q, scales, zeros
-
-
-# FORMATS.md §1.8(a): the dequantized 8x8 matrix (identical for GPTQ and AWQ, §2.6)
-_W8 = [
-    [0.00390625, 0.0234375, 0.04296875, 0.0, 0.0703125, 0.24609375, -0.140625, 0.03515625],
-    [0.0234375, 0.0625, 0.1015625, 0.015625, 0.15625, 0.3515625, -0.078125, 0.1171875],
-    [0.05859375, 0.1171875, -0.01171875, 0.046875, 0.2578125, -0.21484375, 0.0, 0.21484375],
-    [0.109375, -0.0625, 0.015625, 0.09375, 0.375, -0.140625, 0.09375, 0.328125],
-    [0.17578125, -0.0390625, 0.05859375, 0.15625, -0.3046875, -0.05078125, 0.203125, -0.35546875],
-    [-0.1171875, 0.0, 0.1171875, -0.140625, -0.21875, 0.0546875, 0.328125, -0.2734375],
-    [-0.08203125, 0.0546875, 0.19140625, -0.109375, -0.1171875, 0.17578125, -0.46875, -0.17578125],
-    [-0.03125, 0.125, -0.21875, -0.0625, 0.0, -0.6875, -0.375, -0.0625],
-]
+from helpers import EXAMPLE_A_W, format_example, tensor_sha256, u32
 
 
 def test_worked_example_8x8_bit_for_bit():
-    Q, scales, zeros = _example(8, 8, 2, 256.0, 8)
+    Q, scales, zeros, _ = format_example(8, 8, 2, 256)
     t = pack_awq(Q, scales, zeros)
     assert t["qweight"].dtype == torch.int32 and tuple(t["qweight"].shape) == (8, 1)
-    assert _u32(t["qweight"]) == [0x71B54E82, 0xC60A93D7, 0x1B5FE82C, 0x60A43D71,
+    assert u32(t["qweight"]) == [0x71B54E82, 0xC60A93D7, 0x1B5FE82C, 0x60A43D71,
                                   0xB5F982C6, 0x0A4ED71B, 0x5F932C60, 0xA4E871B5]
     assert t["qweight"].reshape(-1).tolist() == [1907707522, -972385321, 459270188, 1621376369,
                                                  -1241939258, 172939035, 1603480672, -1528270411]
     assert tuple(t["qzeros"].shape) == (2, 1)
-    assert _u32(t["qzeros"]) == [0x86427531, 0xB975A864]
+    assert u32(t["qzeros"]) == [0x86427531, 0xB975A864]
     assert t["scales"].dtype == torch.float16 and torch.equal(t["scales"].float(), scales.float())
-    assert torch.equal(dequantize_awq(t), torch.tensor(_W8))
+    assert torch.equal(dequantize_awq(t), torch.tensor(EXAMPLE_A_W))
 
 
 def test_worked_example_32x32_bit_for_bit():
-    Q, scales, zeros = _example(32, 32, 2, 1024.0, 32)
+    Q, scales, zeros, _ = format_example(32, 32, 2, 1024)
     t = pack_awq(Q, scales, zeros)
     assert tuple(t["qweight"].shape) == (32, 4) and tuple(t["qzeros"].shape) == (2, 4)
-    assert _u32(t["qweight"][0]) == [0x71B54E82, 0xF93DC60A, 0x71B54E82, 0xF93DC60A]
-    assert _sha(t["qweight"]) == "d93276de82fddbd13e8d3bdaaeaa2c791b14e4eb9a85a40656a81a65d73584be"
-    assert _u32(t["qzeros"]) == [0x86427531, 0x1ECAFDB9, 0x97538642, 0x2FDB1ECA,
+    assert u32(t["qweight"][0]) == [0x71B54E82, 0xF93DC60A, 0x71B54E82, 0xF93DC60A]
+    assert tensor_sha256(t["qweight"]) == "d93276de82fddbd13e8d3bdaaeaa2c791b14e4eb9a85a40656a81a65d73584be"
+    assert u32(t["qzeros"]) == [0x86427531, 0x1ECAFDB9, 0x97538642, 0x2FDB1ECA,
                                  0xB975A864, 0x42FD31EC, 0xCA86B975, 0x531E42FD]
-    assert _sha(t["qzeros"]) == "7331da78a91c084bcc0edef0e5cda5a548d8886007600aaf2e45408d18411a16"
+    assert tensor_sha256(t["qzeros"]) == "7331da78a91c084bcc0edef0e5cda5a548d8886007600aaf2e45408d18411a16"
     codes, s, z = unpack_awq(t)
     assert torch.equal(codes, Q.to(torch.int32)) and torch.equal(z, zeros.to(torch.int32))
     assert torch.equal(s, scales.float())
@@ -87,7 +54,7 @@ def test_worked_example_32x32_bit_for_bit():
 def test_interleave_order_and_single_word():
     assert [REVERSE[c] for c in ORDER] == list(range(8))
     # column c holds value c: nibble i must hold ORDER[i]
-    w = _u32(pack_columns(torch.arange(8).view(1, 8)))[0]
+    w = u32(pack_columns(torch.arange(8).view(1, 8)))[0]
     assert [(w >> (4 * i)) & 0xF for i in range(8)] == list(ORDER)
     vals = torch.randint(0, 16, (5, 7, 64), generator=torch.Generator().manual_seed(0))
     assert torch.equal(unpack_columns(pack_columns(vals)), vals)

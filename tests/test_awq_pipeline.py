@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,38 +9,16 @@ import pytest
 import torch
 
 from quantize import manifest as mf
-from quantize.calibration import sample_calibration
 from quantize.cli import main
 from quantize.commands.awq import quantize_awq
-from quantize.commands.gptq import quantize_gptq
 from quantize.errors import RuntimeFault
 from quantize.eval.perplexity import eval_windows_from_dataset, evaluate_windows
-from quantize.executor.loop import ExecConfig
 from quantize.io.quantized import load_dequantized_model
 from quantize.io.reader import CheckpointReader
 from quantize.methods.awq_layer import AWQMethod
 from quantize.testing.tiny import FAMILIES
 
-CPU = ExecConfig(device="cpu", dtype=torch.float32, batch_size=4)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def calib_for(tmp_path_factory):
-    cache = {}
-
-    def make(model_dir: Path, n=8, seq_len=64) -> Path:
-        key = (str(model_dir), n, seq_len)
-        if key not in cache:
-            out = tmp_path_factory.mktemp("cal") / "cal"
-            sample_calibration(model_dir, "wikitext2", n, seq_len, 0, out)
-            cache[key] = out
-        return cache[key]
-
-    return make
+from helpers import CPU, assert_reads_back_close, assert_same_files, killed_at, output_files, replaced, run_gptq
 
 
 def _awq(model, cal, out, **kw):
@@ -49,8 +26,8 @@ def _awq(model, cal, out, **kw):
 
 
 def _rtn(model, cal, out, group_size=32):
-    return quantize_gptq(model_dir=model, calibration=cal, out=out, bits=4, group_size=group_size, act_order=False,
-                         sym=False, damp=0.01, static_groups=False, block_size=128, rtn=True, exec_cfg=CPU)
+    """The round-to-nearest baseline AWQ must beat: asymmetric 4-bit, same groups, no act-order."""
+    return run_gptq(model, cal, out, group_size=group_size, act_order=False, sym=False, rtn=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,16 +56,7 @@ def test_every_family_quantizes_reads_back_and_beats_rtn(family, tiny_model_dir,
             assert err >= layer["rel_error"][name] - 1e-9, (family, name)  # clipping never hurt
 
     # read-back: a transformers model with dequantized weights and folded norms, close to the fp model
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    q = load_dequantized_model(tmp_path / "awq").eval()
-    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3]])
-    with torch.no_grad():
-        a, b = ref(ids).logits, q(ids).logits
-    assert torch.isfinite(b).all() and not torch.equal(a, b)
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
-    assert kl < 0.05, f"{family}: KL {kl}"
+    assert_reads_back_close(model, tmp_path / "awq", family)
 
     # quality: lower KL to the fp model than plain RTN 4-bit on the same group size, on held-out text
     _rtn(model, cal, tmp_path / "rtn")
@@ -116,11 +84,8 @@ def test_readback_equals_what_was_propagated(family, tiny_model_dir, calib_for, 
         assert len(res.metrics["awq_alpha"]) == 4  # norm->qkv, v->o, norm->mlp, up->down
         return res
 
-    AWQMethod.process_layer = spy
-    try:
+    with replaced(AWQMethod, "process_layer", spy):
         _awq(model, calib_for(model), tmp_path / "q")
-    finally:
-        AWQMethod.process_layer = orig
     src = CheckpointReader(model)
     q = dict(load_dequantized_model(tmp_path / "q").named_parameters())
     folded = [n for n in seen if not n.endswith("_proj.weight")]
@@ -139,27 +104,15 @@ def test_deterministic_and_resume_bit_identical(tiny_model_dir, calib_for, tmp_p
     cal = calib_for(model)
     _awq(model, cal, tmp_path / "a")
     _awq(model, cal, tmp_path / "b")
-    files = [o.path for o in mf.load_manifest(tmp_path / "a").outputs if o.path != "README.md"]
-    for f in files:
-        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f), f
+    files = output_files(tmp_path / "a")
+    assert_same_files(tmp_path / "a", tmp_path / "b", files)
 
-    orig = AWQMethod.process_layer
-
-    def crash(self, ctx):
-        if ctx.index == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return orig(self, ctx)
-
-    AWQMethod.process_layer = crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _awq(model, cal, tmp_path / "c")
-    finally:
-        AWQMethod.process_layer = orig
+    with replaced(AWQMethod, "process_layer", killed_at(AWQMethod, 2)), pytest.raises(KeyboardInterrupt):
+        _awq(model, cal, tmp_path / "c")
     assert (tmp_path / "c.partial" / "resume" / "state.json").is_file()
     _awq(model, cal, tmp_path / "c")
-    for f in files:  # folded norms of layers 0-1 came from the parts written before the kill
-        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "c" / f), f
+    # folded norms of layers 0-1 came from the parts written before the kill
+    assert_same_files(tmp_path / "a", tmp_path / "c", files)
 
 
 def test_non_finite_scale_is_named_and_never_written(tiny_llama, calib_for, tmp_path, monkeypatch):

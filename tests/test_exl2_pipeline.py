@@ -3,7 +3,6 @@ files, measurement reuse, determinism, resume, lm_head, CLI errors."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,49 +10,31 @@ import pytest
 import torch
 
 from quantize import manifest as mf
-from quantize.calibration import sample_calibration
 from quantize.cli import main
 from quantize.commands.exl2 import quantize_exl2
-from quantize.executor.loop import ExecConfig
 from quantize.formats.exl2 import SUFFIXES, achieved_bpw, check_exl2_tensors, packed_linears
 from quantize.io.quantized import load_dequantized_model
 from quantize.io.reader import CheckpointReader
 from quantize.methods.exl2 import HEAD_OPTIONS, storage_bits
 from quantize.testing.tiny import FAMILIES
 
-CPU = ExecConfig(device="cpu", dtype=torch.float32, batch_size=4)
+from helpers import (
+    CPU,
+    assert_reads_back_close,
+    assert_same_files,
+    killed_at,
+    output_files,
+    recording,
+    replaced,
+    sha256_file,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROWS = 4  # measurement rows: keeps the 36 candidate forwards per layer cheap
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def calib_for(tmp_path_factory):
-    cache = {}
-
-    def make(model_dir: Path, n=8, seq_len=64) -> Path:
-        key = (str(model_dir), n, seq_len)
-        if key not in cache:
-            out = tmp_path_factory.mktemp("cal") / "cal"
-            sample_calibration(model_dir, "wikitext2", n, seq_len, 0, out)
-            cache[key] = out
-        return cache[key]
-
-    return make
 
 
 def _run(model, cal, out, bpw=4.0, **kw):
     return quantize_exl2(model_dir=model, calibration=cal, out=out, bpw=bpw, measurement_rows=ROWS, exec_cfg=CPU, **kw)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _checked_linears(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -103,16 +84,7 @@ def test_every_family_quantizes_and_reads_back(family, tiny_model_dir, calib_for
     meas = json.loads((out / "measurement.json").read_text())
     assert len(meas["measurement"]) == 2 * n_layers and meas["last_module_idx"] == 2 * n_layers
     # read-back: a transformers model with dequantized weights, close to the original
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    q = load_dequantized_model(out).eval()
-    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3]])
-    with torch.no_grad():
-        a, b = ref(ids).logits, q(ids).logits
-    assert torch.isfinite(b).all() and not torch.equal(a, b)
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
-    assert kl < 0.05, f"{family}: KL {kl}"
+    assert_reads_back_close(model, out, family)
 
 
 def test_biases_are_fp16_for_the_loader(tiny_model_dir, calib_for, tmp_path):
@@ -124,12 +96,9 @@ def test_biases_are_fp16_for_the_loader(tiny_model_dir, calib_for, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory):
+def wide_llama(tiny_model_dir):
     """4 layers, hidden 128: enough slots and option granularity to hit a bpw target closely."""
-    from quantize.testing import build_tiny_model
-
-    return build_tiny_model("llama", tmp_path_factory.mktemp("wide"), hidden=128, num_layers=4,
-                            tie_word_embeddings=False)
+    return tiny_model_dir("llama", hidden=128, num_layers=4, tie_word_embeddings=False)
 
 
 def test_targets_met_within_005_with_one_measurement(wide_llama, calib_for, tmp_path):
@@ -141,7 +110,7 @@ def test_targets_met_within_005_with_one_measurement(wide_llama, calib_for, tmp_
         m = _run(wide_llama, cal, tmp_path / f"q{bpw}", bpw=bpw, measurement=meas)
         assert m.params["measurement_sha256"] == first.params["measurement_sha256"]
         got[bpw] = achieved_bpw(tmp_path / f"q{bpw}")["decoder"]["bpw"]
-        assert _sha(tmp_path / f"q{bpw}" / "measurement.json") == _sha(meas)
+        assert sha256_file(tmp_path / f"q{bpw}" / "measurement.json") == sha256_file(meas)
     for target, bpw in got.items():
         assert target - 0.05 <= bpw <= target, got
     # more bits, less error (Hessian-weighted, per linear, averaged)
@@ -159,7 +128,7 @@ def test_reused_measurement_reproduces_a_measured_run(tiny_llama, calib_for, tmp
     _run(tiny_llama, cal, tmp_path / "b", bpw=4.5)
     _run(tiny_llama, cal, tmp_path / "c", bpw=4.5, measurement=tmp_path / "a" / "measurement.json")
     for f in ("model.safetensors", "measurement.json", "config.json"):
-        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f) == _sha(tmp_path / "c" / f), f
+        assert sha256_file(tmp_path / "a" / f) == sha256_file(tmp_path / "b" / f) == sha256_file(tmp_path / "c" / f), f
 
 
 def test_readback_equals_solver_output(tiny_llama, calib_for, tmp_path):
@@ -179,11 +148,8 @@ def test_readback_equals_solver_output(tiny_llama, calib_for, tmp_path):
         seen.update({n + ".weight": r.W_hat.clone() for n, r in res.results.items()})
         return res
 
-    Exl2QuantMethod.process_layer, Exl2QuantMethod.process_head = spy, spy_head
-    try:
+    with replaced(Exl2QuantMethod, "process_layer", spy), replaced(Exl2QuantMethod, "process_head", spy_head):
         _run(tiny_llama, calib_for(tiny_llama), tmp_path / "q", head_bits=8)
-    finally:
-        Exl2QuantMethod.process_layer, Exl2QuantMethod.process_head = orig_layer, orig_head
     params = dict(load_dequantized_model(tmp_path / "q").named_parameters())
     assert "lm_head.weight" in seen and len(seen) == 1 + 2 * 7
     for name, W_hat in seen.items():
@@ -196,55 +162,26 @@ def test_resume_after_kill_in_measurement_and_in_quantization(tiny_model_dir, ca
     model = tiny_model_dir("llama", num_layers=3)
     cal = calib_for(model)
     _run(model, cal, tmp_path / "a")
-    files = [o.path for o in mf.load_manifest(tmp_path / "a").outputs if o.path != "README.md"]
+    files = output_files(tmp_path / "a")
 
-    def crash_at(cls, index, log):
-        orig = cls.process_layer
-
-        def f(self, ctx):
-            log.append(ctx.index)
-            if ctx.index == index:
-                raise KeyboardInterrupt("simulated kill")
-            return orig(self, ctx)
-        return orig, f
-
+    # killed while measuring layer 1
+    with replaced(Exl2MeasureMethod, "process_layer", killed_at(Exl2MeasureMethod, 1)), pytest.raises(KeyboardInterrupt):
+        _run(model, cal, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.partial").is_dir()
+    # rerun: the measurement finishes, then a kill while quantizing layer 1
     measured: list[int] = []
-    orig_measure = Exl2MeasureMethod.process_layer
-
-    def record_measure(self, ctx):
-        measured.append(ctx.index)
-        return orig_measure(self, ctx)
-
-    for cls in (Exl2MeasureMethod, Exl2QuantMethod):
-        calls: list[int] = []
-        orig, crash = crash_at(cls, 1, calls)
-        cls.process_layer = crash
-        if cls is Exl2QuantMethod:
-            Exl2MeasureMethod.process_layer = record_measure
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                _run(model, cal, tmp_path / "c")
-        finally:
-            cls.process_layer = orig
-            Exl2MeasureMethod.process_layer = orig_measure
-        assert not (tmp_path / "c").exists() and (tmp_path / "c.partial").is_dir()
+    record_measure, kill_quant = recording(Exl2MeasureMethod, measured), killed_at(Exl2QuantMethod, 1)
+    with (replaced(Exl2MeasureMethod, "process_layer", record_measure),
+          replaced(Exl2QuantMethod, "process_layer", kill_quant), pytest.raises(KeyboardInterrupt)):
+        _run(model, cal, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.partial").is_dir()
     assert measured == [1, 2]  # the measurement resumed where it was killed
     # measurement finished on the second attempt; now the quantization pass resumes at layer 1
     resumed: list[int] = []
-    orig = Exl2QuantMethod.process_layer
-
-    def record(self, ctx):
-        resumed.append(ctx.index)
-        return orig(self, ctx)
-
-    Exl2QuantMethod.process_layer = record
-    try:
+    with replaced(Exl2QuantMethod, "process_layer", recording(Exl2QuantMethod, resumed)):
         _run(model, cal, tmp_path / "c")
-    finally:
-        Exl2QuantMethod.process_layer = orig
     assert resumed == [1, 2] and not (tmp_path / "c.partial").exists()
-    for f in files:
-        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "c" / f), f
+    assert_same_files(tmp_path / "a", tmp_path / "c", files)
 
 
 def test_cli(tiny_llama, calib_for, tmp_path, capsys):

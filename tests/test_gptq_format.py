@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -24,46 +23,16 @@ from quantize.methods.grid import QuantSpec
 from quantize.methods.hessian import accumulate_hessian
 from quantize.methods.rtn import rtn_quantize
 
-
-def u32(t: torch.Tensor) -> list[int]:
-    return [x & 0xFFFFFFFF for x in t.flatten().tolist()]
-
-
-def sha256(t: torch.Tensor) -> str:
-    """Over the raw little-endian bytes, row-major (as FORMATS.md §1.8 hashes them)."""
-    a = t.contiguous().numpy()
-    return hashlib.sha256(a.astype(a.dtype.newbyteorder("<")).tobytes()).hexdigest()
-
-
-def example(N: int, K: int, G: int, scale_den: int) -> tuple[torch.Tensor, ...]:
-    """§1.8 inputs: Q[n][k] = (3n+5k+2) mod 16, scales (n+1+N·g)/den, zeros 1+(n+3g) mod 15."""
-    n = torch.arange(N).unsqueeze(1)
-    codes = (3 * n + 5 * torch.arange(K).unsqueeze(0) + 2) % 16
-    g = torch.arange(G).unsqueeze(1)
-    scales = (torch.arange(N).unsqueeze(0) + 1 + N * g).double() / scale_den
-    zeros = 1 + (torch.arange(N).unsqueeze(0) + 3 * g) % 15
-    g_idx = torch.arange(K) // (K // G)
-    return codes, scales.float(), zeros, g_idx
-
+from helpers import EXAMPLE_A_W, format_example, tensor_sha256, u32
 
 # ---- (a) 8x8, b=4, g=4 ------------------------------------------------------------------------
 
 EX_A_QWEIGHT = [0x50B61C72, 0x83E94FA5, 0xB61C72D8, 0xE94FA50B, 0x1C72D83E, 0x4FA50B61, 0x72D83E94, 0xA50B61C7]
 EX_A_QWEIGHT_SIGNED = [1354112114, -2081861723, -1239649576, -380656373, 477288510, 1336216417, 1926774420, -1525980729]
-EX_A_W = [
-    [0.00390625, 0.0234375, 0.04296875, 0.0, 0.0703125, 0.24609375, -0.140625, 0.03515625],
-    [0.0234375, 0.0625, 0.1015625, 0.015625, 0.15625, 0.3515625, -0.078125, 0.1171875],
-    [0.05859375, 0.1171875, -0.01171875, 0.046875, 0.2578125, -0.21484375, 0.0, 0.21484375],
-    [0.109375, -0.0625, 0.015625, 0.09375, 0.375, -0.140625, 0.09375, 0.328125],
-    [0.17578125, -0.0390625, 0.05859375, 0.15625, -0.3046875, -0.05078125, 0.203125, -0.35546875],
-    [-0.1171875, 0.0, 0.1171875, -0.140625, -0.21875, 0.0546875, 0.328125, -0.2734375],
-    [-0.08203125, 0.0546875, 0.19140625, -0.109375, -0.1171875, 0.17578125, -0.46875, -0.17578125],
-    [-0.03125, 0.125, -0.21875, -0.0625, 0.0, -0.6875, -0.375, -0.0625],
-]
 
 
 def test_example_a_pack_v1_v2():
-    codes, scales, zeros, g_idx = example(8, 8, 2, 256)
+    codes, scales, zeros, g_idx = format_example(8, 8, 2, 256)
     v1 = pack_gptq(codes, scales, zeros, g_idx, bits=4)
     v2 = pack_gptq(codes, scales, zeros, g_idx, bits=4, checkpoint_format="gptq_v2")
     for t in (v1, v2):
@@ -80,17 +49,17 @@ def test_example_a_pack_v1_v2():
 
 
 def test_example_a_unpack_and_dequantize():
-    codes, scales, zeros, g_idx = example(8, 8, 2, 256)
+    codes, scales, zeros, g_idx = format_example(8, 8, 2, 256)
     for fmt in ("gptq", "gptq_v2"):
         t = pack_gptq(codes, scales, zeros, g_idx, bits=4, checkpoint_format=fmt)
         c, s, z, gi = unpack_gptq(t, 4, fmt)
         assert torch.equal(c, codes.int()) and torch.equal(z, zeros.int()) and torch.equal(gi, g_idx.int())
         assert torch.equal(s, scales)
-        assert dequantize_gptq(t, 4, fmt).tolist() == EX_A_W
+        assert dequantize_gptq(t, 4, fmt).tolist() == EXAMPLE_A_W
 
 
 def test_example_a_act_order_variant():
-    codes, scales, zeros, _ = example(8, 8, 2, 256)
+    codes, scales, zeros, _ = format_example(8, 8, 2, 256)
     g_idx = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
     t = pack_gptq(codes, scales, zeros, g_idx, bits=4, checkpoint_format="gptq_v2")
     assert u32(t["qweight"]) == EX_A_QWEIGHT  # act-order never reorders qweight rows
@@ -123,21 +92,21 @@ def test_symmetric_qzeros_words(bits, v1, v2):
 
 
 def test_example_b_hashes_and_spot_values():
-    codes, scales, zeros, g_idx = example(32, 32, 2, 1024)
+    codes, scales, zeros, g_idx = format_example(32, 32, 2, 1024)
     v1 = pack_gptq(codes, scales, zeros, g_idx, bits=4)
     v2 = pack_gptq(codes, scales, zeros, g_idx, bits=4, checkpoint_format="gptq_v2")
     assert v1["qweight"].shape == (4, 32) and v1["qzeros"].shape == (2, 4) and v1["scales"].shape == (2, 32)
     assert u32(v1["qweight"][0, :8]) == EX_A_QWEIGHT
-    assert sha256(v1["qweight"]) == "5881f422212e7bd6f63fe58025c53a10313fbda16380d8878591255f6086d559"
+    assert tensor_sha256(v1["qweight"]) == "5881f422212e7bd6f63fe58025c53a10313fbda16380d8878591255f6086d559"
     assert u32(v1["qzeros"]) == [
         0x76543210, 0x0EDCBA98, 0x87654321, 0x10EDCBA9, 0xA9876543, 0x3210EDCB, 0xBA987654, 0x43210EDC,
     ]
-    assert sha256(v1["qzeros"]) == "511d934055992179914b1ee5883bed25230a71ab1c862a372b7313a5de46af78"
+    assert tensor_sha256(v1["qzeros"]) == "511d934055992179914b1ee5883bed25230a71ab1c862a372b7313a5de46af78"
     assert u32(v2["qzeros"]) == [
         0x87654321, 0x1FEDCBA9, 0x98765432, 0x21FEDCBA, 0xBA987654, 0x4321FEDC, 0xCBA98765, 0x54321FED,
     ]
-    assert sha256(v2["qzeros"]) == "0095481154486c0df35a5e9fb503b9f4a19b04ff2551978433efd602bbdc2350"
-    assert sha256(v1["scales"]) == "055ffcd8c54fb914e961fce710e7de3c87afa039a69dae2fe807ba3499263c83"
+    assert tensor_sha256(v2["qzeros"]) == "0095481154486c0df35a5e9fb503b9f4a19b04ff2551978433efd602bbdc2350"
+    assert tensor_sha256(v1["scales"]) == "055ffcd8c54fb914e961fce710e7de3c87afa039a69dae2fe807ba3499263c83"
     for t, fmt in ((v1, "gptq"), (v2, "gptq_v2")):
         W = dequantize_gptq(t, 4, fmt)
         assert W[0, 0].item() == 0.0009765625
@@ -208,7 +177,7 @@ def test_round_trip_random(bits, fmt):
 
 def test_v1_v2_differ_by_one_per_field():
     """A v2 file read as v1 is off by one on every zero (FORMATS.md §5 pitfall 1)."""
-    codes, scales, zeros, g_idx = example(32, 32, 2, 1024)
+    codes, scales, zeros, g_idx = format_example(32, 32, 2, 1024)
     v2 = pack_gptq(codes, scales, zeros, g_idx, bits=4, checkpoint_format="gptq_v2")
     _, _, z_as_v1, _ = unpack_gptq(v2, 4, "gptq")
     assert torch.equal(z_as_v1, zeros.int() + 1)
@@ -252,7 +221,7 @@ def test_pack_rejects_bad_inputs():
 
 
 def test_unpack_validates_and_derives_g_idx():
-    codes, scales, zeros, g_idx = example(32, 32, 2, 1024)
+    codes, scales, zeros, g_idx = format_example(32, 32, 2, 1024)
     t = pack_gptq(codes, scales, zeros, g_idx, bits=4)
     prefixed = {f"model.layers.0.mlp.up_proj.{k}": v for k, v in t.items() if k != "g_idx"}
     c, _, _, gi = unpack_gptq(prefixed, 4, prefix="model.layers.0.mlp.up_proj.")

@@ -22,33 +22,14 @@ from safetensors.torch import load_file
 
 from quantize.errors import InputError
 from quantize.merge.litgpt import legacy_to_current_rows, merge_litgpt
-from quantize.testing.tiny import build_tiny_model
 
+from helpers import safetensors_in
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
 IDS = torch.tensor([[0, 5, 17, 300, 1000, 42, 7, 999, 3, 64]])
 LIT_NAMES = {"llama": "tiny-llama", "mistral": "Mistral-tiny", "qwen2": "Qwen2.5-tiny", "qwen3": "Qwen3-tiny",
              "gemma": "Gemma-tiny", "gemma2": "Gemma-2-tiny", "phi3": "Phi-3-tiny"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    cache: dict = {}
-
-    def make(family="llama", dtype=torch.float32, **kw):
-        key = (family, dtype, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = build_tiny_model(family, tmp_path_factory.mktemp(family), dtype=dtype, **kw)
-        return cache[key]
-
-    return make
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,13 +225,6 @@ def hf_logits(d: Path, ids=IDS) -> torch.Tensor:
         return model.eval()(ids).logits
 
 
-def tensors(d: Path) -> dict[str, torch.Tensor]:
-    sd = {}
-    for f in d.glob("*.safetensors"):
-        sd.update(load_file(f))
-    return sd
-
-
 # ---------------------------------------------------------------------------------------------
 # layout
 
@@ -267,11 +241,11 @@ def test_tv1_legacy_row_order():
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_roundtrip_is_exact(tmp_path, hf_dir, family, legacy):
-    hf = hf_dir(family)
+def test_roundtrip_is_exact(tmp_path, tiny_model_dir, family, legacy):
+    hf = tiny_model_dir(family)
     lit = hf_to_lit(hf, tmp_path / "lit", family=family, legacy=legacy)
     m = merge_litgpt(lit, tmp_path / "out")
-    ours, ref = tensors(tmp_path / "out"), load_file(hf / "model.safetensors")
+    ours, ref = safetensors_in(tmp_path / "out"), load_file(hf / "model.safetensors")
     assert sorted(ours) == sorted(ref)
     for name, t in ref.items():
         assert torch.equal(ours[name], t), name
@@ -282,8 +256,8 @@ def test_roundtrip_is_exact(tmp_path, hf_dir, family, legacy):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_synthesized_config(tmp_path, hf_dir, family):
-    hf = hf_dir(family)
+def test_synthesized_config(tmp_path, tiny_model_dir, family):
+    hf = tiny_model_dir(family)
     lit = hf_to_lit(hf, tmp_path / "lit", family=family, with_config=False)
     m = merge_litgpt(lit, tmp_path / "out")
     assert m.metrics["config"] == "synthesized from model_config.yaml"
@@ -292,25 +266,25 @@ def test_synthesized_config(tmp_path, hf_dir, family):
     torch.testing.assert_close(hf_logits(tmp_path / "out"), hf_logits(hf), atol=1e-6, rtol=0)
 
 
-def test_bf16_wrapped_and_compiled_checkpoint(tmp_path, hf_dir):
-    hf = hf_dir("llama", dtype=torch.bfloat16)
+def test_bf16_wrapped_and_compiled_checkpoint(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("llama", dtype=torch.bfloat16)
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama", wrap=True, compiled=True)
     merge_litgpt(lit, tmp_path / "out")
-    ours, ref = tensors(tmp_path / "out"), load_file(hf / "model.safetensors")
+    ours, ref = safetensors_in(tmp_path / "out"), load_file(hf / "model.safetensors")
     assert all(torch.equal(ours[n], t) and ours[n].dtype == torch.bfloat16 for n, t in ref.items())
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     merge_litgpt(lit, tmp_path / "out32", dtype="fp32")
-    assert {t.dtype for t in tensors(tmp_path / "out32").values()} == {torch.float32}
+    assert {t.dtype for t in safetensors_in(tmp_path / "out32").values()} == {torch.float32}
 
 
-def test_trained_head_of_tied_model_is_untied(tmp_path, hf_dir):
-    hf = hf_dir("gemma")
+def test_trained_head_of_tied_model_is_untied(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("gemma")
     lit = hf_to_lit(hf, tmp_path / "lit", family="gemma")
     sd = torch.load(lit / "lit_model.pth", weights_only=True)
     sd["lm_head.weight"] = sd["lm_head.weight"].clone() + 0.01  # full fine-tune moved the head
     torch.save(sd, lit / "lit_model.pth")
     m = merge_litgpt(lit, tmp_path / "out")
-    ours = tensors(tmp_path / "out")
+    ours = safetensors_in(tmp_path / "out")
     assert torch.equal(ours["lm_head.weight"], sd["lm_head.weight"])
     assert torch.equal(ours["model.embed_tokens.weight"], sd["transformer.wte.weight"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
@@ -360,8 +334,8 @@ LORA_CASES = {
 
 @pytest.mark.parametrize("case", list(LORA_CASES))
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3"])
-def test_lit_lora_matches_unmerged_forward(tmp_path, hf_dir, family, case):
-    hf = hf_dir(family)
+def test_lit_lora_matches_unmerged_forward(tmp_path, tiny_model_dir, family, case):
+    hf = tiny_model_dir(family)
     lit = hf_to_lit(hf, tmp_path / "lit", family=family)
     spec = make_lit_lora(hf, tmp_path / "lora", r=2, alpha=4, **LORA_CASES[case])
     m = merge_litgpt(lit, tmp_path / "out", lora=tmp_path / "lora")
@@ -373,21 +347,21 @@ def test_lit_lora_matches_unmerged_forward(tmp_path, hf_dir, family, case):
     if "head" in case and family == "gemma":  # tied head with lora_head: untied
         assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     if case == "q+v" and family != "phi3":  # k rows untouched
-        assert torch.equal(tensors(tmp_path / "out")["model.layers.0.self_attn.k_proj.weight"],
+        assert torch.equal(safetensors_in(tmp_path / "out")["model.layers.0.self_attn.k_proj.weight"],
                            load_file(hf / "model.safetensors")["model.layers.0.self_attn.k_proj.weight"])
 
 
-def test_lit_lora_gqa_split_with_legacy_base(tmp_path, hf_dir):
+def test_lit_lora_gqa_split_with_legacy_base(tmp_path, tiny_model_dir):
     """A LoRA (current layout) on a legacy-layout base: de-interleave first, then the block-diagonal delta."""
-    hf = hf_dir("llama")
+    hf = tiny_model_dir("llama")
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama", legacy=True)
     spec = make_lit_lora(hf, tmp_path / "lora", query=True, key=True, value=True)
     merge_litgpt(lit, tmp_path / "out", lora=tmp_path / "lora")
     torch.testing.assert_close(hf_logits(tmp_path / "out"), unmerged_logits(hf, "llama", spec), atol=2e-5, rtol=0)
 
 
-def test_lora_tokenizer_wins(tmp_path, hf_dir):
-    hf = hf_dir("llama")
+def test_lora_tokenizer_wins(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("llama")
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama")
     make_lit_lora(hf, tmp_path / "lora")
     cfg = json.loads((hf / "tokenizer_config.json").read_text())
@@ -417,8 +391,8 @@ def cli(*args):
               name="Gemma-3-tiny"), "Gemma-3"),
     ],
 )
-def test_refuses_unsupported_family(tmp_path, hf_dir, changes, needle):
-    lit = hf_to_lit(hf_dir("llama"), tmp_path / "lit", family="llama", with_config=False)
+def test_refuses_unsupported_family(tmp_path, tiny_model_dir, changes, needle):
+    lit = hf_to_lit(tiny_model_dir("llama"), tmp_path / "lit", family="llama", with_config=False)
     cfg = yaml.safe_load((lit / "model_config.yaml").read_text())
     cfg.update(changes)
     (lit / "model_config.yaml").write_text(yaml.safe_dump(cfg))
@@ -427,15 +401,15 @@ def test_refuses_unsupported_family(tmp_path, hf_dir, changes, needle):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_refuses_mismatched_config_json(tmp_path, hf_dir):
-    lit = hf_to_lit(hf_dir("llama"), tmp_path / "lit", family="llama", with_config=False)
-    shutil.copy(hf_dir("llama", hidden=32) / "config.json", lit / "config.json")
+def test_refuses_mismatched_config_json(tmp_path, tiny_model_dir):
+    lit = hf_to_lit(tiny_model_dir("llama"), tmp_path / "lit", family="llama", with_config=False)
+    shutil.copy(tiny_model_dir("llama", hidden=32) / "config.json", lit / "config.json")
     with pytest.raises(InputError, match="hidden_size=32 but the Lit-GPT checkpoint has 64"):
         merge_litgpt(lit, tmp_path / "out")
 
 
-def test_refuses_adapter_v2_and_legacy_lora(tmp_path, hf_dir):
-    hf = hf_dir("llama")
+def test_refuses_adapter_v2_and_legacy_lora(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("llama")
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama")
     sd = torch.load(lit / "lit_model.pth", weights_only=True)
     torch.save({**sd, "transformer.h.0.attn.adapter_wte.weight": torch.zeros(2, 64)}, lit / "lit_model.pth")
@@ -449,8 +423,8 @@ def test_refuses_adapter_v2_and_legacy_lora(tmp_path, hf_dir):
     assert code == 2 and "legacy LoRA layout" in errs[0]
 
 
-def test_refuses_lora_disagreeing_with_hyperparameters(tmp_path, hf_dir):
-    hf = hf_dir("llama")
+def test_refuses_lora_disagreeing_with_hyperparameters(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("llama")
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama")
     make_lit_lora(hf, tmp_path / "lora", query=True, value=True)
     hp = yaml.safe_load((tmp_path / "lora" / "hyperparameters.yaml").read_text())
@@ -462,8 +436,8 @@ def test_refuses_lora_disagreeing_with_hyperparameters(tmp_path, hf_dir):
     assert code == 2 and "has no LoRA for transformer.h.0.mlp" in errs[0]
 
 
-def test_refuses_nan_lora_and_lora_for_another_size(tmp_path, hf_dir):
-    hf = hf_dir("llama")
+def test_refuses_nan_lora_and_lora_for_another_size(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("llama")
     lit = hf_to_lit(hf, tmp_path / "lit", family="llama")
     spec = make_lit_lora(hf, tmp_path / "lora")
     spec["lora"]["transformer.h.1.attn.qkv.lora_B"][3, 0] = float("inf")
@@ -471,6 +445,6 @@ def test_refuses_nan_lora_and_lora_for_another_size(tmp_path, hf_dir):
     code, errs = cli("merge", "litgpt", "--checkpoint", lit, "--lora", tmp_path / "lora", "--out", tmp_path / "out")
     assert code == 2 and "model.layers.1.self_attn.q_proj.weight" in errs[0] and "NaN/Inf" in errs[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-    make_lit_lora(hf_dir("llama", hidden=32), tmp_path / "lora32")
+    make_lit_lora(tiny_model_dir("llama", hidden=32), tmp_path / "lora32")
     with pytest.raises(InputError, match="hyperparameters.yaml does not match"):
         merge_litgpt(lit, tmp_path / "out", lora=tmp_path / "lora32")

@@ -21,35 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from quantize.errors import InputError
 from quantize.merge import merge_lora
-from quantize.testing.tiny import build_tiny_model
+
+from helpers import safetensors_in
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("one_thread")]
 
 IDS = torch.tensor([[0, 5, 17, 300, 1000, 42, 7, 999]])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """``base_dir(family, **config overrides)``: tiny fp32 HF models, cached per module."""
-    cache: dict = {}
-
-    def make(family="llama", dtype=torch.float32, **kw):
-        key = (family, dtype, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = build_tiny_model(family, tmp_path_factory.mktemp(family), dtype=dtype, **kw)
-        return cache[key]
-
-    return make
 
 
 def make_adapter(base: Path, out: Path, *, resize: int | None = None, seed: int = 0, safe: bool = True,
@@ -92,18 +71,11 @@ def load_merged(out: Path):
     return model.eval()
 
 
-def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
-    sd = {}
-    for f in sorted(out.glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
-
-
 def run_case(tmp_path, base, *, compare_peft_merge=True, atol=2e-5, **make_kw):
     p = make_adapter(base, tmp_path / "adapter", **make_kw)
     unmerged = logits(p)
     manifest = merge_lora(base, tmp_path / "adapter", tmp_path / "out")
-    ours = merged_tensors(tmp_path / "out")
+    ours = safetensors_in(tmp_path / "out")
     ref = p.merge_and_unload().state_dict()
     if compare_peft_merge:
         for name, t in ours.items():
@@ -124,21 +96,21 @@ def modified(manifest) -> dict[str, list[dict]]:
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_plain_lora(tmp_path, base_dir):
-    m, ours, _ = run_case(tmp_path, base_dir("llama"), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+def test_plain_lora(tmp_path, tiny_model_dir):
+    m, ours, _ = run_case(tmp_path, tiny_model_dir("llama"), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     mods = modified(m)
     assert sorted(mods) == sorted(f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj"))
     assert mods["model.layers.0.self_attn.q_proj.weight"] == [
         {"op": "lora", "module": "model.layers.0.self_attn.q_proj", "rank": 4, "alpha": 8.0, "scale": 2.0, "rslora": False}]
-    base = load_file(base_dir("llama") / "model.safetensors")
+    base = load_file(tiny_model_dir("llama") / "model.safetensors")
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(ours["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
     assert m.status == "complete" and m.stage == "merge"
 
 
-def test_rslora_with_rank_and_alpha_patterns(tmp_path, base_dir):
+def test_rslora_with_rank_and_alpha_patterns(tmp_path, tiny_model_dir):
     m, _, _ = run_case(
-        tmp_path, base_dir("llama"), r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR,
+        tmp_path, tiny_model_dir("llama"), r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR,
         rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"o_proj": 3},
     )
     mods = modified(m)
@@ -150,23 +122,23 @@ def test_rslora_with_rank_and_alpha_patterns(tmp_path, base_dir):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_dora(tmp_path, base_dir, rslora):
-    m, _, _ = run_case(tmp_path, base_dir("llama"), r=4, lora_alpha=8, use_dora=True, use_rslora=rslora,
+def test_dora(tmp_path, tiny_model_dir, rslora):
+    m, _, _ = run_case(tmp_path, tiny_model_dir("llama"), r=4, lora_alpha=8, use_dora=True, use_rslora=rslora,
                        target_modules=ALL_LINEAR)
     assert {op["op"] for ops in modified(m).values() for op in ops} == {"dora"}
 
 
-def test_regex_targets_and_layers_to_transform(tmp_path, base_dir):
-    m, _, _ = run_case(tmp_path, base_dir("llama"), r=2, lora_alpha=4, target_modules=r".*\.mlp\.(up|down)_proj")
+def test_regex_targets_and_layers_to_transform(tmp_path, tiny_model_dir):
+    m, _, _ = run_case(tmp_path, tiny_model_dir("llama"), r=2, lora_alpha=4, target_modules=r".*\.mlp\.(up|down)_proj")
     assert sorted(modified(m)) == sorted(f"model.layers.{i}.mlp.{p}.weight" for i in (0, 1) for p in ("up_proj", "down_proj"))
-    m, _, _ = run_case(tmp_path / "l", base_dir("llama", num_layers=3), r=2, lora_alpha=4,
+    m, _, _ = run_case(tmp_path / "l", tiny_model_dir("llama", num_layers=3), r=2, lora_alpha=4,
                        target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2])
     assert sorted(modified(m)) == sorted(
         f"model.layers.{i}.{p}.weight" for i in (0, 2) for p in ("self_attn.q_proj", "mlp.down_proj"))
 
 
-def test_embedding_and_head_lora_untied(tmp_path, base_dir):
-    m, ours, _ = run_case(tmp_path, base_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8,
+def test_embedding_and_head_lora_untied(tmp_path, tiny_model_dir):
+    m, ours, _ = run_case(tmp_path, tiny_model_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8,
                           target_modules=["embed_tokens", "lm_head", "q_proj"])
     mods = modified(m)
     # PEFT also saves the (unchanged) embedding as base_layer: replace, then add the LoRA delta
@@ -174,14 +146,14 @@ def test_embedding_and_head_lora_untied(tmp_path, base_dir):
     assert [op["op"] for op in mods["lm_head.weight"]] == ["replace", "lora"]
 
 
-def test_embedding_dora(tmp_path, base_dir):
-    m, _, _ = run_case(tmp_path, base_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8, use_dora=True,
+def test_embedding_dora(tmp_path, tiny_model_dir):
+    m, _, _ = run_case(tmp_path, tiny_model_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8, use_dora=True,
                        target_modules=["embed_tokens", "v_proj"])
     assert modified(m)["model.embed_tokens.weight"][-1]["op"] == "embedding_dora"
 
 
-def test_modules_to_save_on_tied_model_unties(tmp_path, base_dir):
-    base = base_dir("llama", tie_word_embeddings=True)
+def test_modules_to_save_on_tied_model_unties(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("llama", tie_word_embeddings=True)
     m, ours, ref = run_case(tmp_path, base, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
     assert "lm_head.weight" not in load_file(base / "model.safetensors")
     assert not torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
@@ -190,10 +162,10 @@ def test_modules_to_save_on_tied_model_unties(tmp_path, base_dir):
     assert m.metrics["tied_embeddings"]["tied"] is False
 
 
-def test_embedding_lora_on_tied_model_keeps_head(tmp_path, base_dir):
+def test_embedding_lora_on_tied_model_keeps_head(tmp_path, tiny_model_dir):
     """PEFT's merge adds the delta to the *shared* matrix (the head changes too); the unmerged model
     uses the LoRA embedding for input only, so the faithful merge unties and keeps the head."""
-    base = base_dir("gemma")  # Gemma ties by default
+    base = tiny_model_dir("gemma")  # Gemma ties by default
     base_sd = load_file(base / "model.safetensors")
     m, ours, _ = run_case(tmp_path, base, compare_peft_merge=False, r=4, lora_alpha=8,
                           target_modules=["embed_tokens", "q_proj"])
@@ -204,8 +176,8 @@ def test_embedding_lora_on_tied_model_keeps_head(tmp_path, base_dir):
         "reason": "model.embed_tokens.weight differs from its tied twin; wrote both and set tie_word_embeddings=false"}
 
 
-def test_tied_model_untouched_embeddings_stay_tied(tmp_path, base_dir):
-    m, ours, _ = run_case(tmp_path, base_dir("gemma"), r=4, lora_alpha=8, target_modules=["q_proj"])
+def test_tied_model_untouched_embeddings_stay_tied(tmp_path, tiny_model_dir):
+    m, ours, _ = run_case(tmp_path, tiny_model_dir("gemma"), r=4, lora_alpha=8, target_modules=["q_proj"])
     assert "lm_head.weight" not in ours
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
     assert m.metrics["tied_embeddings"]["tied"] is True
@@ -222,15 +194,15 @@ def test_tied_model_untouched_embeddings_stay_tied(tmp_path, base_dir):
     ],
     ids=["head-lora", "embed-saved", "trainable-tokens", "tied-modules-to-save", "tied-lora"],
 )
-def test_tied_embedding_cases_match_unmerged(tmp_path, base_dir, lora, tied_after):
-    m, ours, _ = run_case(tmp_path, base_dir("gemma"), compare_peft_merge=False, r=4, lora_alpha=8, **lora)
+def test_tied_embedding_cases_match_unmerged(tmp_path, tiny_model_dir, lora, tied_after):
+    m, ours, _ = run_case(tmp_path, tiny_model_dir("gemma"), compare_peft_merge=False, r=4, lora_alpha=8, **lora)
     assert m.metrics["tied_embeddings"]["tied"] is tied_after
     assert ("lm_head.weight" in ours) is (not tied_after)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is tied_after
 
 
-def test_resized_vocabulary(tmp_path, base_dir):
-    base = base_dir("llama", tie_word_embeddings=False)
+def test_resized_vocabulary(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("llama", tie_word_embeddings=False)
     m, ours, _ = run_case(tmp_path, base, resize=1040, r=4, lora_alpha=8, target_modules=["q_proj"],
                           modules_to_save=["embed_tokens", "lm_head"])
     assert ours["model.embed_tokens.weight"].shape[0] == 1040 and ours["lm_head.weight"].shape[0] == 1040
@@ -243,8 +215,8 @@ def test_resized_vocabulary(tmp_path, base_dir):
     torch.testing.assert_close(logits(load_merged(tmp_path / "out2"), ids), logits(p, ids), atol=2e-5, rtol=0)
 
 
-def test_lora_bias_and_trained_biases(tmp_path, base_dir):
-    base = base_dir("qwen2")  # q/k/v carry biases
+def test_lora_bias_and_trained_biases(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("qwen2")  # q/k/v carry biases
     m, _, _ = run_case(tmp_path, base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True)
     assert modified(m)["model.layers.0.self_attn.q_proj.bias"] == [
         {"op": "lora_bias", "module": "model.layers.0.self_attn.q_proj", "scale": 2.0}]
@@ -254,39 +226,39 @@ def test_lora_bias_and_trained_biases(tmp_path, base_dir):
     assert mods["model.layers.0.self_attn.q_proj.bias"][0]["op"] == "replace"  # saved as base_layer.bias
 
 
-def test_trainable_tokens(tmp_path, base_dir):
-    m, ours, _ = run_case(tmp_path, base_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8,
+def test_trainable_tokens(tmp_path, tiny_model_dir):
+    m, ours, _ = run_case(tmp_path, tiny_model_dir("llama", tie_word_embeddings=False), r=4, lora_alpha=8,
                           target_modules=["q_proj"], trainable_token_indices=[3, 10, 500])
     assert modified(m)["model.embed_tokens.weight"] == [{"op": "trainable_tokens", "rows": 3}]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
-def test_every_family_all_linear(tmp_path, base_dir, family):
+def test_every_family_all_linear(tmp_path, tiny_model_dir, family):
     from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
-    m, _, _ = run_case(tmp_path, base_dir(family), r=4, lora_alpha=8, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)
+    m, _, _ = run_case(tmp_path, tiny_model_dir(family), r=4, lora_alpha=8, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)
     assert len(modified(m)) == 2 * (4 if family == "phi3" else 7)
 
 
-def test_bin_adapter(tmp_path, base_dir):
-    p = make_adapter(base_dir("llama"), tmp_path / "adapter", safe=False, r=4, lora_alpha=8, target_modules=["v_proj"])
+def test_bin_adapter(tmp_path, tiny_model_dir):
+    p = make_adapter(tiny_model_dir("llama"), tmp_path / "adapter", safe=False, r=4, lora_alpha=8, target_modules=["v_proj"])
     assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
-    merge_lora(base_dir("llama"), tmp_path / "adapter", tmp_path / "out")
-    ours, ref = merged_tensors(tmp_path / "out"), p.merge_and_unload().state_dict()
+    merge_lora(tiny_model_dir("llama"), tmp_path / "adapter", tmp_path / "out")
+    ours, ref = safetensors_in(tmp_path / "out"), p.merge_and_unload().state_dict()
     assert all(torch.equal(t, ref[n]) for n, t in ours.items())
 
 
-def test_bf16_within_one_rounding(tmp_path, base_dir):
+def test_bf16_within_one_rounding(tmp_path, tiny_model_dir):
     """bf16 base: every merged tensor is the single rounding of PEFT's fp32 merge; PEFT's own bf16
     merge differs only where it rounds the delta first (embeddings), by at most that rounding."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = base_dir("llama", dtype=torch.bfloat16, tie_word_embeddings=False)
+    base = tiny_model_dir("llama", dtype=torch.bfloat16, tie_word_embeddings=False)
     p = make_adapter(base, tmp_path / "adapter", dtype=torch.bfloat16, r=4, lora_alpha=8,
                      target_modules=["embed_tokens", "q_proj", "down_proj"])
     merge_lora(base, tmp_path / "adapter", tmp_path / "out")
-    ours = merged_tensors(tmp_path / "out")
+    ours = safetensors_in(tmp_path / "out")
     ref_bf16 = p.merge_and_unload().state_dict()
     ref_fp32 = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter").merge_and_unload().state_dict()
@@ -303,11 +275,11 @@ def test_bf16_within_one_rounding(tmp_path, base_dir):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_dtype_option_and_manifest(tmp_path, base_dir):
-    base = base_dir("llama")
+def test_dtype_option_and_manifest(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("llama")
     make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     m = merge_lora(base, tmp_path / "adapter", tmp_path / "out", dtype="bf16")
-    ours = merged_tensors(tmp_path / "out")
+    ours = safetensors_in(tmp_path / "out")
     assert {t.dtype for t in ours.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert [i.role for i in m.inputs] == ["model", "adapter"]
@@ -318,10 +290,10 @@ def test_dtype_option_and_manifest(tmp_path, base_dir):
     load_merged(tmp_path / "out")
 
 
-def test_sharded_output(tmp_path, base_dir):
+def test_sharded_output(tmp_path, tiny_model_dir):
     from quantize.merge.peft_adapter import merge_lora as merge_lora_impl
 
-    base = base_dir("llama")
+    base = tiny_model_dir("llama")
     make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     merge_lora_impl(base, tmp_path / "adapter", tmp_path / "out", max_shard_bytes=200_000)
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
@@ -329,8 +301,8 @@ def test_sharded_output(tmp_path, base_dir):
     load_merged(tmp_path / "out")
 
 
-def test_adapter_tokenizer_is_copied(tmp_path, base_dir):
-    base = base_dir("llama")
+def test_adapter_tokenizer_is_copied(tmp_path, tiny_model_dir):
+    base = tiny_model_dir("llama")
     make_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
     cfg = json.loads((base / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{{ messages }}"
@@ -404,9 +376,9 @@ def assert_refused(tmp_path, base, adapter, *needles, out_name="out"):
 
 
 @pytest.fixture(scope="module")
-def good_adapter(tmp_path_factory, base_dir):
+def good_adapter(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("good") / "adapter"
-    make_adapter(base_dir("llama"), d, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_adapter(tiny_model_dir("llama"), d, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     return d
 
 
@@ -423,86 +395,86 @@ def edited_adapter(src: Path, dst: Path, *, config=None, tensors=None) -> Path:
     return dst
 
 
-def test_refuses_adapter_for_another_model_size(tmp_path, base_dir, good_adapter):
-    line = assert_refused(tmp_path, base_dir("llama", hidden=32), good_adapter, "different model size")
+def test_refuses_adapter_for_another_model_size(tmp_path, tiny_model_dir, good_adapter):
+    line = assert_refused(tmp_path, tiny_model_dir("llama", hidden=32), good_adapter, "different model size")
     assert "q_proj" in line
 
 
-def test_refuses_missing_target(tmp_path, base_dir):
-    make_adapter(base_dir("llama", num_layers=3), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
-    assert_refused(tmp_path, base_dir("llama"), tmp_path / "a", "model.layers.2.self_attn.q_proj.weight",
+def test_refuses_missing_target(tmp_path, tiny_model_dir):
+    make_adapter(tiny_model_dir("llama", num_layers=3), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    assert_refused(tmp_path, tiny_model_dir("llama"), tmp_path / "a", "model.layers.2.self_attn.q_proj.weight",
                    "does not exist in the base")
 
 
 @pytest.mark.parametrize("peft_type", ["LOHA", "LOKR", "IA3", "ADALORA"])
-def test_refuses_unsupported_peft_type(tmp_path, base_dir, good_adapter, peft_type):
+def test_refuses_unsupported_peft_type(tmp_path, tiny_model_dir, good_adapter, peft_type):
     a = edited_adapter(good_adapter, tmp_path / "a", config=lambda c: c.update(peft_type=peft_type))
-    assert_refused(tmp_path, base_dir("llama"), a, "adapter_config.json", f"peft_type='{peft_type}'")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "adapter_config.json", f"peft_type='{peft_type}'")
 
 
-def test_refuses_residual_init_and_variants(tmp_path, base_dir, good_adapter):
+def test_refuses_residual_init_and_variants(tmp_path, tiny_model_dir, good_adapter):
     a = edited_adapter(good_adapter, tmp_path / "a", config=lambda c: c.update(init_lora_weights="pissa"))
-    assert_refused(tmp_path, base_dir("llama"), a, "init_lora_weights='pissa'", out_name="o1")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "init_lora_weights='pissa'", out_name="o1")
     b = edited_adapter(good_adapter, tmp_path / "b", config=lambda c: c.update(layer_replication=[[0, 2], [1, 2]]))
-    assert_refused(tmp_path, base_dir("llama"), b, "layer_replication", out_name="o2")
+    assert_refused(tmp_path, tiny_model_dir("llama"), b, "layer_replication", out_name="o2")
 
 
-def test_refuses_target_matched_by_nothing(tmp_path, base_dir, good_adapter):
+def test_refuses_target_matched_by_nothing(tmp_path, tiny_model_dir, good_adapter):
     a = edited_adapter(good_adapter, tmp_path / "a", config=lambda c: c.update(target_modules=["c_attn"]))
-    assert_refused(tmp_path, base_dir("llama"), a, "does not target")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "does not target")
     b = edited_adapter(good_adapter, tmp_path / "b", config=lambda c: c.update(target_modules=["q_proj", "v_proj", "k_proj"]))
-    assert_refused(tmp_path, base_dir("llama"), b, "k_proj", "no LoRA tensors", out_name="o2")
+    assert_refused(tmp_path, tiny_model_dir("llama"), b, "k_proj", "no LoRA tensors", out_name="o2")
 
 
-def test_refuses_rank_disagreeing_with_config(tmp_path, base_dir, good_adapter):
+def test_refuses_rank_disagreeing_with_config(tmp_path, tiny_model_dir, good_adapter):
     a = edited_adapter(good_adapter, tmp_path / "a", config=lambda c: c.update(r=8))
-    assert_refused(tmp_path, base_dir("llama"), a, "rank 4", "r=8")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "rank 4", "r=8")
 
 
-def test_refuses_nan_after_merge(tmp_path, base_dir, good_adapter):
+def test_refuses_nan_after_merge(tmp_path, tiny_model_dir, good_adapter):
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     a = edited_adapter(good_adapter, tmp_path / "a", tensors=lambda sd: sd[key].__setitem__((0, 0), float("nan")))
-    assert_refused(tmp_path, base_dir("llama"), a, "model.layers.1.self_attn.v_proj.weight", "NaN/Inf")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "model.layers.1.self_attn.v_proj.weight", "NaN/Inf")
 
 
-def test_refuses_fp16_overflow(tmp_path, base_dir, good_adapter):
+def test_refuses_fp16_overflow(tmp_path, tiny_model_dir, good_adapter):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     a = edited_adapter(good_adapter, tmp_path / "a", tensors=lambda sd: sd[key].mul_(1e6))
     out = tmp_path / "out"
-    code, err = cli("merge", "lora", "--base", base_dir("llama"), "--adapter", a, "--out", out, "--dtype", "fp16")
+    code, err = cli("merge", "lora", "--base", tiny_model_dir("llama"), "--adapter", a, "--out", out, "--dtype", "fp16")
     assert code == 2 and "overflow" in err and "q_proj" in err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_refuses_zero3_empty_tensors(tmp_path, base_dir, good_adapter):
+def test_refuses_zero3_empty_tensors(tmp_path, tiny_model_dir, good_adapter):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     a = edited_adapter(good_adapter, tmp_path / "a", tensors=lambda sd: sd.__setitem__(key, torch.empty(0)))
-    assert_refused(tmp_path, base_dir("llama"), a, "ZeRO-3")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "ZeRO-3")
 
 
-def test_refuses_existing_output_without_overwrite(tmp_path, base_dir, good_adapter):
+def test_refuses_existing_output_without_overwrite(tmp_path, tiny_model_dir, good_adapter):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    code, err = cli("merge", "lora", "--base", base_dir("llama"), "--adapter", good_adapter, "--out", out)
+    code, err = cli("merge", "lora", "--base", tiny_model_dir("llama"), "--adapter", good_adapter, "--out", out)
     assert code == 2 and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "x"
-    code, _ = cli("merge", "lora", "--base", base_dir("llama"), "--adapter", good_adapter, "--out", out, "--overwrite")
+    code, _ = cli("merge", "lora", "--base", tiny_model_dir("llama"), "--adapter", good_adapter, "--out", out, "--overwrite")
     assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_refuses_added_tokens_without_embeddings(tmp_path, base_dir, good_adapter):
+def test_refuses_added_tokens_without_embeddings(tmp_path, tiny_model_dir, good_adapter):
     def grow(src: Path, dst: Path):
         tok = json.loads(src.read_text())
         tok["added_tokens"].append({**tok["added_tokens"][0], "id": 1100, "content": "<new>"})
         dst.write_text(json.dumps(tok))
 
     a = edited_adapter(good_adapter, tmp_path / "a")
-    grow(base_dir("llama") / "tokenizer.json", a / "tokenizer.json")
-    assert_refused(tmp_path, base_dir("llama"), a, "tokenizer.json", "embeddings were not saved")
+    grow(tiny_model_dir("llama") / "tokenizer.json", a / "tokenizer.json")
+    assert_refused(tmp_path, tiny_model_dir("llama"), a, "tokenizer.json", "embeddings were not saved")
 
 
-def test_library_refusals_are_input_errors(tmp_path, base_dir, good_adapter):
+def test_library_refusals_are_input_errors(tmp_path, tiny_model_dir, good_adapter):
     with pytest.raises(InputError, match="no adapter_config.json"):
-        merge_lora(base_dir("llama"), tmp_path, tmp_path / "out")
+        merge_lora(tiny_model_dir("llama"), tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
