@@ -167,14 +167,18 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> None:
-    """A Markdown table (readable as text, pastes into a README)."""
-    cells = [[fmt(c, digits) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda cs: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cs, widths))) + " |"
-    print(line(headers))
+    """A Markdown table (readable as text, pastes into a README); numbers right-aligned, text left."""
+    cells = [[fmt(v, digits) for v in row] for row in rows]
+    numeric = [[v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(cs: Sequence[str], right: Sequence[bool]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cs, widths, right)) + " |"
+
+    print(line(headers, [False] * len(headers)))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells:
-        print(line(r))
+    for r, num in zip(cells, numeric):
+        print(line(r, num))
     sys.stdout.flush()
 
 

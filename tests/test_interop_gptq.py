@@ -20,7 +20,6 @@ logits cannot match exactly. We require
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
