@@ -23,6 +23,7 @@ from .. import manifest as mf
 from ..arch import get_arch
 from ..errors import GateFailed, InputError
 from ..executor.loop import ExecConfig, LayerStreamer
+from ..executor.memory import flat_heap
 from ..io.atomic import StagedOutput
 from ..io.quantized import open_model
 
@@ -43,6 +44,7 @@ class EvalResult:
 
 def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     """Stream ``windows`` [W, L] through every layer; yields fp32 logits per batch."""
+    flat_heap()
     reader = open_model(model_dir)
     arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
     s = LayerStreamer(Path(model_dir), reader, arch, cfg)

@@ -35,6 +35,7 @@ from ..io.reader import CheckpointReader
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
+from .memory import flat_heap
 from .resume import ResumePoint
 
 _ST_META = {"format": "pt"}
@@ -95,6 +96,7 @@ def run_quantize_stage(
 ) -> mf.Manifest:
     # A leftover OUT.partial from a killed run with the same fingerprint is resumed automatically;
     # ``resume=True`` only makes a missing or mismatched one worth a warning.
+    flat_heap()  # keep peak RSS flat in depth (see executor/memory.py)
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
     if hasattr(method, "preflight"):

@@ -17,9 +17,18 @@ from .grid import QuantSpec
 from .rtn import rtn_quantize
 
 
-def _rel_error(W: torch.Tensor, loss: float, H: torch.Tensor) -> float:
+# Reporting, not solving: relative errors are estimated on at most this many evenly spaced output
+# rows (all rows for small layers), so a 70B-shaped down_proj costs O(512 K^2), not O(N K^2).
+REPORT_ROWS = 512
+
+
+def relative_errors(W: torch.Tensor, H: torch.Tensor, **W_hats: torch.Tensor) -> dict[str, float]:
+    """``tr(dW H dW^T) / tr(W H W^T)`` for each candidate, on the same row subset."""
+    if W.shape[0] > REPORT_ROWS:
+        rows = torch.linspace(0, W.shape[0] - 1, REPORT_ROWS).round().long()
+        W, W_hats = W[rows], {k: v[rows] for k, v in W_hats.items()}
     ref = weighted_error(W, torch.zeros_like(W), H)
-    return float(loss / ref) if ref > 0 else 0.0
+    return {k: float(weighted_error(W, v, H) / ref) if ref > 0 else 0.0 for k, v in W_hats.items()}
 
 
 def check_group_sizes(arch, config, spec: QuantSpec) -> None:
@@ -60,8 +69,8 @@ class GPTQMethod:
                 results[name] = r
                 m["damp_used"][name] = float(r.damp_used)
                 m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
-                m["rel_error"][name] = _rel_error(W, weighted_error(W, r.W_hat, H), H)
-                m["rtn_rel_error"][name] = _rel_error(W, weighted_error(W, rtn_quantize(W, self.spec).W_hat, H), H)
+                errs = relative_errors(W, H, gptq=r.W_hat, rtn=rtn_quantize(W, self.spec).W_hat)
+                m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
             del H, prepared, acc
         return LayerResult(results, m)
 
@@ -88,7 +97,7 @@ class RTNMethod:
                 r = rtn_quantize(W, self.spec)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
-                m["rel_error"][name] = _rel_error(W, weighted_error(W, r.W_hat, H), H)
+                m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
         return LayerResult(results, m)
 
 
