@@ -40,12 +40,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from ..arch import Arch, ScalePair
 from ..errors import InputError, RuntimeFault
 from ..executor.context import LayerContext, LayerResult
+from .grid import Settings, check_group_size
 from .hessian import HessianAccumulator
 from ..formats.awq import awq_spec
 from . import awq as A
@@ -55,10 +56,8 @@ from . import awq as A
 _NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 
 
-class AWQParams(BaseModel):
+class AWQParams(Settings):
     """Search settings of AWQ. Immutable; unknown fields are rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     group_size: int = Field(128, description="input columns per scale/zero group; -1 = one group per row")
     scale_search: bool = Field(True, description="search and fold per-channel scales (off: RTN + clip)")
@@ -69,22 +68,7 @@ class AWQParams(BaseModel):
     clip_grid: int = Field(A.CLIP_GRID, ge=1)
     max_shrink: float = Field(A.CLIP_MAX_SHRINK, ge=0.0, lt=1.0, description="clip range down to (1 − max_shrink)")
 
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
-        return v
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], source: str = "AWQ settings") -> "AWQParams":
-        """Validate ``data``; a bad field raises InputError naming ``source`` and the field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise InputError(f"{source}: invalid {where}: {err['msg']}") from None
+    _check_group_size = field_validator("group_size")(classmethod(lambda cls, v: check_group_size(v)))
 
 
 def _batch_dim_slice(obj: Any, B: int, n: int) -> Any:

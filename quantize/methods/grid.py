@@ -39,7 +39,27 @@ _MSE_MAX_SHRINK = 0.8
 _MSE_NORM = 2.4
 
 
-class QuantSpec(BaseModel):
+def check_group_size(v: int) -> int:
+    if v != -1 and v < 1:
+        raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+    return v
+
+
+class Settings(BaseModel):
+    """Base of the methods' settings: immutable, unknown fields rejected, ``parse`` -> InputError."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: str = "quantization settings"):
+        """Validate ``data``; a bad field raises InputError naming ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise invalid(source, "setting", e) from None
+
+
+class QuantSpec(Settings):
     """What to quantize to and how GPTQ should search. Immutable; unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,20 +74,7 @@ class QuantSpec(BaseModel):
     mse: bool = Field(False, description="search a clipped range minimising |w - w_hat|^2.4")
     v1_safe_zeros: bool = Field(True, description="asym: never emit zero-point 0 (unstorable in v1 'gptq')")
 
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
-        return v
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], source: str = "quantization spec") -> QuantSpec:
-        """Validate ``data``; a bad field raises InputError naming ``source`` and the field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise invalid(source, "setting", e) from None
+    _check_group_size = field_validator("group_size")(classmethod(lambda cls, v: check_group_size(v)))
 
     @property
     def maxq(self) -> int:

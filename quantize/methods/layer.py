@@ -38,14 +38,18 @@ def check_group_sizes(arch, config, spec: QuantSpec) -> None:
         spec.group_width(K, name=f"{arch.layer_prefix(0)}{name}")
 
 
-class GPTQMethod:
-    name = "gptq"
+class _GridMethod:
+    """A plug-in quantizing every layer linear on a ``QuantSpec`` grid."""
 
     def __init__(self, spec: QuantSpec):
         self.spec = spec
 
     def preflight(self, arch, config) -> None:
         check_group_sizes(arch, config, self.spec)
+
+
+class GPTQMethod(_GridMethod):
+    name = "gptq"
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
@@ -75,17 +79,11 @@ class GPTQMethod:
         return LayerResult(results, m)
 
 
-class RTNMethod:
+class RTNMethod(_GridMethod):
     """Round-to-nearest on the same grid and format: the baseline. Needs no calibration data,
     but uses it to report the Hessian-weighted error beside GPTQ's."""
 
     name = "rtn"
-
-    def __init__(self, spec: QuantSpec):
-        self.spec = spec
-
-    def preflight(self, arch, config) -> None:
-        check_group_sizes(arch, config, self.spec)
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
