@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .common import exec_options, make_exec_config, out_option, stage_options
+from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
 def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bits: int = 4, group_size: int = 128,
@@ -55,8 +55,7 @@ def _ratio(layers: list[dict]) -> float:
 @click.option("--grid", "n_grid", default=20, show_default=True, type=click.IntRange(min=1), help="Grid points of the scale search.")
 @click.option("--search-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Calibration tokens (whole sequences) the scale search re-runs sub-blocks on; statistics use all tokens.")
-@click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (also automatic for an identical command).")
+@quantize_output_options
 @out_option()
 @exec_options
 @stage_options

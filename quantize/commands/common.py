@@ -64,3 +64,11 @@ def make_exec_config(device: str, batch_size: int, offload_activations: bool, co
     if name is None:
         name = "float32" if dev == "cpu" else "bfloat16"
     return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations)
+
+
+def quantize_output_options(f):
+    """--max-shard-size and --resume, shared by the quantization commands."""
+    f = click.option("--resume", is_flag=True,
+                     help="Continue a killed run from OUT.partial (also automatic for an identical command).")(f)
+    f = click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")(f)
+    return f

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import exec_options, make_exec_config, out_option, stage_options
+from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 BPW_RANGE = (2.0, 8.0)
 DEFAULT_MEASUREMENT_ROWS = 16  # exllamav2 measures on 16 rows by default (-mr)
@@ -149,8 +149,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
               help="Calibration rows used by the measurement pass (the first N).")
 @click.option("--norm", default="1", show_default=True,
               help="Optimizer objective: minimise the sum of error^NORM over slots; 'auto': exllamav2's exponent sweep.")
-@click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (also automatic for an identical command).")
+@quantize_output_options
 @out_option()
 @exec_options
 @stage_options

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import exec_options, make_exec_config, out_option, stage_options
+from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
 def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, group_size: int, act_order: bool,
@@ -51,8 +51,7 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
 @click.option("--rtn", is_flag=True, help="Round-to-nearest baseline on the same grid and format (no GPTQ updates).")
 @click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
               help="Zero-point convention of the written qzeros.")
-@click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from OUT.partial (also automatic for an identical command).")
+@quantize_output_options
 @out_option()
 @exec_options
 @stage_options
