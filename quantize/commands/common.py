@@ -47,13 +47,18 @@ def exec_options(f):
                      help="Calibration sequences per forward pass.")(f)
     f = click.option("--offload-activations", is_flag=True,
                      help="Keep activations in host RAM between layers (saves device memory).")(f)
+    f = click.option("--lockstep/--no-lockstep", default=None,
+                     help="One forward per layer with every batch paused at each group of linears (fast; holds "
+                          "all batches' activations at once) or one forward per group (lean). Default: lock-step "
+                          "when those activations fit in a quarter of the free memory. Outputs are identical.")(f)
     f = click.option("--dtype", "compute_dtype", default="auto", show_default=True,
                      type=click.Choice(sorted(_DTYPES)),
                      help="Compute dtype of the layer forward; auto: float32 on CPU, the model's dtype on CUDA.")(f)
     return f
 
 
-def make_exec_config(device: str, batch_size: int, offload_activations: bool, compute_dtype: str):
+def make_exec_config(device: str, batch_size: int, offload_activations: bool, compute_dtype: str,
+                     lockstep: bool | None = None):
     import torch
 
     from ..device import resolve_device
@@ -63,7 +68,8 @@ def make_exec_config(device: str, batch_size: int, offload_activations: bool, co
     name = _DTYPES[compute_dtype]
     if name is None:
         name = "float32" if dev == "cpu" else "bfloat16"
-    return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations)
+    return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations,
+                      lockstep=lockstep)
 
 
 def quantize_output_options(f):

@@ -42,6 +42,7 @@ class LayerContext:
         self.config = streamer.config
         self.device = streamer.cfg.device
         self.forward_passes = 0
+        self.propagated = False  # the layer's outputs were already stored as the next layer's inputs
 
     @property
     def prefix(self) -> str:
@@ -74,6 +75,36 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
+
+    def sequential(self, names: list[str], collect: Callable[[str, torch.Tensor], None],
+                   solve: Callable[[str], None]) -> None:
+        """True-sequential statistics and solving over the modules ``names`` (execution order).
+
+        For each name: ``collect(name, x)`` sees every batch's input to it ([tokens, in_features]),
+        then ``solve(name)`` runs -- and may replace weights -- before any batch goes past it, so
+        later modules see the outputs of the ones already solved. With the streamer's lock-step
+        mode this is ONE forward per batch, and the layer's outputs are propagated on the way
+        (``propagated``); otherwise one stopped pass per name. The results are identical.
+        """
+        names = sorted(names, key=self._execution_rank)
+        if not self.streamer.lockstep_fits():
+            for name in names:
+                self.observe([name], collect)
+                solve(name)
+            return
+        handles = []
+        for name in names:
+            def hook(_mod, args, _name=name):
+                x = args[0]
+                collect(_name, x.reshape(-1, x.shape[-1]))
+            handles.append(self.module(name).register_forward_pre_hook(hook))
+        try:
+            self.streamer.run_layer_lockstep(self.index, [self.module(n) for n in names], lambda k: solve(names[k]))
+        finally:
+            for h in handles:
+                h.remove()
+        self.forward_passes += 1
+        self.propagated = True
 
     @contextmanager
     def recording_calls(self, name: str, max_tokens: int | None = None) -> Iterator[list[tuple[tuple, dict[str, Any]]]]:

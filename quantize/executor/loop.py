@@ -14,6 +14,7 @@ Algorithms never move tensors between devices; this module does.
 from __future__ import annotations
 
 import gc
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +28,10 @@ from . import skeleton
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass early once the needed activations were seen."""
+
+
+class _Abort(BaseException):
+    """Ends a paused lock-step forward when the run is abandoned (an error elsewhere)."""
 
 
 class _Recorder(nn.Module):
@@ -51,6 +56,24 @@ class ExecConfig:
     dtype: torch.dtype = torch.float32  # compute dtype of the layer forward
     batch_size: int = 8
     offload_activations: bool = False  # keep hidden states in host RAM between layers
+    # one lock-step forward per layer (every batch's activations at a pause point resident at once)
+    # instead of one forward per sequential group; None: when they fit in ``lockstep_budget``
+    lockstep: bool | None = None
+    lockstep_budget: int | None = None  # bytes; None: a quarter of the device's free memory
+
+
+def free_memory(device: str) -> int:
+    """Bytes free on ``device``: CUDA's free memory, or the host's MemAvailable (0 if unknown)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 @dataclass
@@ -80,6 +103,7 @@ class LayerStreamer:
         self.layers: nn.ModuleList = skeleton.get_submodule(self.model, arch.layers_path)
         self.num_layers = len(self.layers)
         self.batches: list[Batch] = []
+        self._lockstep: bool | None = None  # decided on first use (lockstep_fits)
 
     # -- capture ---------------------------------------------------------------------------------
     def capture(self, input_ids: torch.Tensor) -> None:
@@ -182,16 +206,122 @@ class LayerStreamer:
                 except _StopForward:
                     continue
                 if propagate:
-                    out = out[0] if isinstance(out, tuple) else out
-                    if not torch.isfinite(out).all():
-                        raise RuntimeFault(
-                            f"layer {i}: non-finite activations after quantization; "
-                            f"try a larger --damp or another --bits/--group-size"
-                        )
-                    b.hidden = self._park(out)
+                    self._store_output(i, b, out)
         finally:
             if handle is not None:
                 handle.remove()
+
+    def _store_output(self, i: int, b: Batch, out) -> None:
+        out = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(out).all():
+            raise RuntimeFault(
+                f"layer {i}: non-finite activations after quantization; "
+                f"try a larger --damp or another --bits/--group-size"
+            )
+        b.hidden = self._park(out)
+
+    def lockstep_bytes(self) -> int:
+        """Activations every batch holds at once while paused in lock-step: about tokens x
+        (2 hidden + intermediate) values (the residual, and the widest input: the MLP's)."""
+        hidden = int(self.config.hidden_size)
+        inter = int(getattr(self.config, "intermediate_size", None) or 4 * hidden)
+        tokens = sum(b.hidden.shape[:-1].numel() for b in self.batches)
+        return tokens * (2 * hidden + inter) * torch.empty((), dtype=self.cfg.dtype).element_size()
+
+    def lockstep_fits(self) -> bool:
+        """Whether layers run in lock-step: ``cfg.lockstep``, or (None) whether ``lockstep_bytes``
+        fit in ``cfg.lockstep_budget`` (default a quarter of the free memory, decided once)."""
+        if self._lockstep is None:
+            self._lockstep = self.cfg.lockstep
+            if self._lockstep is None:
+                budget = self.cfg.lockstep_budget
+                if budget is None:
+                    budget = free_memory(self.cfg.device) // 4
+                self._lockstep = self.lockstep_bytes() <= budget
+        return self._lockstep
+
+    def run_layer_lockstep(self, i: int, stops: list[nn.Module], on_stop: Callable[[int], None]) -> None:
+        """One forward of every batch through layer ``i``, the batches in lock-step; propagates.
+
+        Each batch's forward runs in a worker thread and pauses at the input of ``stops[0]``,
+        ``stops[1]``, ... (execution order). Once every batch is paused at ``stops[k]`` (hooks
+        registered on it before this call have seen each batch's input, in batch order),
+        ``on_stop(k)`` runs in the calling thread -- it may replace the weights of ``stops[k]`` and
+        later modules -- and the forwards go on. Exactly one thread computes at any time and each
+        batch runs the same operations as in ``run_layer``, so the statistics and outputs are
+        bit-identical to ``len(stops)`` stopped passes plus a propagating one, for one forward's
+        cost. Memory: the activations alive at a pause point are resident for all batches at once.
+        """
+        layer, device, n, last = self.layers[i], self.cfg.device, len(self.batches), len(stops)
+        go = [threading.Semaphore(0) for _ in range(n)]
+        done = [threading.Semaphore(0) for _ in range(n)]
+        where = [-1] * n  # the stop each worker is paused at; ``last`` once its forward ended
+        outputs: list[Any] = [None] * n
+        errors: list[BaseException | None] = [None] * n
+        local = threading.local()
+        abort = False
+
+        def pause(k: int) -> None:
+            b = local.batch
+            where[b] = k
+            done[b].release()
+            go[b].acquire()
+            if abort:
+                raise _Abort
+
+        def work(b: int) -> None:
+            local.batch = b
+            go[b].acquire()
+            try:
+                if abort:
+                    raise _Abort
+                if device.startswith("cuda"):
+                    torch.cuda.set_device(torch.device(device))
+                batch = self.batches[b]
+                args, kwargs = _replace_hidden(batch.args[i], batch.kwargs[i], batch.hidden.to(device))
+                with torch.no_grad():  # grad mode is per thread
+                    outputs[b] = layer(*args, **kwargs)
+            except _Abort:
+                pass
+            except BaseException as e:  # re-raised in the calling thread
+                errors[b] = e
+            finally:
+                where[b] = last
+                done[b].release()
+
+        def step(b: int, k: int) -> None:
+            go[b].release()
+            done[b].acquire()
+            if errors[b] is not None:
+                raise errors[b]
+            if where[b] != k:
+                raise RuntimeFault(f"layer {i}: the forward of batch {b} did not pass the {k + 1}-th paused module "
+                                   f"once, in order (a module skipped or called twice); run with --no-lockstep")
+
+        handles = [m.register_forward_pre_hook(lambda _m, _a, k=k: pause(k)) for k, m in enumerate(stops)]
+        threads = [threading.Thread(target=work, args=(b,), name=f"layer{i}-batch{b}", daemon=True) for b in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            for k in range(last):
+                for b in range(n):
+                    step(b, k)
+                on_stop(k)
+            for b in range(n):
+                step(b, last)
+        except BaseException:
+            abort = True
+            for b in range(n):
+                if where[b] != last:
+                    go[b].release()
+            for t in threads:
+                t.join()
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        for b, out in zip(self.batches, outputs):
+            self._store_output(i, b, out)
 
     # -- head (eval) -----------------------------------------------------------------------------
     def head_logits(self) -> Iterator[torch.Tensor]:

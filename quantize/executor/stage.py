@@ -139,11 +139,13 @@ def run_quantize_stage(
             layer = streamer.load_layer(i)
             ctx = LayerContext(streamer, i, layer)
             res = method.process_layer(ctx)
-            streamer.run_layer(i, propagate=True)
+            if not ctx.propagated:
+                streamer.run_layer(i, propagate=True)
+                ctx.forward_passes += 1
             tensors = _layer_tensors(reader, arch, i, layer_names.get(i, []), res.results, fmt, res.tensors)
             save_file(tensors, str(parts / f"layer-{i:05d}.safetensors"), metadata=_ST_META)
             streamer.release_layer(i)
-            m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes + 1, **res.metrics}
+            m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes, **res.metrics}
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
             point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)

@@ -167,12 +167,14 @@ class Exl2QuantMethod:
         plan = self.plan[ctx.index]
         results: dict[str, Exl2Result] = {}
         m: dict[str, Any] = {"rel_error": {}, "damp_used": {}, "healed": {}, "options": {}}
-        bits = weights = 0
-        for group in ctx.arch.group_names():
-            acc = ctx.hessian(group[0])
-            H = _hessian(acc, ctx.module(group[0]).in_features, ctx, group[0])
-            prepared = prepare_exl2_hessian(H, self.damp, name=f"{ctx.prefix}{group[0]} Hessian")
-            for name in group:
+        totals = {"bits": 0, "weights": 0}
+        groups = {g[0]: g for g in ctx.arch.group_names()}
+        accs = {first: HessianAccumulator() for first in groups}
+
+        def solve(first: str) -> None:
+            H = _hessian(accs.pop(first), ctx.module(first).in_features, ctx, first)
+            prepared = prepare_exl2_hessian(H, self.damp, name=f"{ctx.prefix}{first} Hessian")
+            for name in groups[first]:
                 W = ctx.weight(name)
                 r = exl2_quantize(W, plan[name], prepared=prepared, name=ctx.prefix + name)
                 if not torch.isfinite(r.W_hat).all():
@@ -184,11 +186,12 @@ class Exl2QuantMethod:
                 m["damp_used"][name] = r.damp_used
                 m["healed"][name] = bool(r.damp_used > self.damp * (1 + 1e-9))
                 m["options"][name] = plan[name].desc
-                bits += r.storage_bits()
-                weights += W.numel()
-            del H, prepared, acc
-        m["storage_bits"] = bits
-        m["quantized_weights"] = weights
+                totals["bits"] += r.storage_bits()
+                totals["weights"] += W.numel()
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
+        m["storage_bits"] = totals["bits"]
+        m["quantized_weights"] = totals["weights"]
         return LayerResult(results, m)
 
     def process_head(self, streamer: LayerStreamer) -> LayerResult:

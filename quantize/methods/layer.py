@@ -14,6 +14,7 @@ import torch
 from ..executor.context import LayerContext, LayerResult
 from .gptq import gptq_quantize, prepare_hessian_inverse, weighted_error
 from .grid import QuantSpec
+from .hessian import HessianAccumulator
 from .rtn import rtn_quantize
 
 
@@ -54,15 +55,18 @@ class GPTQMethod(_GridMethod):
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"damp_used": {}, "healed": {}, "rel_error": {}, "rtn_rel_error": {}}
-        for group in ctx.arch.group_names():
-            acc = ctx.hessian(group[0])
+        groups = {g[0]: g for g in ctx.arch.group_names()}
+        accs = {first: HessianAccumulator() for first in groups}
+
+        def solve(first: str) -> None:
+            acc = accs.pop(first)
             H = acc.H
-            if not torch.isfinite(H).all():
-                raise_nonfinite(ctx, group[0])
+            if H is None or not torch.isfinite(H).all():
+                raise_nonfinite(ctx, first)
             # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
             unseen = acc.n == 0 or not bool((torch.diagonal(H) > 0).any())
             prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
-            for name in group:
+            for name in groups[first]:
                 W = ctx.weight(name)
                 full = ctx.prefix + name
                 r = (rtn_quantize(W, self.spec, name=full) if unseen
@@ -75,7 +79,8 @@ class GPTQMethod(_GridMethod):
                 m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
                 errs = relative_errors(W, H, gptq=r.W_hat, rtn=rtn_quantize(W, self.spec).W_hat)
                 m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
-            del H, prepared, acc
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
         return LayerResult(results, m)
 
 
@@ -88,14 +93,19 @@ class RTNMethod(_GridMethod):
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"rel_error": {}}
-        for group in ctx.arch.group_names():
-            H = ctx.hessian(group[0]).H
-            for name in group:
+        groups = {g[0]: g for g in ctx.arch.group_names()}
+        accs = {first: HessianAccumulator() for first in groups}
+
+        def solve(first: str) -> None:
+            H = accs.pop(first).H
+            for name in groups[first]:
                 W = ctx.weight(name)
                 r = rtn_quantize(W, self.spec)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
                 m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
         return LayerResult(results, m)
 
 
