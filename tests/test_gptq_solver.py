@@ -8,6 +8,7 @@ import torch
 from quantize.errors import InputError, RuntimeFault
 from quantize.methods.gptq import gptq_quantize, prepare_hessian_inverse, weighted_error
 from quantize.methods.grid import QuantSpec, dequantize_grouped, find_params, find_params_float, quantize_codes
+from quantize.methods import hessian
 from quantize.methods.hessian import HessianAccumulator, accumulate_hessian
 from quantize.methods.rtn import rtn_quantize
 
@@ -375,6 +376,21 @@ def test_accumulate_hessian_is_running_mean():
     assert same is H and m == n
 
 
+@pytest.mark.parametrize("panel,K", [(8, 21), (8, 16), (8, 8), (8, 5), (hessian.PANEL, hessian.PANEL + 3)])
+def test_accumulate_hessian_panels_cover_the_whole_matrix(panel, K, monkeypatch):
+    """Upper-triangle panels + mirroring: the full running mean, exactly symmetric, for K below,
+    at, and across panel boundaries (uninitialised memory in the first H must never leak in)."""
+    monkeypatch.setattr(hessian, "PANEL", panel)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(9, K, generator=g) for _ in range(3)]
+    H, n = None, 0
+    for x in batches:
+        H, n = accumulate_hessian(x, H, n)
+    X = torch.cat(batches)
+    torch.testing.assert_close(H, 2.0 / n * X.T @ X, rtol=1e-5, atol=1e-5)
+    assert torch.equal(H, H.T)
+
+
 def test_hessian_accumulator_hook():
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 4)
@@ -389,3 +405,41 @@ def test_hessian_accumulator_hook():
     torch.testing.assert_close(acc.H, 2.0 / 36 * X.T @ X, rtol=1e-5, atol=1e-5)
     acc.reset()
     assert acc.H is None and acc.n == 0
+
+
+# ---- the prepared inverse ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 64])
+def test_upper_cholesky_of_inverse_is_the_cholesky_factor_of_the_inverse(K):
+    from quantize.methods.gptq import upper_cholesky_of_inverse
+
+    g = torch.Generator().manual_seed(K)
+    X = torch.randn(3 * K + 2, K, generator=g, dtype=torch.float64)
+    H64 = X.T @ X / X.shape[0] + 0.05 * torch.eye(K, dtype=torch.float64)
+    U = upper_cholesky_of_inverse(H64.float())
+    ref = torch.linalg.cholesky(torch.linalg.inv(H64), upper=True)  # the textbook route, in fp64
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    torch.testing.assert_close(U.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(U.double().T @ U.double(), torch.linalg.inv(H64), rtol=1e-4, atol=1e-5)
+    assert torch.equal(upper_cholesky_of_inverse(H64.float().flip(0, 1), reversed_input=True), U)
+
+
+def test_upper_cholesky_of_inverse_refuses_an_indefinite_matrix():
+    from quantize.methods.gptq import upper_cholesky_of_inverse
+
+    assert upper_cholesky_of_inverse(torch.tensor([[1.0, 2.0], [2.0, 1.0]])) is None
+    assert upper_cholesky_of_inverse(torch.zeros(3, 3)) is None
+
+
+def test_prepared_inverse_follows_the_act_order_permutation():
+    g = torch.Generator().manual_seed(3)
+    K = 24
+    X = torch.randn(80, K, generator=g) * torch.linspace(0.2, 3.0, K)
+    H = 2.0 / 80 * X.T @ X
+    spec = QuantSpec(bits=4, group_size=8, act_order=True, damp=0.01)
+    p = prepare_hessian_inverse(H, spec)
+    Hp = H[p.perm][:, p.perm].double()
+    Hp += 0.01 * H.diagonal().mean().double() * torch.eye(K, dtype=torch.float64)
+    torch.testing.assert_close(p.hinv_chol.double(), torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True),
+                               rtol=1e-4, atol=1e-5)

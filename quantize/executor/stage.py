@@ -35,7 +35,7 @@ from ..io.reader import CheckpointReader
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
-from .memory import flat_heap
+from .memory import flat_heap, frozen_gc
 from .resume import ResumePoint
 
 _ST_META = {"format": "pt"}
@@ -112,7 +112,7 @@ def run_quantize_stage(
               stage=stage, layers=n_layers)
     t_start = time.time()
 
-    with staged as staging:
+    with staged as staging, frozen_gc():
         parts, rdir = staging / "parts", staging / "resume"
         point = ResumePoint(rdir, run_id)
         loaded = point.load()

@@ -34,6 +34,7 @@ from ..errors import RuntimeFault
 from ..executor.context import LayerContext, LayerResult
 from ..executor.resume import ResumePoint
 from ..executor.loop import ExecConfig, LayerStreamer
+from ..executor.memory import frozen_gc
 from .exl2 import (
     EXL2_DAMP,
     SLOT_OPTIONS,
@@ -241,16 +242,17 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
         log.info(f"resuming the measurement at layer {start}")
     method = Exl2MeasureMethod(damp)
     n = streamer.num_layers
-    for i in log.progress(range(start, n), total=n - start, desc="exl2 measure"):
-        t0 = time.time()
-        ctx = LayerContext(streamer, i, streamer.load_layer(i))
-        res = method.process_layer(ctx)
-        streamer.run_layer(i, propagate=True)  # reference weights: the next layer sees reference inputs
-        streamer.release_layer(i)
-        entries.update(res.metrics["measurement"])
-        log.event("measure_layer", f"measure layer {i}: {time.time() - t0:.2f}s ({ctx.forward_passes + 1} passes)",
-                  layer=i, seconds=round(time.time() - t0, 3))
-        point.save(i + 1, streamer.hidden_states(), measurement=entries)
+    with frozen_gc():
+        for i in log.progress(range(start, n), total=n - start, desc="exl2 measure"):
+            t0 = time.time()
+            ctx = LayerContext(streamer, i, streamer.load_layer(i))
+            res = method.process_layer(ctx)
+            streamer.run_layer(i, propagate=True)  # reference weights: the next layer sees reference inputs
+            streamer.release_layer(i)
+            entries.update(res.metrics["measurement"])
+            log.event("measure_layer", f"measure layer {i}: {time.time() - t0:.2f}s ({ctx.forward_passes + 1} passes)",
+                      layer=i, seconds=round(time.time() - t0, 3))
+            point.save(i + 1, streamer.hidden_states(), measurement=entries)
     if len(entries) != n * len(slot_linears(arch)):
         raise RuntimeFault(f"measurement covers {len(entries)} slots, expected {n * len(slot_linears(arch))}")
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -59,7 +59,7 @@ class PreparedHessian(NamedTuple):
 
 
 def prepare_hessian_inverse(H: Tensor, spec: QuantSpec, *, name: str = "hessian") -> PreparedHessian:
-    """Dead-column fix, act-order permutation, damping and the Cholesky factor of ``H⁻¹``.
+    """Dead-column fix, act-order permutation, damping and the upper Cholesky factor of ``H⁻¹``.
 
     ``H`` is not modified. Dead columns get ``H[k, k] = 1`` (their weights are zeroed by
     ``gptq_quantize``). Damping starts at ``spec.damp · mean(diag H)`` and grows 10× while the
@@ -76,29 +76,48 @@ def prepare_hessian_inverse(H: Tensor, spec: QuantSpec, *, name: str = "hessian"
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
-    perm = None
-    if spec.act_order:
-        perm = torch.argsort(diag, descending=True, stable=True)
-        H = H[perm.unsqueeze(1), perm]
+    perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
+    # H in REVERSED processing order (see upper_cholesky_of_inverse): one gather, no extra copy
+    rev = (perm if perm is not None else torch.arange(H.shape[0], device=H.device)).flip(0)
+    H = H[rev.unsqueeze(1), rev]
     unit = H.diagonal().abs().mean()
 
     damp, applied = spec.damp, 0.0
     while True:
         H.diagonal().add_((damp - applied) * unit)
         applied = damp
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return PreparedHessian(hinv_chol=U, perm=perm, damp_used=applied, dead=dead)
+        U = upper_cholesky_of_inverse(H, reversed_input=True)
+        if U is not None:
+            return PreparedHessian(hinv_chol=U, perm=perm, damp_used=applied, dead=dead)
         if damp * _DAMP_GROWTH > _DAMP_LIMIT * (1 + 1e-9):
             raise RuntimeFault(
                 f"{name}: Hessian is not positive definite even with damping {damp:g}·mean(diag); "
                 "the calibration statistics are broken (check the layer inputs)"
             )
         damp = round(damp * _DAMP_GROWTH, 12)
+
+
+def upper_cholesky_of_inverse(H: Tensor, *, reversed_input: bool = False) -> Tensor | None:
+    """The upper-triangular ``U`` with ``UᵀU = H⁻¹`` (fp32), or None if ``H`` is not positive definite.
+
+    One Cholesky factorization and one triangular solve, no explicit inverse: with ``J`` the
+    reversal permutation and ``J H J = M Mᵀ`` (``M`` lower),
+    ``H⁻¹ = J M⁻ᵀ M⁻¹ J = (J M⁻¹ J)ᵀ (J M⁻¹ J)`` and ``J M⁻¹ J`` is upper triangular with a positive
+    diagonal, hence THE Cholesky factor. (The textbook route -- Cholesky, ``cholesky_inverse``,
+    Cholesky again -- does twice the flops, and torch's CPU ``cholesky_inverse`` is far slower than
+    either step: 26 s vs 0.45 s for the Cholesky at K = 4096 on 2 cores.)
+    ``reversed_input``: ``H`` is already given as ``J H J`` (saves a copy).
+    """
+    M, info = torch.linalg.cholesky_ex(H if reversed_input else H.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(H.shape[0], dtype=M.dtype, device=M.device)
+    Minv = torch.linalg.solve_triangular(M, eye, upper=False)
+    del M, eye
+    U = Minv.flip(0, 1)
+    if not torch.isfinite(U).all() or not bool((U.diagonal() > 0).all()):
+        return None
+    return U
 
 
 def gptq_quantize(
