@@ -443,3 +443,28 @@ def test_prepared_inverse_follows_the_act_order_permutation():
     Hp += 0.01 * H.diagonal().mean().double() * torch.eye(K, dtype=torch.float64)
     torch.testing.assert_close(p.hinv_chol.double(), torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act_order,static", [(True, False), (False, False), (True, True)])
+def test_shared_solve_equals_solving_each_linear(act_order, static):
+    """q/k/v stacked into one solve give each linear what solving it alone gives (GPTQ's rows are
+    independent): codes and scales equal, losses split per linear."""
+    from quantize.methods.gptq import gptq_quantize_shared
+
+    g = torch.Generator().manual_seed(5)
+    K = 64
+    X = torch.randn(200, K, generator=g) * torch.linspace(0.3, 2.0, K)
+    H = 2.0 / 200 * X.T @ X
+    spec = QuantSpec(bits=3, group_size=16, act_order=act_order, static_groups=static, damp=0.01, block_size=32)
+    Ws = [torch.randn(n, K, generator=g) for n in (24, 8, 8)]
+    p = prepare_hessian_inverse(H, spec)
+    shared = gptq_quantize_shared(Ws, spec, p, names=["q", "k", "v"])
+    for W, r in zip(Ws, shared):
+        alone = gptq_quantize(W, None, spec, prepared=p)
+        assert r.codes.shape == W.shape and r.scales.shape == alone.scales.shape
+        # exact on this CPU (row-independent kernels); a BLAS that blocks differently may move last bits
+        assert torch.equal(r.codes, alone.codes) and torch.equal(r.scales, alone.scales)
+        assert torch.equal(r.W_hat, alone.W_hat)
+        assert r.loss == pytest.approx(alone.loss, rel=1e-5)
+        assert torch.equal(r.g_idx, alone.g_idx)
+    assert gptq_quantize_shared(Ws[:1], spec, p, names=["q"])[0].loss == gptq_quantize(Ws[0], None, spec, prepared=p).loss

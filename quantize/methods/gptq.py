@@ -139,6 +139,12 @@ def gptq_quantize(
     so ``g_idx[perm[p]] = p // g``; with ``static_groups`` the parameters of the contiguous original
     groups are fixed up front and ``g_idx = k // g``. Codes are returned in original column order.
     """
+    return _gptq_solve(W, H, spec, prepared, name)[0]
+
+
+def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: PreparedHessian | None,
+                name: str) -> tuple[QuantResult, Tensor]:
+    """``gptq_quantize``, plus the loss of every output row (fp32 [N])."""
     W32 = check_weight(W, name)
     N, K = W32.shape
     g = spec.group_width(K, name)
@@ -176,7 +182,7 @@ def gptq_quantize(
     # per-column reads/writes and rank-1 updates stream through memory.
     Wt = (W32[:, perm] if perm is not None else W32).T.contiguous()
     Qt = torch.empty_like(Wt)
-    loss = Wt.new_zeros(())
+    row_loss = Wt.new_zeros(N)
     B = spec.block_size
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
@@ -198,7 +204,7 @@ def gptq_quantize(
             err = (w - (q - z) * s) / U1[i, i]
             Err1[i] = err
             W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
-        loss += Err1.square().sum()
+        row_loss += Err1.square().sum(0)
         if i2 < K:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
 
@@ -213,10 +219,34 @@ def gptq_quantize(
         g_idx = (positions // g).to(torch.int32)
     zeros_i = zeros.to(torch.int32)
     W_hat = dequantize_grouped(codes, scales, zeros_i, g_idx)
-    return QuantResult(
+    result = QuantResult(
         codes=codes, scales=scales, zeros=zeros_i, g_idx=g_idx, perm=perm, W_hat=W_hat, spec=spec,
-        loss=loss.item(), damp_used=damp_used, dead_columns=int(dead.sum()),
+        loss=row_loss.sum().item(), damp_used=damp_used, dead_columns=int(dead.sum()),
     )
+    return result, row_loss
+
+
+def gptq_quantize_shared(Ws: list[Tensor], spec: QuantSpec, prepared: PreparedHessian, *,
+                         names: list[str]) -> list[QuantResult]:
+    """GPTQ for linears reading the same input (q/k/v, gate/up), as ONE solve of their weights
+    stacked by rows: GPTQ treats output rows independently (each row's error feedback and group
+    parameters involve that row only), so this equals solving each ``W`` alone up to float
+    summation order, with a third of the per-column Python work for q/k/v. Results in order."""
+    for W, name in zip(Ws, names):
+        check_weight(W, name)
+    if len(Ws) == 1:
+        return [gptq_quantize(Ws[0], None, spec, prepared=prepared, name=names[0])]
+    stacked, row_loss = _gptq_solve(torch.cat([W.float() for W in Ws]), None, spec, prepared, "+".join(names))
+    out, a = [], 0
+    for W in Ws:
+        b = a + W.shape[0]
+        out.append(QuantResult(  # copies: each result owns its tensors (checkpoints refuse shared storage)
+            codes=stacked.codes[a:b].clone(), scales=stacked.scales[:, a:b].clone(),
+            zeros=stacked.zeros[:, a:b].clone(), g_idx=stacked.g_idx.clone(),
+            perm=None if stacked.perm is None else stacked.perm.clone(), W_hat=stacked.W_hat[a:b].clone(), spec=spec,
+            loss=row_loss[a:b].sum().item(), damp_used=stacked.damp_used, dead_columns=stacked.dead_columns))
+        a = b
+    return out
 
 
 def weighted_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..executor.context import LayerContext, LayerResult
-from .gptq import gptq_quantize, prepare_hessian_inverse, weighted_error
+from .gptq import gptq_quantize_shared, prepare_hessian_inverse, weighted_error
 from .grid import QuantSpec
 from .hessian import HessianAccumulator
 from .rtn import rtn_quantize
@@ -66,11 +66,12 @@ class GPTQMethod(_GridMethod):
             # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
             unseen = acc.n == 0 or not bool((torch.diagonal(H) > 0).any())
             prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
-            for name in groups[first]:
-                W = ctx.weight(name)
-                full = ctx.prefix + name
-                r = (rtn_quantize(W, self.spec, name=full) if unseen
-                     else gptq_quantize(W, H, self.spec, prepared=prepared, name=full))
+            names = groups[first]
+            Ws = [ctx.weight(name) for name in names]
+            fulls = [ctx.prefix + name for name in names]
+            rs = ([rtn_quantize(W, self.spec, name=full) for W, full in zip(Ws, fulls)] if unseen
+                  else gptq_quantize_shared(Ws, self.spec, prepared, names=fulls))
+            for name, W, r in zip(names, Ws, rs):
                 if not torch.isfinite(r.W_hat).all():
                     raise_nonfinite(ctx, name)
                 ctx.set_weight(name, r.W_hat)
