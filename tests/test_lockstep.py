@@ -153,3 +153,48 @@ def test_auto_mode_follows_the_memory_budget(tiny_llama, calib_for):
         assert need == ids.numel() * (2 * s.config.hidden_size + s.config.intermediate_size) * 4
         decided[budget] = s.lockstep_fits()
     assert decided == {1: False, 1 << 40: True}
+
+
+# -- prefetch: the next layer's tensors are read while this one computes -------------------------
+
+
+def test_next_layer_is_prefetched_and_used(tiny_llama, calib_for, tmp_path):
+    reader = CheckpointReader(tiny_llama)
+    s = LayerStreamer(tiny_llama, reader, get_arch(reader.config), CPU)
+    s.load_layer(0)
+    pending = s._prefetched[1]
+    pending.thread.join()
+    assert sorted(pending.tensors) == sorted(n for n in reader.names() if n.startswith("model.layers.1."))
+    reads: list[str] = []
+    orig = reader.get
+    reader.get = lambda name, *a, **k: (reads.append(name), orig(name, *a, **k))[1]
+    try:
+        layer = s.load_layer(1)
+    finally:
+        reader.get = orig
+    assert not reads  # every tensor of layer 1 came from the prefetch
+    for local, p in layer.named_parameters():
+        assert torch.equal(p, orig("model.layers.1." + local).float())
+
+
+def test_prefetch_read_error_surfaces_in_the_layer_loop(tiny_llama):
+    reader = CheckpointReader(tiny_llama)
+    s = LayerStreamer(tiny_llama, reader, get_arch(reader.config), CPU)
+    orig = reader.get
+
+    def failing(name, *a, **k):
+        if name.startswith("model.layers.1."):
+            raise RuntimeFault(f"{name}: read failed")
+        return orig(name, *a, **k)
+
+    reader.get = failing
+    s.load_layer(0)
+    with pytest.raises(RuntimeFault, match="model.layers.1.*read failed"):
+        s.load_layer(1)
+
+
+def test_prefetch_off_gives_the_same_bytes(tiny_llama, calib_for, tmp_path):
+    cal = calib_for(tiny_llama)
+    run_gptq(tiny_llama, cal, tmp_path / "on", exec_cfg=CPU)
+    run_gptq(tiny_llama, cal, tmp_path / "off", exec_cfg=dataclasses.replace(CPU, prefetch=False))
+    assert_same_files(tmp_path / "on", tmp_path / "off", output_files(tmp_path / "on"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +33,40 @@ class _StopForward(Exception):
 
 class _Abort(BaseException):
     """Ends a paused lock-step forward when the run is abandoned (an error elsewhere)."""
+
+
+class _Prefetch:
+    """The tensors of one decoder layer, read by a background thread (positioned reads release the
+    GIL); quacks like the reader for ``skeleton.materialize``: ``get`` waits for the read, and a
+    read error surfaces there, in the layer loop."""
+
+    def __init__(self, reader, prefix: str, layer: nn.Module):
+        self.reader = reader
+        self.names = [prefix + local for local, _ in layer.named_parameters() if prefix + local in reader]
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"prefetch-{prefix}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for name in self.names:
+                self.tensors[name] = self.reader.get(name)
+        except BaseException as e:  # re-raised by get()
+            self.error = e
+
+    def get(self, name: str) -> torch.Tensor:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        t = self.tensors.pop(name, None)
+        return t if t is not None else self.reader.get(name)
+
+    def __getattr__(self, attr: str):  # path, shape, __contains__ helpers: the reader's
+        return getattr(self.reader, attr)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.reader
 
 
 class _Recorder(nn.Module):
@@ -60,6 +95,7 @@ class ExecConfig:
     # instead of one forward per sequential group; None: when they fit in ``lockstep_budget``
     lockstep: bool | None = None
     lockstep_budget: int | None = None  # bytes; None: a quarter of the device's free memory
+    prefetch: bool = True  # read the next layer's tensors while this one computes (one extra layer in RAM)
 
 
 def free_memory(device: str) -> int:
@@ -104,6 +140,8 @@ class LayerStreamer:
         self.num_layers = len(self.layers)
         self.batches: list[Batch] = []
         self._lockstep: bool | None = None  # decided on first use (lockstep_fits)
+        self._prefetched: dict[int, _Prefetch] = {}  # at most the next layer
+        self.load_wait = 0.0  # seconds spent in load_layer (waiting for weights)
 
     # -- capture ---------------------------------------------------------------------------------
     def capture(self, input_ids: torch.Tensor) -> None:
@@ -165,9 +203,18 @@ class LayerStreamer:
 
     # -- layers ----------------------------------------------------------------------------------
     def load_layer(self, i: int) -> nn.Module:
+        """Materialize layer ``i`` (from the prefetched bytes when ``load_layer(i - 1)`` started
+        them), then start reading layer ``i + 1`` in the background: shard I/O overlaps compute."""
         layer = self.layers[i]
         prefix = self.arch.layer_prefix(i)
-        skeleton.materialize(layer, prefix, self.reader, device=self.cfg.device, dtype=self.cfg.dtype)
+        source = self._prefetched.pop(i, None) or self.reader
+        t0 = time.perf_counter()
+        try:
+            skeleton.materialize(layer, prefix, source, device=self.cfg.device, dtype=self.cfg.dtype)
+        finally:
+            self.load_wait += time.perf_counter() - t0
+        if self.cfg.prefetch and i + 1 < self.num_layers and i + 1 not in self._prefetched:
+            self._prefetched = {i + 1: _Prefetch(self.reader, self.arch.layer_prefix(i + 1), self.layers[i + 1])}
         for local, p in layer.named_parameters():
             if not torch.isfinite(p).all():
                 raise InputError(f"{self.reader.path}: tensor {prefix + local!r} contains NaN/Inf; "

@@ -135,8 +135,9 @@ def run_quantize_stage(
             log.info(f"resuming at layer {start} of {n_layers}")
 
         for i in log.progress(range(start, n_layers), total=n_layers - start, desc=f"{stage} layers"):
-            t0 = time.time()
+            t0, waited = time.time(), streamer.load_wait
             layer = streamer.load_layer(i)
+            load_s = streamer.load_wait - waited
             ctx = LayerContext(streamer, i, layer)
             res = method.process_layer(ctx)
             if not ctx.propagated:
@@ -145,7 +146,8 @@ def run_quantize_stage(
             tensors = _layer_tensors(reader, arch, i, layer_names.get(i, []), res.results, fmt, res.tensors)
             save_file(tensors, str(parts / f"layer-{i:05d}.safetensors"), metadata=_ST_META)
             streamer.release_layer(i)
-            m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes, **res.metrics}
+            m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes,
+                 "load_seconds": round(load_s, 3), **res.metrics}
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
             point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)
