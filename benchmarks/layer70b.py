@@ -4,18 +4,20 @@ One random fp32 decoder layer of Llama-3-70B's shape (hidden 8192, intermediate 
 8 KV heads, head_dim 128: 0.86 B parameters, 3.4 GB) and a few calibration tokens (default 2 x 128).
 Timed with the pipeline's own pure functions, in the order the GPTQ layer method runs them:
 
-  forward   one full layer forward, and the executor's pattern per layer: one stopped forward per
-            sequential group to collect its input (q/k/v, o, gate/up, down) + one full forward
-            that propagates the quantized layer's outputs;
+  forward   one full layer forward: the executor's lock-step pattern (every batch paused at each
+            sequential group, one forward per layer; used when all batches' paused activations fit,
+            ~tokens x (2 hidden + intermediate) values), and its lean pattern: one stopped forward
+            per group (q/k/v, o, gate/up, down) + one full forward that propagates the outputs;
   hessian   ``accumulate_hessian`` of each group's input (2 T K^2 flops: linear in tokens);
-  prepare   ``prepare_hessian_inverse`` per group (damping, act-order, Cholesky, inverse, Cholesky);
-  solve     ``gptq_quantize`` per linear, 4-bit g128 act-order (independent of the token count);
-  metrics   what ``GPTQMethod`` adds per linear for its report: ``rtn_quantize`` and two
-            ``weighted_error`` (relative error of GPTQ and of RTN);
+  prepare   ``prepare_hessian_inverse`` per group (damping, act-order, one Cholesky + one triangular solve);
+  solve     ``gptq_quantize_shared`` per group (its linears stacked by rows), 4-bit g128 act-order
+            (independent of the token count);
+  metrics   what ``GPTQMethod`` adds per linear for its report: ``rtn_quantize`` and
+            ``relative_errors`` (GPTQ and RTN, on at most 512 rows);
   pack      ``GPTQFormat.pack`` (qweight/qzeros/scales/g_idx).
 
-down_proj has 28672 inputs: its K x K Hessian is 3.3 GB and its prepare (three O(K^3) LAPACK
-calls) alone takes ~15-20 minutes on one core. By default its prepare/solve/metrics/pack are
+down_proj has 28672 inputs: its K x K Hessian is 3.3 GB and its prepare (two O(K^3) LAPACK
+calls) takes minutes on this CPU. By default its prepare/solve/metrics/pack are
 measured on the leading ``--down-k`` (14336) input columns (and the matching Hessian block) and
 scaled by K^3 (prepare), K^2 (solve, metrics) and K (pack); every scaled number is marked. ``--full``
 measures it at full size (needs ~15 GB of RAM for the Hessian, its copy, factors and inverse).
@@ -129,7 +131,8 @@ def main() -> int:
     import torch
 
     from quantize.formats.gptq_checkpoint import GPTQFormat
-    from quantize.methods.gptq import gptq_quantize, prepare_hessian_inverse, weighted_error
+    from quantize.methods.gptq import gptq_quantize_shared, prepare_hessian_inverse
+    from quantize.methods.layer import relative_errors
     from quantize.methods.grid import QuantSpec
     from quantize.methods.hessian import accumulate_hessian
     from quantize.methods.rtn import rtn_quantize
@@ -151,7 +154,8 @@ def main() -> int:
           flush=True)
 
     full_fwd, pattern_fwd, inputs = forward_times(layer, rotary, seqs, seq_len, args.reps)
-    print(f"forward: full {full_fwd:.2f}s, executor pattern (4 stopped + 1 full) {pattern_fwd:.2f}s", flush=True)
+    print(f"forward: full (lock-step pattern) {full_fwd:.2f}s, lean pattern (4 stopped + 1 full) {pattern_fwd:.2f}s",
+          flush=True)
 
     weights = {n: layer.get_submodule(n).weight.detach() for g in GROUPS for n in g}
     del layer
@@ -177,29 +181,29 @@ def main() -> int:
         s = t.seconds * scale_k**3
         totals["prepare"] += s
         rows.append((f"prepare  {'/'.join(n.split('.')[-1] for n in group):9} K={K}", s, _mark(scale_k, 3, down_k)))
-        for name in group:
-            W = weights.pop(name)
-            W = W[:, :down_k].contiguous() if scale_k > 1 else W
-            short = name.split(".")[-1]
-            with c.Timer() as t:
-                r = gptq_quantize(W, None, spec, prepared=prepared)
-            s = t.seconds * scale_k**2
-            totals["solve"] += s
-            rows.append((f"solve    {short:9} {W.shape[0]}x{K}", s, _mark(scale_k, 2, down_k)))
-            with c.Timer() as t:
-                weighted_error(W, r.W_hat, H)
-                weighted_error(W, rtn_quantize(W, spec).W_hat, H)
-            s = t.seconds * scale_k**2
-            totals["metrics"] += s
-            rows.append((f"metrics  {short:9}", s, _mark(scale_k, 2, down_k)))
-            with c.Timer() as t:
+        Ws = [weights.pop(name) for name in group]
+        Ws = [W[:, :down_k].contiguous() for W in Ws] if scale_k > 1 else Ws
+        short = "/".join(n.split(".")[-1] for n in group)
+        with c.Timer() as t:  # one row-stacked solve per group, as GPTQMethod runs it
+            rs = gptq_quantize_shared(Ws, spec, prepared, names=list(group))
+        s = t.seconds * scale_k**2
+        totals["solve"] += s
+        rows.append((f"solve    {short:9} {sum(W.shape[0] for W in Ws)}x{K}", s, _mark(scale_k, 2, down_k)))
+        note = f" ({rows[-1][2]})" if rows[-1][2] else ""
+        print(f"  {short}: solve {rows[-1][1]:.1f}s{note}", flush=True)
+        with c.Timer() as t:
+            for W, r in zip(Ws, rs):
+                relative_errors(W, H, gptq=r.W_hat, rtn=rtn_quantize(W, spec).W_hat)
+        s = t.seconds * scale_k**2
+        totals["metrics"] += s
+        rows.append((f"metrics  {short:9}", s, _mark(scale_k, 2, down_k)))
+        with c.Timer() as t:
+            for r in rs:
                 fmt.pack(r)
-            s = t.seconds * scale_k
-            totals["pack"] += s
-            rows.append((f"pack     {short:9}", s, _mark(scale_k, 1, down_k)))
-            note = f" ({rows[-3][2]})" if rows[-3][2] else ""
-            print(f"  {short}: solve {rows[-3][1]:.1f}s{note}", flush=True)
-            del W, r
+        s = t.seconds * scale_k
+        totals["pack"] += s
+        rows.append((f"pack     {short:9}", s, _mark(scale_k, 1, down_k)))
+        del Ws, rs
         del H, prepared
         gc.collect()
 
@@ -209,8 +213,9 @@ def main() -> int:
     # -- projection -------------------------------------------------------------------------------
     target_tokens = TARGET_SEQS * TARGET_LEN
     f = target_tokens / tokens
+    lock_gb = target_tokens * (2 * HIDDEN + INTER) * 2 / 1e9  # bf16 paused activations, all batches
     per_layer = {
-        "forward (executor pattern)": pattern_fwd * f,
+        "forward (lock-step: 1 full)": full_fwd * f,
         "hessian": totals["hessian"] * f,
         "prepare": totals["prepare"],
         "solve": totals["solve"],
@@ -221,11 +226,15 @@ def main() -> int:
     print()
     print(f"Projection to {LAYERS} layers at {TARGET_SEQS} x {TARGET_LEN} = {target_tokens} calibration tokens "
           f"(token factor f = {target_tokens}/{tokens} = {f:.0f}):")
-    print(f"  per layer = (forward_pattern + hessian) * f + prepare + solve + metrics + pack")
-    print(f"            = ({pattern_fwd:.2f} + {totals['hessian']:.2f}) * {f:.0f} + {totals['prepare']:.1f} + "
+    print(f"  per layer = (forward + hessian) * f + prepare + solve + metrics + pack")
+    print(f"            = ({full_fwd:.2f} + {totals['hessian']:.2f}) * {f:.0f} + {totals['prepare']:.1f} + "
           f"{totals['solve']:.1f} + {totals['metrics']:.1f} + {totals['pack']:.1f} = {layer_s:.0f} s")
+    lean_s = layer_s + (pattern_fwd - full_fwd) * f
     c.print_table(["per layer", "seconds", f"x {LAYERS} layers (h)"],
-                  [[k, v, v * LAYERS / 3600] for k, v in per_layer.items()] + [["total", layer_s, layer_s * LAYERS / 3600]])
+                  [[k, v, v * LAYERS / 3600] for k, v in per_layer.items()] + [["total", layer_s, layer_s * LAYERS / 3600]]
+                  + [["total, lean pattern (4 stopped + 1 full)", lean_s, lean_s * LAYERS / 3600]])
+    print(f"  lock-step holds ~{lock_gb:.1f} GB of bf16 activations at once (tokens x (2 hidden + intermediate)): "
+          f"auto-selected where that is under a quarter of the free memory (an H200: yes; this 24 GB host: no)")
     share_meas, share_target = attention_flop_share(seq_len), attention_flop_share(TARGET_LEN)
     under = (1 - share_meas) / (1 - share_target) - 1  # per-token forward cost ratio, target / measured, - 1
     print(f"  caveats: attention is {100 * share_meas:.2f}% of forward flops at length {seq_len} and "
