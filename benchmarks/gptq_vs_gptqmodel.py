@@ -40,8 +40,9 @@ def child_ours(model: Path, cal: Path, out: Path) -> dict:
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(str(model))
+    cpu0 = time.process_time()
     _, seconds = c.quantize(model, cal, out, **SETTINGS)
-    return {"seconds": seconds}
+    return {"seconds": seconds, "cpu_s": time.process_time() - cpu0}
 
 
 def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int) -> dict:
@@ -56,7 +57,7 @@ def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int) -> dict:
     qcfg = GPTQConfig(bits=SETTINGS["bits"], group_size=SETTINGS["group_size"], desc_act=SETTINGS["act_order"],
                       sym=SETTINGS["sym"], damp_percent=SETTINGS["damp"], static_groups=False, true_sequential=True,
                       act_group_aware=False, mse=0.0, offload_to_disk=False)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
     t1 = time.perf_counter()
     m.quantize(data, batch_size=batch_size)
@@ -65,7 +66,7 @@ def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int) -> dict:
     t3 = time.perf_counter()
     import gptqmodel
 
-    return {"seconds": t3 - t0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
+    return {"seconds": t3 - t0, "cpu_s": time.process_time() - cpu0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
             "version": gptqmodel.__version__}
 
 
@@ -97,6 +98,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each tool, alternating; the fastest is kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: auto, see common.set_threads)")
     ap.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "CAL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,13 +135,22 @@ def main() -> int:
               f"batch {args.batch_size}; eval: first {args.windows} windows of {Path(eval_data).name}")
         cal = c.calibrate(model, cal_data, args.samples, args.seq_len, tmp / "cal")
 
-        runs = {}
-        for tool in ("ours", "gptqmodel"):
-            out = tmp / tool
-            cmd = [sys.executable, __file__, "--threads", str(n_threads), "--batch-size", str(args.batch_size),
-                   "--child", tool, str(model), str(cal), str(out)]
-            runs[tool] = c.run_json_child(cmd, env={"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")})
-            print(f"  {tool}: {runs[tool]['seconds']:.1f}s, peak RSS {runs[tool]['peak_mb']:.0f} MB", flush=True)
+        # Alternate the tools (ours, theirs, ours, ...) and keep each one's fastest run: on a shared
+        # machine a burst of outside load then hits both sides alike. CPU seconds (all threads) are
+        # reported too: they move far less with outside load than wall time.
+        runs: dict[str, dict] = {}
+        for rep in range(args.repeat):
+            for tool in ("ours", "gptqmodel"):
+                out = tmp / tool
+                cmd = [sys.executable, __file__, "--threads", str(n_threads), "--batch-size", str(args.batch_size),
+                       "--child", tool, str(model), str(cal), str(out)]
+                r = c.run_json_child(cmd, env={"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")})
+                print(f"  run {rep + 1}/{args.repeat} {tool}: {r['seconds']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
+                      f"peak RSS {r['peak_mb']:.0f} MB", flush=True)
+                best = runs.get(tool)
+                runs[tool] = r if best is None else {**r, "seconds": min(best["seconds"], r["seconds"]),
+                                                     "cpu_s": min(best["cpu_s"], r["cpu_s"]),
+                                                     "peak_mb": max(best["peak_mb"], r["peak_mb"])}
 
         windows = c.eval_windows(model, eval_data, args.seq_len, args.windows)
         fp = c.FpReference(model, windows)
@@ -147,15 +158,17 @@ def main() -> int:
         agreement = weight_agreement(model, tmp / "ours", tmp / "gptqmodel")
 
     print()
-    rows = [["fp", None, None, fp.fp.perplexity, 0.0, 1.0]]
+    rows = [["fp", None, None, None, fp.fp.perplexity, 0.0, 1.0]]
     for tool, r in runs.items():
         q = quality[tool]
         label = "ours" if tool == "ours" else f"GPTQModel {r.get('version', '')}"
-        rows.append([label, r["seconds"], r["peak_mb"], q.perplexity, q.kl, q.top1])
-    c.print_table(["quantizer", "wall s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
+        rows.append([label, r["seconds"], r["cpu_s"], r["peak_mb"], q.perplexity, q.kl, q.top1])
+    c.print_table(["quantizer", "wall s", "CPU s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
     g = runs["gptqmodel"]
     print(f"GPTQModel split: load {g['load_s']:.1f}s, quantize {g['quantize_s']:.1f}s, save {g['save_s']:.1f}s")
-    print(f"wall time ours / GPTQModel: {runs['ours']['seconds'] / g['seconds']:.2f} (2 shared cores: noisy)")
+    print(f"ours / GPTQModel (best of {args.repeat} each): wall time {runs['ours']['seconds'] / g['seconds']:.2f}, "
+          f"CPU time {runs['ours']['cpu_s'] / g['cpu_s']:.2f}; speed-up {g['seconds'] / runs['ours']['seconds']:.2f}x "
+          f"(goal >= 2x)")
     print(f"KL ours / GPTQModel: {quality['ours'].kl / quality['gptqmodel'].kl:.3f}")
     print(f"dequantized weights over {agreement['linears']} linears, relative Frobenius distance: "
           f"ours vs GPTQModel {agreement['ours_vs_gptqmodel']:.4f}; to the original: ours {agreement['ours_vs_fp']:.4f}, "
