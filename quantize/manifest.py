@@ -119,10 +119,12 @@ def list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def hash_files(root: Path, rel_paths: list[str] | None = None) -> list[FileRecord]:
+def hash_files(root: Path, rel_paths: list[str] | None = None, known: dict[str, str] | None = None) -> list[FileRecord]:
+    """Records of ``rel_paths`` (default: every file); ``known`` digests (computed while writing) are not recomputed."""
     rel_paths = list_files(root) if rel_paths is None else sorted(rel_paths)
+    known = known or {}
     return [
-        FileRecord(path=r, sha256=sha256_file(root / r), bytes=(root / r).stat().st_size)
+        FileRecord(path=r, sha256=known.get(r) or sha256_file(root / r), bytes=(root / r).stat().st_size)
         for r in rel_paths
     ]
 
@@ -246,12 +248,13 @@ def new_manifest(
     )
 
 
-def complete(directory: Path, m: Manifest, metrics: dict[str, Any] | None = None) -> Manifest:
-    """Hash every file in ``directory`` and write the manifest with status complete."""
+def complete(directory: Path, m: Manifest, metrics: dict[str, Any] | None = None,
+             known_sha256: dict[str, str] | None = None) -> Manifest:
+    """Hash every file in ``directory`` (but those in ``known_sha256``) and write the manifest with status complete."""
     done = m.model_copy(
         update={
             "status": "complete",
-            "outputs": hash_files(Path(directory)),
+            "outputs": hash_files(Path(directory), known=known_sha256),
             "metrics": {**m.metrics, **(metrics or {})},
         }
     )

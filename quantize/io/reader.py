@@ -327,13 +327,28 @@ class CheckpointReader:
 
     # ------------------------------------------------------------------ tensor reads
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Load ONE tensor (a fresh, contiguous tensor the caller owns), optionally cast and moved."""
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Load ONE tensor (a fresh, contiguous tensor the caller owns), optionally cast and moved.
+
+        ``out``: a contiguous CPU ``uint8`` buffer of at least :meth:`nbytes` (its start aligned to
+        the item size) to read into instead of a fresh allocation; the result is then a view of it
+        (before any cast or move). Reusing one buffer across tensors saves the page faults of
+        fresh memory, which cost about as much as the read itself.
+        """
         info = self.info(name)
+        if out is not None:
+            _check_buffer(out, info)
         if info.file.endswith(".safetensors"):
-            t = self._pread(info, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+            t = self._pread(info, info.start, info.nbytes, out).view(info.dtype).reshape(info.shape)
         else:
-            t = self._torch_tensor(info)
+            t = self._torch_tensor(info, out=out)
         return _finish(t, dtype, device)
 
     def get_rows(
@@ -361,8 +376,8 @@ class CheckpointReader:
             fd = self._fds[rel] = os.open(self.directory / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return fd
 
-    def _pread(self, info: TensorInfo, offset: int, n: int) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
+    def _pread(self, info: TensorInfo, offset: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
         if n == 0:
             return buf
         view = memoryview(buf.numpy())
@@ -378,7 +393,7 @@ class CheckpointReader:
             done += got
         return buf
 
-    def _torch_tensor(self, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+    def _torch_tensor(self, info: TensorInfo, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._torch_cache is None or self._torch_cache[0] != info.file:
             self._torch_cache = None  # drop the previous shard (and its mapping) first
             self._torch_cache = (info.file, load_torch_file(self.directory / info.file))
@@ -386,7 +401,8 @@ class CheckpointReader:
         if rows is not None:
             t = t[rows]
         # Copy out of the mmapped storage so the caller never pins the shard's mapping.
-        return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        dst = torch.empty(t.shape, dtype=t.dtype) if out is None else out[: info.nbytes].view(t.dtype).view(t.shape)
+        return dst.copy_(t)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -419,6 +435,22 @@ def _pread_into(fd: int, chunk: memoryview, offset: int) -> int:
     data = os.pread(fd, len(chunk), offset)
     chunk[: len(data)] = data
     return len(data)
+
+
+def _check_buffer(out: torch.Tensor, info: TensorInfo) -> None:
+    ok = (
+        out.dtype == torch.uint8
+        and out.device.type == "cpu"
+        and out.dim() == 1
+        and out.is_contiguous()
+        and out.numel() >= info.nbytes
+        and out.data_ptr() % max(info.dtype.itemsize, 1) == 0
+    )
+    if not ok:
+        raise ValueError(
+            f"{info.name}: out must be a contiguous 1-d CPU uint8 buffer of at least {info.nbytes} bytes, aligned to "
+            f"{info.dtype.itemsize}; got {out.dtype} {tuple(out.shape)} at {out.data_ptr() % 64} mod 64"
+        )
 
 
 def _finish(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:

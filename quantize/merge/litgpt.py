@@ -39,6 +39,7 @@ from ..io.torchfile import load_torch_file
 from ..io.writer import AUX_FILES, DEFAULT_MAX_SHARD_BYTES
 from .output import parse_dtype, patch_config, refuse_quantized, write_output
 from .stream import (
+    Arena,
     FusedQkvLora,
     Job,
     LinearLora,
@@ -280,7 +281,7 @@ class QkvJob:
     legacy_perm: torch.Tensor | None = None
     updates: list[Update] = field(default_factory=list)
 
-    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+    def run(self, reader: CheckpointReader, arena: Arena | None = None) -> Iterator[Produced]:
         W = reader.get(self.source)
         if self.legacy_perm is not None:
             W = W[self.legacy_perm]
@@ -305,7 +306,7 @@ class ConcatJob:
     def outputs(self) -> list[str]:
         return [self.name]
 
-    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+    def run(self, reader: CheckpointReader, arena: Arena | None = None) -> Iterator[Produced]:
         parts, ops = [], []
         for src, updates in self.sources:
             W = reader.get(src)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def write_output(
     staged = StagedOutput(out, overwrite=overwrite)
     with staged as staging:
         try:
-            with ShardedWriter(staging, max_shard_bytes=max_shard_bytes) as writer:
+            hashed_inputs = _Background(inputs)  # hashing the inputs overlaps the merge
+            with ShardedWriter(staging, max_shard_bytes=max_shard_bytes, sha256=True) as writer:
                 modified = run_jobs(jobs, reader, writer, progress=lambda it: log.progress(it, total=len(it), desc="merge"))
                 writer.close()
             for src, names in aux_files:
@@ -90,11 +92,37 @@ def write_output(
                     if (Path(src) / name).is_file():
                         shutil.copyfile(Path(src) / name, staging / name)
             (staging / "config.json").write_text(json.dumps(make_config(), indent=2, sort_keys=True) + "\n")
-            m = mf.new_manifest("merge", inputs=inputs(), params=params)
-            return mf.complete(staging, m, metrics=make_metrics(modified))
+            m = mf.new_manifest("merge", inputs=hashed_inputs.result(), params=params)
+            return mf.complete(staging, m, metrics=make_metrics(modified), known_sha256=writer.sha256)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+class _Background:
+    """``fn()`` in a daemon thread; :meth:`result` joins it and returns its value or raises its error.
+
+    For hashing the inputs while the tensors stream (file reads and hashlib release the GIL): on a
+    large model that is minutes of one core. A daemon thread never holds up the exit of a failed run.
+    """
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="merge-hash-inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def checkpoint_files(reader: CheckpointReader) -> list[str]:

@@ -323,7 +323,7 @@ def plan_adapter(
                 "adapter trained on a different model size/revision"
             )
         key = keys[0]
-        updates[name] = [Replace(adapter.loader(key), f"adapter:{_strip(key)}")]
+        updates[name] = [Replace(adapter.loader(key), f"adapter:{_strip(key)}", tuple(shape))]
         shapes[name] = shape
 
     # 2. LoRA factors, per module

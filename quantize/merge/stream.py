@@ -12,6 +12,7 @@ itself for the manifest.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ class Replace:
 
     source: TensorSource
     origin: str  # where the tensor comes from, for the manifest
+    shape: tuple[int, ...] | None = None  # the replacement's shape, when known at plan time
 
     def apply(self, W: Tensor | None) -> Tensor:
         return self.source().to(lm.MERGE_PRECISION)
@@ -74,6 +76,11 @@ class LinearLora:
         return lm.merge_linear(W, _load(self.A), _load(self.B), self.scale,
                                magnitude=None if magnitude is None else magnitude.reshape(-1),
                                fan_in_fan_out=self.fan_in_fan_out)
+
+    @property
+    def fusable(self) -> bool:
+        """Plain LoRA on a ``[out, in]`` weight: :func:`lora_math.merge_linear_rounded` applies."""
+        return self.magnitude is None and not self.fan_in_fan_out
 
     def record(self) -> dict[str, Any]:
         rec = {"op": "dora" if self.magnitude is not None else "lora", "module": self.module, "rank": self.rank,
@@ -174,6 +181,13 @@ def finish(name: str, merged: Tensor, dtype: torch.dtype, *, what: str = "the ad
     overflows ``dtype`` iff its smallest or largest value does).
     """
     lo, hi = torch.aminmax(merged)
+    check_merged(name, merged, lo, hi, dtype, what=what)
+    return lm.round_to(merged, dtype)
+
+
+def check_merged(name: str, merged: Tensor, lo: Tensor, hi: Tensor, dtype: torch.dtype, *,
+                 what: str = "the adapter") -> None:
+    """:func:`finish`'s refusals, given the merged tensor's min ``lo`` and max ``hi``."""
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         bad = int((~torch.isfinite(merged)).sum())
         raise InputError(
@@ -185,7 +199,6 @@ def finish(name: str, merged: Tensor, dtype: torch.dtype, *, what: str = "the ad
             f"merged tensor {name}: values up to {max(-float(lo), float(hi)):.3g} after merging overflow {dtype} (NaN/Inf "
             "when written); pass --dtype fp32 or bf16"
         )
-    return lm.round_to(merged, dtype)
 
 
 def output_dtype(base_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -193,6 +206,47 @@ def output_dtype(base_dtype: torch.dtype, requested: torch.dtype | None) -> torc
     if requested is None or not base_dtype.is_floating_point:
         return base_dtype
     return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# scratch memory
+
+
+class Arena:
+    """Scratch memory handed from one job to the next (only one job's tensors are alive at a time).
+
+    A fresh multi-megabyte tensor is a new mapping that the kernel page-faults in (and zeroes) on
+    first touch: measured here at ~0.6 ms/MB, as much as reading the same bytes from the page cache.
+    A job takes all its buffers in one :meth:`take`, so the arena grows only to the largest job's
+    total: the same peak as allocating per tensor, held for the whole merge.
+    """
+
+    ALIGN = 64  # what torch's CPU allocator gives; MKL picks its GEMM kernel by alignment
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, *nbytes: int) -> list[Tensor]:
+        """Disjoint 1-d uint8 buffers of these sizes (64-byte aligned); valid until the next ``take``."""
+        a = self.ALIGN
+        sizes = [-(-n // a) * a for n in nbytes]
+        if self._buf.numel() < sum(sizes) + a:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # release the old buffer before growing
+            self._buf = torch.empty(sum(sizes) + a, dtype=torch.uint8)
+        offset = -self._buf.data_ptr() % a
+        out = []
+        for n, size in zip(nbytes, sizes):
+            out.append(self._buf[offset : offset + n])
+            offset += size
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self._buf.numel()
+
+
+def _typed(buf: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    return buf.view(dtype).view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +262,18 @@ class Produced:
     ops: list[dict[str, Any]] | None = None  # None: copied (possibly cast), not modified
 
 
+Entry = tuple[str, torch.dtype, tuple[int, ...]]  # an output tensor: name, dtype, shape
+
+
 class Job(Protocol):
     outputs: list[str]  # output tensor names (known at plan time)
 
-    def run(self, reader: CheckpointReader) -> Iterator[Produced]: ...
+    # Optional: ``layout(reader) -> list[Entry] | None``, the exact outputs in yield order when known
+    # before running (see :func:`planned_layout`).
+
+    def run(self, reader: CheckpointReader, arena: Arena | None = None) -> Iterator[Produced]:
+        """Yield the output tensors; each is consumed (written) before the generator resumes, so
+        they may live in ``arena``."""
 
 
 @dataclass
@@ -227,14 +289,40 @@ class TensorJob:
     def outputs(self) -> list[str]:
         return [self.name]
 
-    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+    def layout(self, reader: CheckpointReader) -> list[Entry] | None:
+        if self.updates and isinstance(self.updates[0], Replace):
+            shape = self.updates[0].shape
+            return None if shape is None else [(self.name, self.dtype, shape)]
+        return [(self.name, self.dtype, reader.shape(self.source))]  # updates keep the shape
+
+    def run(self, reader: CheckpointReader, arena: Arena | None = None) -> Iterator[Produced]:
         if not self.updates:
-            yield Produced(self.name, reader.get(self.source, dtype=self.dtype))
+            if arena is not None and reader.dtype(self.source) == self.dtype:
+                (buf,) = arena.take(reader.nbytes(self.source))
+                yield Produced(self.name, reader.get(self.source, out=buf))
+            else:
+                yield Produced(self.name, reader.get(self.source, dtype=self.dtype))
+            return
+        u = self.updates[0]
+        if arena is not None and len(self.updates) == 1 and isinstance(u, LinearLora) and u.fusable:
+            yield self._fused(reader, arena, u)
             return
         base = reader.get(self.source) if self.source is not None and not isinstance(self.updates[0], Replace) else None
         merged = apply_updates(base, self.updates)
         del base
         yield Produced(self.name, finish(self.name, merged, self.dtype), [u.record() for u in self.updates])
+
+    def _fused(self, reader: CheckpointReader, arena: Arena, u: LinearLora) -> Produced:
+        """One plain LoRA: read, merge, check and round in arena buffers (bit-identical to the general path)."""
+        shape, numel = reader.shape(self.source), math.prod(reader.shape(self.source))
+        w_buf, work_buf, out_buf = arena.take(reader.nbytes(self.source), numel * lm.MERGE_PRECISION.itemsize,
+                                              numel * self.dtype.itemsize)
+        W = reader.get(self.source, out=w_buf)
+        rounded, merged, lo, hi = lm.merge_linear_rounded(
+            W, _load(u.A), _load(u.B), u.scale, self.dtype,
+            work=_typed(work_buf, lm.MERGE_PRECISION, shape), out=_typed(out_buf, self.dtype, shape))
+        check_merged(self.name, merged, lo, hi, self.dtype)
+        return Produced(self.name, rounded, [u.record()])
 
 
 @dataclass
@@ -261,13 +349,18 @@ class TiedEmbeddingJob:
     def outputs(self) -> list[str]:
         return [self.embed, self.head]
 
+    def layout(self, reader: CheckpointReader) -> list[Entry] | None:
+        if self.head_source == self.embed_source and not self.head_updates and not self.embed_updates:
+            return [(self.embed, self.dtype, reader.shape(self.embed_source))]  # stays tied: one tensor
+        return None  # tied or not is decided by comparing the merged tensors
+
     def _tensor(self, reader: CheckpointReader, name: str, source: str, updates: list[Update]) -> Tensor:
         if not updates:
             return reader.get(source, dtype=self.dtype)
         base = None if isinstance(updates[0], Replace) else reader.get(source)
         return finish(name, apply_updates(base, updates), self.dtype)
 
-    def run(self, reader: CheckpointReader) -> Iterator[Produced]:
+    def run(self, reader: CheckpointReader, arena: Arena | None = None) -> Iterator[Produced]:
         emb_ops = [u.record() for u in self.embed_updates] or None
         head_ops = [u.record() for u in self.head_updates] or None
         emb = self._tensor(reader, self.embed, self.embed_source, self.embed_updates)
@@ -287,14 +380,35 @@ class TiedEmbeddingJob:
         yield Produced(self.head, head, head_ops or [{"op": "untie", "from": self.head_source}])
 
 
+def planned_layout(jobs: Sequence[Job], reader: CheckpointReader) -> list[Entry] | None:
+    """Every output ``(name, dtype, shape)`` in write order, or None when some job only knows after
+    running (then the writer spools). With it the writer puts each tensor straight in place."""
+    entries: list[Entry] = []
+    for job in jobs:
+        layout = getattr(job, "layout", None)
+        part = layout(reader) if layout is not None else None
+        if part is None:
+            return None
+        entries += part
+    return entries
+
+
 def run_jobs(jobs: Sequence[Job], reader: CheckpointReader, writer, progress=None) -> list[dict[str, Any]]:
     """Run every job, streaming its tensors into ``writer``; returns the manifest records of the
-    modified tensors (``{"tensor": name, "ops": [...]}``)."""
+    modified tensors (``{"tensor": name, "ops": [...]}``).
+
+    When every output is known up front the writer is given the layout (each tensor is written
+    once, in place, instead of spooled and copied); jobs draw their buffers from one :class:`Arena`.
+    """
     modified: list[dict[str, Any]] = []
+    layout = planned_layout(jobs, reader)
+    if layout is not None and hasattr(writer, "plan"):
+        writer.plan(layout)
+    arena = Arena()
     it = progress(jobs) if progress is not None else jobs
     for job in it:
-        for p in job.run(reader):
-            writer.add(p.name, p.tensor)
+        for p in job.run(reader, arena):
+            writer.add(p.name, p.tensor)  # writes (and lets go of) the tensor before the job resumes
             if p.ops is not None:
                 modified.append({"tensor": p.name, "ops": p.ops})
             del p
