@@ -31,7 +31,7 @@ from ..errors import InputError, RuntimeFault
 from ..formats.base import Format
 from ..formats.card import write_model_card
 from ..io.atomic import StagedOutput
-from ..io.reader import CheckpointReader
+from ..io.reader import CheckpointReader, read_safetensors_header
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
@@ -215,28 +215,43 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
 
 
 def _compile(staging: Path, reader, arch, other_names: list[str], n_layers: int, max_shard_bytes: int) -> None:
-    """Parts -> final shards: embeddings first, then the layers in order, then the rest."""
+    """Parts -> final shards: embeddings first, then the layers in order, then the rest.
+
+    Every tensor's name, dtype and shape is known up front (checkpoint and part headers), so the
+    writer is given the plan and writes each byte once, at its final offset (no spool copy)."""
     first = [n for n in other_names if n.startswith(arch.embed_path + ".")]
     last = [n for n in other_names if n not in first]
     for stale in list(staging.glob("model*.safetensors")) + list(staging.glob("model.safetensors.index.json")):
         stale.unlink()  # a compile interrupted by a kill is redone from the parts
-    writer = ShardedWriter(staging, max_shard_bytes=max_shard_bytes)
-    for n in first:
-        writer.add(n, reader.get(n))
-    for i in range(n_layers):
-        part = load_file(str(staging / "parts" / f"layer-{i:05d}.safetensors"))
-        for n in sorted(part):
-            writer.add(n, part[n])
-        del part
+
+    def from_reader(names: list[str]):
+        return [(n, reader.dtype(n), reader.shape(n)) for n in names], lambda: ((n, reader.get(n)) for n in names)
+
+    def from_part(path: Path, names: list[str] | None = None):
+        infos, _ = read_safetensors_header(path)
+        names = sorted(infos) if names is None else names
+
+        def load():
+            part = load_file(str(path))
+            for n in names:
+                yield n, part.pop(n)
+        return [(n, infos[n].dtype, infos[n].shape) for n in names], load
+
+    sources = [from_reader(first)]
+    sources += [from_part(staging / "parts" / f"layer-{i:05d}.safetensors") for i in range(n_layers)]
     head_path = staging / "parts" / "head.safetensors"
-    head = load_file(str(head_path)) if head_path.is_file() else {}
+    head = read_safetensors_header(head_path)[0] if head_path.is_file() else {}
     replaced = {n.rsplit(".", 1)[0] + ".weight" for n in head}  # dense weights the head part packs
     for n in last:
         if n not in replaced:
-            writer.add(n, reader.get(n))
+            sources.append(from_reader([n]))
         else:
-            for h in sorted(k for k in head if k.rsplit(".", 1)[0] + ".weight" == n):
-                writer.add(h, head[h])
+            sources.append(from_part(head_path, sorted(k for k in head if k.rsplit(".", 1)[0] + ".weight" == n)))
+    writer = ShardedWriter(staging, max_shard_bytes=max_shard_bytes)
+    writer.plan([e for entries, _ in sources for e in entries])
+    for _, load in sources:
+        for n, t in load():
+            writer.add(n, t)
     writer.close()
 
 
