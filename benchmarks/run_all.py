@@ -25,7 +25,7 @@ import common as c  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"run_all.py", "common.py"}
-INTEROP = {"gptq_vs_gptqmodel.py"}  # need gptqmodel: run in the interop virtualenv
+INTEROP = {"gptq_vs_gptqmodel.py", "awq_vs_gptqmodel.py"}  # need gptqmodel: run in the interop virtualenv
 INTEROP_PYTHON = c.repo_root() / ".venv-interop" / "bin" / "python"
 
 
