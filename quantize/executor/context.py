@@ -62,6 +62,14 @@ class LayerContext:
     def observe(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> None:
         """One pass over the calibration batches calling ``fn(name, x)`` with each named module's
         input, flattened to [tokens, in_features]; the forward stops after the last module needed."""
+        with self._feeding(names, fn):
+            last = max(names, key=self._execution_rank)
+            self.streamer.run_layer(self.index, propagate=False, stop_hook=self.module(last))
+            self.forward_passes += 1
+
+    @contextmanager
+    def _feeding(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Inside the block, each named module's input goes to ``fn(name, x [tokens, in_features])``."""
         handles = []
         for name in names:
             def hook(_mod, args, _name=name):
@@ -69,9 +77,7 @@ class LayerContext:
                 fn(_name, x.reshape(-1, x.shape[-1]))
             handles.append(self.module(name).register_forward_pre_hook(hook))
         try:
-            last = max(names, key=self._execution_rank)
-            self.streamer.run_layer(self.index, propagate=False, stop_hook=self.module(last))
-            self.forward_passes += 1
+            yield
         finally:
             for h in handles:
                 h.remove()
@@ -92,17 +98,8 @@ class LayerContext:
                 self.observe([name], collect)
                 solve(name)
             return
-        handles = []
-        for name in names:
-            def hook(_mod, args, _name=name):
-                x = args[0]
-                collect(_name, x.reshape(-1, x.shape[-1]))
-            handles.append(self.module(name).register_forward_pre_hook(hook))
-        try:
+        with self._feeding(names, collect):
             self.streamer.run_layer_lockstep(self.index, [self.module(n) for n in names], lambda k: solve(names[k]))
-        finally:
-            for h in handles:
-                h.remove()
         self.forward_passes += 1
         self.propagated = True
 
