@@ -9,7 +9,7 @@ METHOD ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup test quantize bench interop clean tiny-model
+.PHONY: setup test quantize bench peers interop clean tiny-model
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ quantize: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# The peer tools the side-by-side benchmarks compare against (GPTQModel in .venv-interop, AutoAWQ
+# in .venv-autoawq); `make bench` skips those comparisons where the environments are absent.
+peers:
+	scripts/setup_interop.sh
+	scripts/setup_autoawq.sh
 
 # Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ/AWQ output.
 interop:
