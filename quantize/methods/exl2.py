@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, RuntimeFault
-from .gptq import PreparedHessian, prepare_hessian_inverse
+from .gptq import PreparedHessian, prepare_hessian_inverse, resolve_prepared
 from .grid import QuantSpec, check_weight
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8)  # exllamav2 kernels have no 7-bit path
@@ -366,15 +366,9 @@ def exl2_quantize(W: Tensor, qp: QParams, H: Tensor | None = None, *, prepared: 
     N, K = W32.shape
     if K > MAX_IN_FEATURES:
         raise InputError(f"{name}: in_features {K} > {MAX_IN_FEATURES}; EXL2 stores the permutation as 16-bit")
-    if prepared is None:
-        if H is None:
-            raise ValueError("exl2_quantize needs H or prepared")
-        if tuple(H.shape) != (K, K):
-            raise InputError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features={K}")
-        prepared = prepare_exl2_hessian(H, damp, name=f"{name} Hessian")
+    prepared = resolve_prepared(H, prepared, K, True, lambda: prepare_exl2_hessian(H, damp, name=f"{name} Hessian"),
+                                name=name)
     U, perm, damp_used, dead = prepared
-    if tuple(U.shape) != (K, K) or perm is None:
-        raise ValueError(f"{name}: prepared Hessian is for {U.shape[0]} inputs (act-order needed), the weight has {K}")
 
     device = U.device
     W32 = W32.to(device)

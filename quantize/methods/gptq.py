@@ -29,7 +29,7 @@ Differences from IST-DASLab/gptq, on purpose:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -120,6 +120,23 @@ def upper_cholesky_of_inverse(H: Tensor, *, reversed_input: bool = False) -> Ten
     return U
 
 
+def resolve_prepared(H: Tensor | None, prepared: PreparedHessian | None, K: int, act_order: bool,
+                     prepare: Callable[[], PreparedHessian], *, name: str) -> PreparedHessian:
+    """The solver's prepared Hessian: ``prepared`` checked against ``K`` inputs and the act-order
+    setting, or ``prepare()`` run on ``H`` (whose shape is checked first). Shared by GPTQ and EXL2."""
+    if prepared is None:
+        if H is None:
+            raise ValueError(f"{name}: the solver needs H or a prepared Hessian")
+        if tuple(H.shape) != (K, K):
+            raise InputError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features={K}")
+        prepared = prepare()
+    if tuple(prepared.hinv_chol.shape) != (K, K):
+        raise ValueError(f"{name}: prepared Hessian is for {prepared.hinv_chol.shape[0]} inputs, the weight has {K}")
+    if (prepared.perm is not None) != act_order:
+        raise ValueError(f"{name}: prepared Hessian act_order={prepared.perm is not None}, needed {act_order}")
+    return prepared
+
+
 def gptq_quantize(
     W: Tensor,
     H: Tensor | None,
@@ -149,17 +166,9 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
     N, K = W32.shape
     g = spec.group_width(K, name)
     G = K // g
-    if prepared is None:
-        if H is None:
-            raise ValueError("gptq_quantize needs H or prepared")
-        if tuple(H.shape) != (K, K):
-            raise InputError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features={K}")
-        prepared = prepare_hessian_inverse(H, spec, name=f"{name} Hessian")
+    prepared = resolve_prepared(H, prepared, K, spec.act_order, lambda: prepare_hessian_inverse(
+        H, spec, name=f"{name} Hessian"), name=name)
     U, perm, damp_used, dead = prepared
-    if tuple(U.shape) != (K, K):
-        raise ValueError(f"{name}: prepared Hessian is for {U.shape[0]} inputs, the weight has {K}")
-    if (perm is not None) != spec.act_order:
-        raise ValueError(f"{name}: prepared Hessian act_order={perm is not None} but spec.act_order={spec.act_order}")
 
     device = U.device
     W32 = W32.to(device)
