@@ -198,3 +198,16 @@ def test_prefetch_off_gives_the_same_bytes(tiny_llama, calib_for, tmp_path):
     run_gptq(tiny_llama, cal, tmp_path / "on", exec_cfg=CPU)
     run_gptq(tiny_llama, cal, tmp_path / "off", exec_cfg=dataclasses.replace(CPU, prefetch=False))
     assert_same_files(tmp_path / "on", tmp_path / "off", output_files(tmp_path / "on"))
+
+
+@pytest.mark.parametrize("flag,passes", [("--lockstep", 1), ("--no-lockstep", 5)])
+def test_cli_lockstep_flag(flag, passes, tiny_llama, calib_for, tmp_path):
+    from quantize import manifest as mf
+    from quantize.cli import main
+
+    out = tmp_path / "q"
+    rc = main(["gptq", "--model", str(tiny_llama), "--calibration", str(calib_for(tiny_llama)), "--out", str(out),
+               "--device", "cpu", "--group-size", "32", flag])
+    assert rc == 0
+    layers = mf.load_manifest(out).metrics["layers"]
+    assert [m["forward_passes"] for m in layers] == [passes] * len(layers)  # llama: 4 groups (+1 propagating pass)
