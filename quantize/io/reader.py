@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,6 +176,7 @@ class CheckpointReader:
             raise InputError(f"{self.path}: no such file or directory")
         self.directory = self.path if self.path.is_dir() else self.path.parent
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self._torch_cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._config: dict | None = None
         self.index_file: str | None = None  # relative name of the index json, when sharded
@@ -373,7 +375,10 @@ class CheckpointReader:
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
         if fd is None:
-            fd = self._fds[rel] = os.open(self.directory / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            with self._fd_lock:  # the layer loop reads from a prefetch thread too: open each shard once
+                fd = self._fds.get(rel)
+                if fd is None:
+                    fd = self._fds[rel] = os.open(self.directory / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return fd
 
     def _pread(self, info: TensorInfo, offset: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
