@@ -222,14 +222,9 @@ def weight_distances(model: Path, ours: Path, peers: dict[str, Path]) -> dict[st
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: auto, see common.set_threads)")
+    c.add_peer_args(ap)
     ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
                     help="quantizers to run (ours always runs: the ratios are ours / peer)")
-    ap.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "CAL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     n_threads, threads = c.set_threads(args.threads)
 

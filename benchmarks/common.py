@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -81,6 +82,18 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:
         return maxrss_mb()
+
+
+def add_peer_args(ap) -> None:
+    """Arguments shared by the side-by-side peer benchmarks (``*_vs_gptqmodel.py``): calibration and
+    eval sizes, batch, threads, and the hidden ``--child TOOL MODEL CAL OUT`` used to run one
+    quantizer in a fresh process."""
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--windows", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: auto, see common.set_threads)")
+    ap.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "CAL", "OUT"), help=argparse.SUPPRESS)
 
 
 def run_json_child(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
