@@ -67,19 +67,21 @@ def prepare_hessian_inverse(H: Tensor, spec: QuantSpec, *, name: str = "hessian"
     """
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise InputError(f"{name}: expected a square [K, K] Hessian, got shape {tuple(H.shape)}")
-    H = H.detach().to(torch.float32, copy=True)
+    H = H.detach()
     if not torch.isfinite(H).all():
         raise RuntimeFault(
             f"{name}: the Hessian contains NaN/Inf (the layer inputs overflowed); "
             "calibrate in fp32/bf16 or check the model for non-finite activations"
         )
-    diag = H.diagonal()
+    diag = H.diagonal().to(torch.float32, copy=True)
     dead = diag == 0
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
-    # H in REVERSED processing order (see upper_cholesky_of_inverse): one gather, no extra copy
+    # the working copy, in REVERSED processing order (see upper_cholesky_of_inverse): one gather
+    # from the caller's H (left untouched), which is the only K x K copy made here
     rev = (perm if perm is not None else torch.arange(H.shape[0], device=H.device)).flip(0)
-    H = H[rev.unsqueeze(1), rev]
+    H = H[rev.unsqueeze(1), rev].to(torch.float32)
+    H.diagonal().copy_(diag[rev])
     unit = H.diagonal().abs().mean()
 
     damp, applied = spec.damp, 0.0
