@@ -289,12 +289,12 @@ def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: 
 
 # -- our pipeline ------------------------------------------------------------------------------------
 
-def exec_config(batch_size: int = 8):
+def exec_config(batch_size: int = 8, host_heap: str = "flat"):
     import torch
 
     from quantize.executor.loop import ExecConfig
 
-    return ExecConfig(device="cpu", dtype=torch.float32, batch_size=batch_size)
+    return ExecConfig(device="cpu", dtype=torch.float32, batch_size=batch_size, host_heap=host_heap)
 
 
 def calibrate(model_dir: Path, dataset: str, n: int, seq_len: int, out: Path, seed: int = 0) -> Path:
@@ -309,7 +309,7 @@ def calibrate(model_dir: Path, dataset: str, n: int, seq_len: int, out: Path, se
 
 def quantize(model_dir: Path, calibration: Path, out: Path, *, bits: int = 4, group_size: int = 128,
              act_order: bool = True, sym: bool = True, rtn: bool = False, damp: float = 0.01,
-             batch_size: int = 8, verbose: bool = False) -> tuple[Any, float]:
+             batch_size: int = 8, host_heap: str = "flat", verbose: bool = False) -> tuple[Any, float]:
     """Our GPTQ (or RTN) into ``out`` (overwritten): ``(manifest, wall seconds)``."""
     from quantize.commands.gptq import quantize_gptq
 
@@ -317,7 +317,7 @@ def quantize(model_dir: Path, calibration: Path, out: Path, *, bits: int = 4, gr
     with quiet(not verbose):
         m = quantize_gptq(model_dir=Path(model_dir), calibration=Path(calibration), out=Path(out), bits=bits,
                           group_size=group_size, act_order=act_order, sym=sym, damp=damp, static_groups=False,
-                          block_size=128, rtn=rtn, exec_cfg=exec_config(batch_size), overwrite=True)
+                          block_size=128, rtn=rtn, exec_cfg=exec_config(batch_size, host_heap), overwrite=True)
     return m, time.perf_counter() - t0
 
 

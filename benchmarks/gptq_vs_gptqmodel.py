@@ -32,16 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 SETTINGS = dict(bits=4, group_size=128, act_order=True, sym=True, damp=0.01)
+# our runs: the default host heap (flat: peak RSS = live memory) and --host-heap pooled (executor/memory.py)
+OURS = {"ours": "flat", "ours-pooled": "pooled"}
 
 
-def child_ours(model: Path, cal: Path, out: Path) -> dict:
+def child_ours(model: Path, cal: Path, out: Path, host_heap: str = "flat") -> dict:
     # import what the pipeline imports lazily first: GPTQModel's timing starts after its (larger) imports
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(str(model))
     cpu0 = time.process_time()
-    _, seconds = c.quantize(model, cal, out, **SETTINGS)
+    _, seconds = c.quantize(model, cal, out, host_heap=host_heap, **SETTINGS)
     return {"seconds": seconds, "cpu_s": time.process_time() - cpu0}
 
 
@@ -102,7 +104,7 @@ def main() -> int:
     if args.child:
         tool, model, cal, out = args.child
         with c.quiet():
-            res = child_ours(Path(model), Path(cal), Path(out)) if tool == "ours" else \
+            res = child_ours(Path(model), Path(cal), Path(out), OURS[tool]) if tool in OURS else \
                 child_gptqmodel(Path(model), Path(cal), Path(out), args.batch_size)
         print(json.dumps({**res, "peak_mb": c.maxrss_mb()}), flush=True)
         return 0
@@ -135,7 +137,7 @@ def main() -> int:
         # reported too: they move far less with outside load than wall time.
         runs: dict[str, dict] = {}
         for rep in range(args.repeat):
-            for tool in ("ours", "gptqmodel"):
+            for tool in (*OURS, "gptqmodel"):
                 out = tmp / tool
                 cmd = [sys.executable, __file__, "--threads", str(n_threads), "--batch-size", str(args.batch_size),
                        "--child", tool, str(model), str(cal), str(out)]
@@ -151,20 +153,26 @@ def main() -> int:
         fp = c.FpReference(model, windows)
         quality = {tool: fp.compare(tmp / tool) for tool in runs}
         agreement = weight_agreement(model, tmp / "ours", tmp / "gptqmodel")
+        same_bytes = all((tmp / "ours" / f.name).read_bytes() == f.read_bytes()
+                         for f in sorted((tmp / "ours-pooled").glob("*.safetensors")))
 
     print()
     rows = [["fp", None, None, None, fp.fp.perplexity, 0.0, 1.0]]
     for tool, r in runs.items():
         q = quality[tool]
-        label = "ours" if tool == "ours" else f"GPTQModel {r.get('version', '')}"
+        label = {"ours": "ours (default, --host-heap flat)", "ours-pooled": "ours --host-heap pooled"}.get(
+            tool, f"GPTQModel {r.get('version', '')}")
         rows.append([label, r["seconds"], r["cpu_s"], r["peak_mb"], q.perplexity, q.kl, q.top1])
     c.print_table(["quantizer", "wall s", "CPU s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
     g = runs["gptqmodel"]
     print(f"GPTQModel split: load {g['load_s']:.1f}s, quantize {g['quantize_s']:.1f}s, save {g['save_s']:.1f}s")
-    print(f"ours / GPTQModel (best of {args.repeat} each): wall time {runs['ours']['seconds'] / g['seconds']:.2f}, "
-          f"CPU time {runs['ours']['cpu_s'] / g['cpu_s']:.2f}; speed-up {g['seconds'] / runs['ours']['seconds']:.2f}x "
-          f"(goal >= 2x)")
-    print(f"KL ours / GPTQModel: {quality['ours'].kl / quality['gptqmodel'].kl:.3f}")
+    for tool in OURS:
+        o = runs[tool]
+        print(f"{tool} / GPTQModel (best of {args.repeat} each): wall time {o['seconds'] / g['seconds']:.2f}, "
+              f"CPU time {o['cpu_s'] / g['cpu_s']:.2f}; speed-up {g['seconds'] / o['seconds']:.2f}x (goal >= 2x), "
+              f"peak RSS {o['peak_mb'] / g['peak_mb']:.2f}x")
+    print(f"KL ours / GPTQModel: {quality['ours'].kl / quality['gptqmodel'].kl:.3f}; "
+          f"ours flat and pooled outputs byte-identical: {same_bytes}")
     print(f"dequantized weights over {agreement['linears']} linears, relative Frobenius distance: "
           f"ours vs GPTQModel {agreement['ours_vs_gptqmodel']:.4f}; to the original: ours {agreement['ours_vs_fp']:.4f}, "
           f"GPTQModel {agreement['gptqmodel_vs_fp']:.4f}; identical weights {100 * agreement['identical']:.1f}%")

@@ -376,6 +376,27 @@ def test_accumulate_hessian_is_running_mean():
     assert same is H and m == n
 
 
+@pytest.mark.parametrize("K", [21, 16, 5])
+def test_accumulator_mirrors_once_and_matches_mirroring_every_batch(K, monkeypatch):
+    """HessianAccumulator folds batches into the upper triangle only and mirrors when H is read:
+    the same bits as mirroring after every batch, exactly symmetric."""
+    monkeypatch.setattr(hessian, "PANEL", 8)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(9, K, generator=g) * 3 for _ in range(4)]
+    H, n = None, 0
+    acc = HessianAccumulator()
+    for i, x in enumerate(batches):
+        H, n = accumulate_hessian(x, H, n)
+        acc.add(x)
+        if i == 1:  # reading H midway mirrors then, and later batches still fold in correctly
+            assert torch.equal(acc.H, H)
+    assert acc._stale
+    assert torch.equal(acc.H, H) and torch.equal(acc.H, acc.H.T) and acc.n == n
+    assert not acc._stale
+    acc.reset()
+    assert acc.H is None and acc.n == 0
+
+
 @pytest.mark.parametrize("panel,K", [(8, 21), (8, 16), (8, 8), (8, 5), (hessian.PANEL, hessian.PANEL + 3)])
 def test_accumulate_hessian_panels_cover_the_whole_matrix(panel, K, monkeypatch):
     """Upper-triangle panels + mirroring: the full running mean, exactly symmetric, for K below,

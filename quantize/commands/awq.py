@@ -60,11 +60,11 @@ def _ratio(layers: list[dict]) -> float:
 @exec_options
 @stage_options
 def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens,
-                max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep, device, seed, overwrite):
+                max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
     """Quantize with AWQ (activation-aware scales + clipping), one decoder layer resident at a time."""
     if bits != 4:
         raise InputError(f"--bits {bits}: the AWQ GEMM format is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_awq(model_dir=model_dir, calibration=calibration, out=out, exec_cfg=cfg, bits=bits,
                      group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
                      n_grid=n_grid, search_tokens=search_tokens, seed=seed, overwrite=overwrite, resume=resume,

@@ -51,6 +51,10 @@ def exec_options(f):
                      help="One forward per layer with every batch paused at each group of linears (fast; holds "
                           "all batches' activations at once) or one forward per group (lean). Default: lock-step "
                           "when those activations fit in a quarter of the free memory. Outputs are identical.")(f)
+    f = click.option("--host-heap", default="flat", show_default=True, type=click.Choice(["flat", "pooled"]),
+                     help="Host allocation policy of the layer loop: flat (peak RSS = live memory, flat in depth; "
+                          "every large temporary page-faulted afresh) or pooled (temporaries reused: ~25% faster "
+                          "on CPU, ~50% higher peak). Outputs are identical.")(f)
     f = click.option("--dtype", "compute_dtype", default="auto", show_default=True,
                      type=click.Choice(sorted(_DTYPES)),
                      help="Compute dtype of the layer forward; auto: float32 on CPU, the model's dtype on CUDA.")(f)
@@ -58,7 +62,7 @@ def exec_options(f):
 
 
 def make_exec_config(device: str, batch_size: int, offload_activations: bool, compute_dtype: str,
-                     lockstep: bool | None = None):
+                     lockstep: bool | None = None, host_heap: str = "flat"):
     import torch
 
     from ..device import resolve_device
@@ -69,7 +73,7 @@ def make_exec_config(device: str, batch_size: int, offload_activations: bool, co
     if name is None:
         name = "float32" if dev == "cpu" else "bfloat16"
     return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations,
-                      lockstep=lockstep)
+                      lockstep=lockstep, host_heap=host_heap)
 
 
 def quantize_output_options(f):

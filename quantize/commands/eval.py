@@ -24,11 +24,11 @@ from .common import exec_options, make_exec_config, stage_options
 @exec_options
 @stage_options
 def eval_command(model_dir, dataset, text_field, seq_len, max_windows, baseline, max_ppl_increase, out,
-                 batch_size, offload_activations, compute_dtype, lockstep, device, seed, overwrite):
+                 batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
     """Perplexity over non-overlapping windows; with --baseline, KL and top-1 agreement."""
     from ..eval.perplexity import run_eval
 
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     out = out or model_dir.with_name(model_dir.name + ".eval")
     run_eval(model_dir=model_dir, dataset=dataset, seq_len=seq_len, out=out, baseline=baseline,
              max_windows=max_windows, max_ppl_increase=max_ppl_increase, cfg=cfg, overwrite=overwrite,

@@ -154,7 +154,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
 @exec_options
 @stage_options
 def exl2_command(model_dir, calibration, bpw, head_bits, measurement, measurement_rows, norm, max_shard_size, resume,
-                 out, batch_size, offload_activations, compute_dtype, lockstep, device, seed, overwrite):
+                 out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
     """Quantize to EXL2 (exllamav2): measure candidate bit mixtures per layer, choose them to meet
     --bpw, GPTQ-quantize with act-order and per-group bit widths, one decoder layer resident."""
     from ..errors import InputError
@@ -166,7 +166,7 @@ def exl2_command(model_dir, calibration, bpw, head_bits, measurement, measuremen
         raise InputError(f"--norm {norm!r}: a positive number or 'auto'") from None
     if norm_value is not None and norm_value <= 0:
         raise InputError(f"--norm {norm}: must be positive")
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_exl2(model_dir=model_dir, calibration=calibration, out=out, bpw=bpw, head_bits=int(head_bits),
                       measurement=measurement, measurement_rows=measurement_rows, norm=norm_value, exec_cfg=cfg,
                       seed=seed, overwrite=overwrite, resume=resume, max_shard_bytes=int(max_shard_size * 1e9))

@@ -56,10 +56,10 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
 @exec_options
 @stage_options
 def gptq_command(model_dir, calibration, bits, group_size, act_order, static_groups, sym, damp, block_size, rtn,
-                 checkpoint_format, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
+                 checkpoint_format, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap,
                  device, seed, overwrite):
     """Quantize with GPTQ, one decoder layer resident at a time."""
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
                       act_order=act_order, sym=sym, damp=damp, static_groups=static_groups, block_size=block_size,
                       rtn=rtn, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,

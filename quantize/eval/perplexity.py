@@ -44,11 +44,12 @@ class EvalResult:
 
 def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     """Stream ``windows`` [W, L] through every layer; yields fp32 logits per batch."""
-    flat_heap()
+    flat_heap()  # until the layer loop picks its policy
     reader = open_model(model_dir)
     arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
     s = LayerStreamer(Path(model_dir), reader, arch, cfg)
     s.capture(windows)
+    s.apply_host_heap()
     for i in log.progress(range(s.num_layers), total=s.num_layers, desc=f"eval {Path(model_dir).name}"):
         s.load_layer(i)
         s.run_layer(i, propagate=True)

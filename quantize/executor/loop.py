@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, RuntimeFault
-from . import skeleton
+from . import memory, skeleton
 
 
 class _StopForward(Exception):
@@ -50,8 +50,14 @@ class _Prefetch:
 
     def _run(self) -> None:
         try:
+            # off the heap in the pooled mode (it outlives this layer), where the reader reads into buffers
+            offheap = memory.offheap() and hasattr(self.reader, "nbytes")
             for name in self.names:
-                self.tensors[name] = self.reader.get(name)
+                if offheap:
+                    out = memory.offheap_empty(self.reader.nbytes(name))
+                    self.tensors[name] = self.reader.get(name, out=out)
+                else:
+                    self.tensors[name] = self.reader.get(name)
         except BaseException as e:  # re-raised by get()
             self.error = e
 
@@ -96,6 +102,11 @@ class ExecConfig:
     lockstep: bool | None = None
     lockstep_budget: int | None = None  # bytes; None: a quarter of the device's free memory
     prefetch: bool = True  # read the next layer's tensors while this one computes (one extra layer in RAM)
+    host_heap: str = "flat"  # glibc policy for host memory (executor/memory.py): flat or pooled
+
+    def __post_init__(self) -> None:
+        if self.host_heap not in memory.HEAP_MODES:
+            raise ValueError(f"host_heap must be {' or '.join(memory.HEAP_MODES)}; got {self.host_heap!r}")
 
 
 def free_memory(device: str) -> int:
@@ -189,8 +200,22 @@ class LayerStreamer:
                 self.layers[i] = layer
             skeleton.release(embed)
 
+    def apply_host_heap(self) -> str | None:
+        """Apply ``cfg.host_heap`` to the process (executor/memory.py) and re-park the hidden states
+        under it. Returns the mode applied (None without glibc)."""
+        memory.host_heap(self.cfg.host_heap)
+        for b in self.batches:
+            b.hidden = self._park(b.hidden)
+        return memory.heap_mode()
+
     def _park(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.to("cpu") if self.cfg.offload_activations else hidden
+        """Hidden states kept until the next layer: on the host when offloading, and there off the
+        heap in the pooled mode (executor/memory.py)."""
+        if self.cfg.offload_activations:
+            hidden = hidden.to("cpu")
+        if hidden.device.type == "cpu" and memory.offheap():
+            hidden = memory.offheap_copy(hidden)
+        return hidden
 
     def hidden_states(self) -> list[torch.Tensor]:
         return [b.hidden for b in self.batches]
@@ -224,6 +249,7 @@ class LayerStreamer:
     def release_layer(self, i: int) -> None:
         skeleton.release(self.layers[i])
         gc.collect()
+        memory.release()
         if self.cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

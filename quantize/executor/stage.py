@@ -35,7 +35,7 @@ from ..io.reader import CheckpointReader, read_safetensors_header
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
-from .memory import flat_heap, frozen_gc
+from .memory import frozen_gc, host_heap
 from .resume import ResumePoint
 
 _ST_META = {"format": "pt"}
@@ -96,7 +96,7 @@ def run_quantize_stage(
 ) -> mf.Manifest:
     # A leftover OUT.partial from a killed run with the same fingerprint is resumed automatically;
     # ``resume=True`` only makes a missing or mismatched one worth a warning.
-    flat_heap()  # keep peak RSS flat in depth (see executor/memory.py)
+    host_heap("flat")  # until the layer loop picks its policy (LayerStreamer.apply_host_heap)
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
     if hasattr(method, "preflight"):
@@ -133,6 +133,7 @@ def run_quantize_stage(
             start, layer_metrics = state["next_layer"], state["layers"]
             streamer.set_hidden_states(loaded[1])
             log.info(f"resuming at layer {start} of {n_layers}")
+        heap = streamer.apply_host_heap()
 
         for i in log.progress(range(start, n_layers), total=n_layers - start, desc=f"{stage} layers"):
             t0, waited = time.time(), streamer.load_wait
@@ -167,6 +168,7 @@ def run_quantize_stage(
         if head_metrics:
             metrics["head"] = head_metrics
         metrics["seconds"] = round(time.time() - t_start, 2)
+        metrics["host_heap"] = heap
         metrics["layers"] = layer_metrics
         write_model_card(staging, stage=stage, model_dir=Path(model_dir), calibration=calib, params=params, metrics=metrics)
         done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)

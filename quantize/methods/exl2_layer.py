@@ -240,6 +240,7 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
         start, entries = state["next_layer"], state["measurement"]
         streamer.set_hidden_states(hidden)
         log.info(f"resuming the measurement at layer {start}")
+    streamer.apply_host_heap()
     method = Exl2MeasureMethod(damp)
     n = streamer.num_layers
     with frozen_gc():

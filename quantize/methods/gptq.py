@@ -198,6 +198,7 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1).tolist()
         W1 = Wt[i1:i2].clone()  # Wt[i1:i2] keeps the block-start values (group params read them)
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
@@ -209,11 +210,12 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
                     zeros[j // g] = z
             else:
                 s, z = scales[group_at[j]], zeros[group_at[j]]
-            w = W1[i]
-            q = _quantize(w, s, z, maxq)
-            Qt[j] = q
-            err = (w - (q - z) * s) / U1[i, i]
-            Err1[i] = err
+            # _quantize and err = (w - (q - z) * s) / d, written in place into Qt[j] and Err1[i]
+            # (the same fp32 operations in the same order: the same bits, fewer allocations)
+            w, q, err = W1[i], Qt[j], Err1[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=err).mul_(s)
+            torch.sub(w, err, out=err).div_(d[i])
             W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
         row_loss += Err1.square().sum(0)
         if i2 < K:

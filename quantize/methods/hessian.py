@@ -18,7 +18,7 @@ from torch import Tensor
 PANEL = 256
 
 
-def accumulate_hessian(x: Tensor, H: Tensor | None, n: int) -> tuple[Tensor, int]:
+def accumulate_hessian(x: Tensor, H: Tensor | None, n: int, *, mirror: bool = True) -> tuple[Tensor, int]:
     """Fold the inputs ``x [..., K]`` into the running mean ``H [K, K]`` over ``n`` rows so far.
 
     ``H <- n/(n+m) * H + 2/(n+m) * X^T X`` with ``X = x.reshape(-1, K)`` in fp32 (``m`` rows).
@@ -28,6 +28,10 @@ def accumulate_hessian(x: Tensor, H: Tensor | None, n: int) -> tuple[Tensor, int
     symmetric. ``H`` is updated in place and returned (a new fp32 tensor on ``x``'s
     device when ``H`` is None); the returned count is ``n + m``. ``x`` is moved to ``H``'s device,
     so ``H`` may live elsewhere (e.g. on the CPU while the layer runs on a GPU).
+
+    ``mirror=False`` leaves the strict lower triangle (outside the diagonal blocks) stale: callers
+    folding many batches mirror once at the end (``mirror_upper``); the upper triangle, and so the
+    final ``H``, is the same bits either way.
     """
     K = x.shape[-1]
     X = x.detach().reshape(-1, K)
@@ -48,11 +52,20 @@ def accumulate_hessian(x: Tensor, H: Tensor | None, n: int) -> tuple[Tensor, int
         beta = n / total
     for s in range(0, K, PANEL):
         H[s : s + PANEL, s:].addmm_(X[:, s : s + PANEL].T, X[:, s:], beta=beta, alpha=2.0 / total)
-    for s in range(0, K, PANEL):  # mirror the upper triangle: below each diagonal block, and inside it
+    if mirror:
+        mirror_upper(H)
+    return H, total
+
+
+def mirror_upper(H: Tensor) -> Tensor:
+    """Make ``H`` exactly symmetric from its upper triangle (in place; returns ``H``): below each
+    ``PANEL`` diagonal block, and inside it."""
+    K = H.shape[0]
+    for s in range(0, K, PANEL):
         H[s + PANEL :, s : s + PANEL].copy_(H[s : s + PANEL, s + PANEL :].T)
         D = H[s : s + PANEL, s : s + PANEL]
         D.copy_(D.triu() + D.triu(1).T)
-    return H, total
+    return H
 
 
 class HessianAccumulator:
@@ -64,17 +77,26 @@ class HessianAccumulator:
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else None
-        self.H: Tensor | None = None
+        self._H: Tensor | None = None
+        self._stale = False  # lower triangle not yet mirrored (batches fold into the upper one only)
         self.n = 0
 
+    @property
+    def H(self) -> Tensor | None:
+        if self._stale:
+            mirror_upper(self._H)
+            self._stale = False
+        return self._H
+
     def add(self, x: Tensor) -> None:
-        if self.H is None and self.device is not None:
+        if self._H is None and self.device is not None:
             x = x.to(self.device)
-        self.H, self.n = accumulate_hessian(x, self.H, self.n)
+        self._H, self.n = accumulate_hessian(x, self._H, self.n, mirror=False)
+        self._stale = self._H is not None
 
     def pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
         """``forward_pre_hook`` signature: accumulates the module's first positional input."""
         self.add(args[0])
 
     def reset(self) -> None:
-        self.H, self.n = None, 0
+        self._H, self._stale, self.n = None, False, 0
