@@ -201,6 +201,8 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
         d = torch.diagonal(U1).tolist()
         W1 = Wt[i1:i2].clone()  # Wt[i1:i2] keeps the block-start values (group params read them)
         Err1 = torch.empty_like(W1)
+        # row views made once per block (one call each) instead of indexing in the column loop
+        W_rows, Q_rows, E_rows, U_rows = W1.unbind(0), Qt[i1:i2].unbind(0), Err1.unbind(0), U1.unbind(0)
         for i in range(i2 - i1):
             j = i1 + i
             if lazy:
@@ -212,11 +214,11 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
                 s, z = scales[group_at[j]], zeros[group_at[j]]
             # _quantize and err = (w - (q - z) * s) / d, written in place into Qt[j] and Err1[i]
             # (the same fp32 operations in the same order: the same bits, fewer allocations)
-            w, q, err = W1[i], Qt[j], Err1[i]
+            w, q, err = W_rows[i], Q_rows[i], E_rows[i]
             torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
             torch.sub(q, z, out=err).mul_(s)
             torch.sub(w, err, out=err).div_(d[i])
-            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+            W1[i + 1 :].addr_(U_rows[i][i + 1 :], err, alpha=-1.0)
         row_loss += Err1.square().sum(0)
         if i2 < K:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
