@@ -4,7 +4,7 @@ Each layer allocates and frees the same large tensors (weights, activations, Hes
 temporaries). Two glibc policies, process-wide, chosen per run (``host_heap``):
 
 * ``flat``: every allocation of 1 MiB or more gets its own mmap and goes back to the OS when freed.
-  Peak RSS is the live memory, flat in depth (benchmarks/gptq_rss.py: 1.02x from 4 to 32 layers),
+  Peak RSS is the live memory, flat in depth (benchmarks/gptq_rss.py: 1.03x from 4 to 32 layers),
   but every large temporary is page-faulted afresh: on 2 cores the faults cost 15-50% of a GPTQ run
   (kernel time zeroing the pages).
 * ``pooled``: allocations up to 32 MiB come from one heap (one arena) and are reused without
@@ -17,7 +17,7 @@ temporaries). Two glibc policies, process-wide, chosen per run (``host_heap``):
   heap's layout.
 
 ``flat`` is the default: it is the one whose peak does not move with depth (measured 1.03x from 4 to
-32 layers against 1.17x for ``pooled``, which is ~25% faster on 2 cores and peaks ~50% higher).
+32 layers against 1.15-1.17x for ``pooled``, which is ~20-25% faster on 2 cores and peaks ~50% higher).
 """
 
 from __future__ import annotations
@@ -98,19 +98,11 @@ def offheap_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def release() -> None:
-    """After each layer, in the pooled mode: hand the heap's free pages back to the OS, so that no
-    layer inherits the previous one's fragmentation (the next layer faults its pages in again)."""
-    if _mode == "pooled":
+    """After each layer: hand the heap's free pages back to the OS, so that no layer inherits the
+    previous one's resident holes (pooled: the next layer faults its pages in again; flat: the
+    heap holds small blocks only, unless a pooled run in this process left free chunks)."""
+    if _mode is not None:
         _libc.malloc_trim(0)
-
-
-def resident_bytes() -> int:
-    """This process's resident set size now (bytes; 0 where /proc is unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-    except OSError:
-        return 0
 
 
 @contextmanager
