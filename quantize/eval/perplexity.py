@@ -23,7 +23,7 @@ from .. import manifest as mf
 from ..arch import get_arch
 from ..errors import GateFailed, InputError
 from ..executor.loop import ExecConfig, LayerStreamer
-from ..executor.memory import flat_heap
+from ..executor.memory import host_heap
 from ..io.atomic import StagedOutput
 from ..io.quantized import open_model
 
@@ -44,7 +44,7 @@ class EvalResult:
 
 def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     """Stream ``windows`` [W, L] through every layer; yields fp32 logits per batch."""
-    flat_heap()  # until the layer loop picks its policy
+    host_heap("flat")  # until the layer loop picks its policy (LayerStreamer.apply_host_heap)
     reader = open_model(model_dir)
     arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
     s = LayerStreamer(Path(model_dir), reader, arch, cfg)

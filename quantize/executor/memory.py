@@ -75,10 +75,6 @@ def heap_mode() -> str | None:
     return _mode
 
 
-def flat_heap() -> bool:
-    return host_heap("flat")
-
-
 def offheap() -> bool:
     """Whether host tensors that outlive a layer should be placed off the heap (``offheap_copy``)."""
     return _mode == "pooled"
