@@ -13,6 +13,7 @@ import sys
 import click
 
 from . import __version__, log
+from .allocator import reexec_with_jemalloc
 from .errors import EXIT_INPUT, EXIT_RUNTIME, QuantizeError
 
 # name -> module under quantize.commands exposing `command`; None: not implemented yet (stub).
@@ -69,9 +70,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process_entry = argv is None
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("QUANTIZE_DEBUG") == "1"
     try:
+        if process_entry:  # the command itself (not a call from Python): jemalloc when installed
+            reexec_with_jemalloc()
         cli.main(args=argv, prog_name="quantize", standalone_mode=False)
         return 0
     except QuantizeError as e:

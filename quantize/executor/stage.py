@@ -35,7 +35,7 @@ from ..io.reader import CheckpointReader, read_safetensors_header
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
-from .memory import frozen_gc, host_heap
+from .memory import allocator, frozen_gc, host_heap
 from .resume import ResumePoint
 
 _ST_META = {"format": "pt"}
@@ -169,6 +169,7 @@ def run_quantize_stage(
             metrics["head"] = head_metrics
         metrics["seconds"] = round(time.time() - t_start, 2)
         metrics["host_heap"] = heap
+        metrics["allocator"] = allocator()
         metrics["layers"] = layer_metrics
         write_model_card(staging, stage=stage, model_dir=Path(model_dir), calibration=calib, params=params, metrics=metrics)
         done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)
