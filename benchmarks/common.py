@@ -96,6 +96,21 @@ def add_peer_args(ap) -> None:
     ap.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "CAL", "OUT"), help=argparse.SUPPRESS)
 
 
+# The host-memory set-ups our runs compare (executor/memory.py, quantize/allocator.py): a label ->
+# (ExecConfig.host_heap, extra environment of the child process). "jemalloc" is what the quantize
+# command uses where libjemalloc is installed (it re-executes itself with it preloaded); "flat" is its
+# default elsewhere.
+def heap_setups() -> dict[str, tuple[str, dict[str, str]]]:
+    from quantize.allocator import find_jemalloc
+
+    glibc = {"LD_PRELOAD": "", "QUANTIZE_MALLOC": "glibc"}
+    setups = {"flat": ("flat", glibc), "pooled": ("pooled", glibc)}
+    lib = find_jemalloc() if sys.platform.startswith("linux") else None
+    if lib is not None:
+        setups["jemalloc"] = ("flat", {"LD_PRELOAD": lib})
+    return setups
+
+
 def run_json_child(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
     """Run ``cmd`` in a fresh process and return the last JSON object it printed on a line of its own
     (other output, e.g. a library's logging on stdout, is ignored)."""

@@ -7,13 +7,15 @@ GPTQ 4-bit g128 act-order on the same calibration tokens, each run in a fresh su
 reports ``ru_maxrss`` (peak), the RSS right after the imports, wall time, and the ratio of the peaks
 (goal: deep / shallow <= 1.2).
 
-Both host-heap policies of the layer loop run side by side (``--host-heap``, executor/memory.py):
+The host-memory set-ups run side by side (executor/memory.py, quantize/allocator.py): glibc
 ``flat`` (every block of 1 MiB or more its own mmap: peak = live memory, page faults on every large
-temporary; the default) and ``pooled`` (a reused heap, trimmed after each layer: fewer faults, a
-higher peak inside a layer, which varies with the heap's layout). Before these policies,
-glibc's default dynamic threshold gave 1.24-1.40x from 4 to 32 layers.
+temporary; the default without jemalloc), glibc ``pooled`` (a reused heap, trimmed after each layer:
+fewer faults, a higher peak inside a layer, which varies with the heap's layout) and, where
+libjemalloc is installed, ``jemalloc`` (preloaded: reuse inside a layer, purge after each; what the
+quantize command uses there). Before these policies, glibc's default dynamic threshold gave
+1.24-1.40x from 4 to 32 layers.
 
-    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled]
+    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled jemalloc]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 GOAL_RATIO = 1.2
+SETUPS = c.heap_setups()  # flat, pooled (glibc) and jemalloc where installed: label -> (host_heap, env)
 SHAPES = dict(hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=1024)
 
 
@@ -40,9 +43,10 @@ def child(model: Path, cal: Path, out: Path, mode: str) -> None:
     from quantize.commands.gptq import quantize_gptq  # noqa: F401
 
     baseline = c.rss_mb()
-    m, seconds = c.quantize(model, cal, out, bits=4, group_size=128, act_order=True, sym=True, host_heap=mode)
+    m, seconds = c.quantize(model, cal, out, bits=4, group_size=128, act_order=True, sym=True, host_heap=SETUPS[mode][0])
     print(json.dumps({"baseline_mb": baseline, "peak_mb": c.maxrss_mb(), "seconds": seconds,
-                      "layers": len(m.metrics["layers"]), "host_heap": m.metrics.get("host_heap")}))
+                      "layers": len(m.metrics["layers"]), "host_heap": m.metrics.get("host_heap"),
+                      "allocator": m.metrics.get("allocator")}))
 
 
 def main() -> int:
@@ -50,7 +54,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, nargs=2, default=[4, 32], metavar=("SHALLOW", "DEEP"))
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--modes", nargs="+", default=["flat", "pooled"], choices=["flat", "pooled"],
+    ap.add_argument("--modes", nargs="+", default=list(SETUPS), choices=list(SETUPS),
                     help="host-heap policies to compare (executor/memory.py)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: auto, see common.set_threads)")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "CAL", "OUT", "MODE"), help=argparse.SUPPRESS)
@@ -78,7 +82,7 @@ def main() -> int:
                 cal = c.calibrate(model, "wikitext2", args.samples, args.seq_len, tmp / "cal")
             for alloc in allocators:
                 cmd = [sys.executable, __file__, "--threads", str(n_threads)]  # all runs alike
-                r = c.run_json_child(cmd + ["--child", str(model), str(cal), str(tmp / "q"), alloc])
+                r = c.run_json_child(cmd + ["--child", str(model), str(cal), str(tmp / "q"), alloc], env=SETUPS[alloc][1])
                 results[alloc, n] = r
                 print(f"  {n} layers, {alloc}: peak {r['peak_mb']:.0f} MB, after imports {r['baseline_mb']:.0f} MB, "
                       f"{r['seconds']:.0f}s", flush=True)
@@ -94,13 +98,16 @@ def main() -> int:
         shallow, deep = results[alloc, shallow_n], results[alloc, deep_n]
         ratio = deep["peak_mb"] / shallow["peak_mb"]
         above = (deep["peak_mb"] - deep["baseline_mb"]) / max(shallow["peak_mb"] - shallow["baseline_mb"], 1e-9)
-        verdict = ("PASS" if ratio <= GOAL_RATIO else "FAIL") if alloc == "flat" else "info, not the default"
+        default = alloc == ("jemalloc" if "jemalloc" in SETUPS else "flat")  # what the quantize command uses here
+        verdict = ("PASS" if ratio <= GOAL_RATIO else "FAIL") + (", the default here" if default else "")
         print(f"{verdict} ({alloc}): peak RSS {deep_n} / {shallow_n} layers = {ratio:.3f} (goal <= {GOAL_RATIO}); "
               f"above the imports: {above:.3f}")
-    if "flat" in allocators and "pooled" in allocators:
-        t = {n: results["pooled", n]["seconds"] / results["flat", n]["seconds"] for n in args.layers}
-        print(f"wall time pooled / flat: {shallow_n} layers {t[shallow_n]:.2f}, {deep_n} layers {t[deep_n]:.2f}; peak RSS "
-              f"pooled / flat at {deep_n} layers {results['pooled', deep_n]['peak_mb'] / results['flat', deep_n]['peak_mb']:.2f}")
+    for other in ("pooled", "jemalloc"):
+        if "flat" in allocators and other in allocators:
+            t = {n: results[other, n]["seconds"] / results["flat", n]["seconds"] for n in args.layers}
+            print(f"wall time {other} / flat: {shallow_n} layers {t[shallow_n]:.2f}, {deep_n} layers {t[deep_n]:.2f}; "
+                  f"peak RSS {other} / flat at {deep_n} layers "
+                  f"{results[other, deep_n]['peak_mb'] / results['flat', deep_n]['peak_mb']:.2f}")
     return 0
 
 

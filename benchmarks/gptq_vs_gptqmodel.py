@@ -32,8 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 SETTINGS = dict(bits=4, group_size=128, act_order=True, sym=True, damp=0.01)
-# our runs: the default host heap (flat: peak RSS = live memory) and --host-heap pooled (executor/memory.py)
-OURS = {"ours": "flat", "ours-pooled": "pooled"}
+# Our runs, one per host-memory set-up (common.heap_setups: glibc flat -- the default without
+# jemalloc --, glibc pooled, and jemalloc where installed -- the quantize command's default there);
+# GPTQModel runs under glibc and, where jemalloc is installed, under jemalloc too (same allocator).
+SETUPS = c.heap_setups()
+OURS = {("ours" if k == "flat" else f"ours-{k}"): v for k, v in SETUPS.items()}
+PEERS = {"gptqmodel": {}, **({"gptqmodel-jemalloc": SETUPS["jemalloc"][1]} if "jemalloc" in SETUPS else {})}
+LABELS = {"ours": "ours, glibc --host-heap flat", "ours-pooled": "ours, glibc --host-heap pooled",
+          "ours-jemalloc": "ours, jemalloc", "gptqmodel-jemalloc": "GPTQModel {version}, jemalloc",
+          "gptqmodel": "GPTQModel {version}, glibc"}
 
 
 def child_ours(model: Path, cal: Path, out: Path, host_heap: str = "flat") -> dict:
@@ -104,7 +111,7 @@ def main() -> int:
     if args.child:
         tool, model, cal, out = args.child
         with c.quiet():
-            res = child_ours(Path(model), Path(cal), Path(out), OURS[tool]) if tool in OURS else \
+            res = child_ours(Path(model), Path(cal), Path(out), OURS[tool][0]) if tool in OURS else \
                 child_gptqmodel(Path(model), Path(cal), Path(out), args.batch_size)
         print(json.dumps({**res, "peak_mb": c.maxrss_mb()}), flush=True)
         return 0
@@ -137,11 +144,13 @@ def main() -> int:
         # reported too: they move far less with outside load than wall time.
         runs: dict[str, dict] = {}
         for rep in range(args.repeat):
-            for tool in (*OURS, "gptqmodel"):
+            for tool in (*OURS, *PEERS):
                 out = tmp / tool
                 cmd = [sys.executable, __file__, "--threads", str(n_threads), "--batch-size", str(args.batch_size),
                        "--child", tool, str(model), str(cal), str(out)]
-                r = c.run_json_child(cmd, env={"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")})
+                env = {"LD_PRELOAD": "", **(OURS[tool][1] if tool in OURS else PEERS[tool])}
+                r = c.run_json_child(cmd, env={"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
+                                               **env})
                 print(f"  run {rep + 1}/{args.repeat} {tool}: {r['seconds']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
                       f"peak RSS {r['peak_mb']:.0f} MB", flush=True)
                 best = runs.get(tool)
@@ -154,25 +163,27 @@ def main() -> int:
         quality = {tool: fp.compare(tmp / tool) for tool in runs}
         agreement = weight_agreement(model, tmp / "ours", tmp / "gptqmodel")
         same_bytes = all((tmp / "ours" / f.name).read_bytes() == f.read_bytes()
-                         for f in sorted((tmp / "ours-pooled").glob("*.safetensors")))
+                         for tool in OURS for f in sorted((tmp / tool).glob("*.safetensors")))
 
     print()
     rows = [["fp", None, None, None, fp.fp.perplexity, 0.0, 1.0]]
     for tool, r in runs.items():
         q = quality[tool]
-        label = {"ours": "ours (default, --host-heap flat)", "ours-pooled": "ours --host-heap pooled"}.get(
-            tool, f"GPTQModel {r.get('version', '')}")
+        label = LABELS[tool].format(version=r.get("version", ""))
         rows.append([label, r["seconds"], r["cpu_s"], r["peak_mb"], q.perplexity, q.kl, q.top1])
     c.print_table(["quantizer", "wall s", "CPU s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
     g = runs["gptqmodel"]
     print(f"GPTQModel split: load {g['load_s']:.1f}s, quantize {g['quantize_s']:.1f}s, save {g['save_s']:.1f}s")
-    for tool in OURS:
-        o = runs[tool]
-        print(f"{tool} / GPTQModel (best of {args.repeat} each): wall time {o['seconds'] / g['seconds']:.2f}, "
-              f"CPU time {o['cpu_s'] / g['cpu_s']:.2f}; speed-up {g['seconds'] / o['seconds']:.2f}x (goal >= 2x), "
-              f"peak RSS {o['peak_mb'] / g['peak_mb']:.2f}x")
+    pairs = [(tool, "gptqmodel") for tool in OURS]
+    if "gptqmodel-jemalloc" in runs:
+        pairs.append(("ours-jemalloc", "gptqmodel-jemalloc"))
+    for tool, peer in pairs:
+        o, g = runs[tool], runs[peer]
+        print(f"{LABELS[tool]} / {LABELS[peer].format(version='')} (best of {args.repeat} each): wall time "
+              f"{o['seconds'] / g['seconds']:.2f}, CPU time {o['cpu_s'] / g['cpu_s']:.2f}; speed-up "
+              f"{g['seconds'] / o['seconds']:.2f}x (goal >= 2x), peak RSS {o['peak_mb'] / g['peak_mb']:.2f}x")
     print(f"KL ours / GPTQModel: {quality['ours'].kl / quality['gptqmodel'].kl:.3f}; "
-          f"ours flat and pooled outputs byte-identical: {same_bytes}")
+          f"our outputs byte-identical across {', '.join(SETUPS)}: {same_bytes}")
     print(f"dequantized weights over {agreement['linears']} linears, relative Frobenius distance: "
           f"ours vs GPTQModel {agreement['ours_vs_gptqmodel']:.4f}; to the original: ours {agreement['ours_vs_fp']:.4f}, "
           f"GPTQModel {agreement['gptqmodel_vs_fp']:.4f}; identical weights {100 * agreement['identical']:.1f}%")
