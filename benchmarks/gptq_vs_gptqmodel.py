@@ -179,7 +179,7 @@ def main() -> int:
         pairs.append(("ours-jemalloc", "gptqmodel-jemalloc"))
     for tool, peer in pairs:
         o, g = runs[tool], runs[peer]
-        print(f"{LABELS[tool]} / {LABELS[peer].format(version='')} (best of {args.repeat} each): wall time "
+        print(f"{LABELS[tool]} / {LABELS[peer].format(version=g.get('version', ''))} (best of {args.repeat} each): wall time "
               f"{o['seconds'] / g['seconds']:.2f}, CPU time {o['cpu_s'] / g['cpu_s']:.2f}; speed-up "
               f"{g['seconds'] / o['seconds']:.2f}x (goal >= 2x), peak RSS {o['peak_mb'] / g['peak_mb']:.2f}x")
     print(f"KL ours / GPTQModel: {quality['ours'].kl / quality['gptqmodel'].kl:.3f}; "

@@ -52,9 +52,11 @@ def exec_options(f):
                           "all batches' activations at once) or one forward per group (lean). Default: lock-step "
                           "when those activations fit in a quarter of the free memory. Outputs are identical.")(f)
     f = click.option("--host-heap", default="flat", show_default=True, type=click.Choice(["flat", "pooled"]),
-                     help="Host allocation policy of the layer loop: flat (peak RSS = live memory, flat in depth; "
-                          "every large temporary page-faulted afresh) or pooled (temporaries reused: ~25% faster "
-                          "on CPU, ~50% higher peak). Outputs are identical.")(f)
+                     help="glibc allocation policy of the layer loop: flat (peak RSS = live memory, flat in depth; "
+                          "every large temporary page-faulted afresh) or pooled (temporaries reused: ~20% faster "
+                          "on CPU, a higher peak that creeps with depth). Where jemalloc is installed the command "
+                          "runs under it instead (faster than both, flat in depth; QUANTIZE_MALLOC=glibc to opt "
+                          "out). Outputs are identical.")(f)
     f = click.option("--dtype", "compute_dtype", default="auto", show_default=True,
                      type=click.Choice(sorted(_DTYPES)),
                      help="Compute dtype of the layer forward; auto: float32 on CPU, the model's dtype on CUDA.")(f)

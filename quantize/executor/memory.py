@@ -22,8 +22,8 @@ temporaries). Two glibc policies, process-wide, chosen per run (``host_heap``):
 
 jemalloc, where installed, does better than both: its size-segregated extents reuse a layer's
 temporaries without page faults and without glibc's fragmentation, and a purge after each layer
-(``release``) hands the pages back, so the peak is flat in depth *and* the faults are gone (ref-llama
-GPTQ ~20% faster than ``flat``; a 24-layer model's peak flat from layer 7 on). It must be loaded at
+(``release``) hands the pages back, so the peak is flat in depth *and* the faults are gone
+(benchmarks/gptq_rss.py: 1.045x from 4 to 32 layers, 0.76-0.79x ``flat``'s time, 1.3x its peak). It must be loaded at
 process start (LD_PRELOAD): the ``quantize`` command re-executes itself with it when the library is
 found (``quantize/allocator.py``; ``QUANTIZE_MALLOC=glibc`` turns that off). Under jemalloc both modes
 mean the same (decay off, purge per layer); nothing is placed off the heap.
