@@ -431,7 +431,7 @@ def test_hessian_accumulator_hook():
 # ---- the prepared inverse ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("K", [1, 2, 7, 64])
+@pytest.mark.parametrize("K", [1, 2, 7, 64, 700])
 def test_upper_cholesky_of_inverse_is_the_cholesky_factor_of_the_inverse(K):
     from quantize.methods.gptq import upper_cholesky_of_inverse
 
@@ -444,6 +444,20 @@ def test_upper_cholesky_of_inverse_is_the_cholesky_factor_of_the_inverse(K):
     torch.testing.assert_close(U.double(), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(U.double().T @ U.double(), torch.linalg.inv(H64), rtol=1e-4, atol=1e-5)
     assert torch.equal(upper_cholesky_of_inverse(H64.float().flip(0, 1), reversed_input=True), U)
+
+
+@pytest.mark.parametrize("K", [5, 256, 257, 1100])
+def test_lower_triangular_inverse_by_column_blocks_matches_one_full_solve(K):
+    from quantize.methods.gptq import lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(K)
+    X = torch.randn(2 * K, K, generator=g)
+    M = torch.linalg.cholesky(X.T @ X / (2 * K) + 0.1 * torch.eye(K))
+    inv = lower_triangular_inverse(M)
+    full = torch.linalg.solve_triangular(M, torch.eye(K), upper=False)
+    assert torch.equal(inv.triu(1), torch.zeros(K, K))  # exactly lower triangular
+    torch.testing.assert_close(inv, full, rtol=1e-6, atol=1e-7)  # (bit-identical with MKL on x86)
+    torch.testing.assert_close(inv.double() @ M.double(), torch.eye(K, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 def test_upper_cholesky_of_inverse_refuses_an_indefinite_matrix():
