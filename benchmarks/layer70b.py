@@ -193,7 +193,7 @@ def main() -> int:
         print(f"  {short}: solve {rows[-1][1]:.1f}s{note}", flush=True)
         with c.Timer() as t:
             for W, r in zip(Ws, rs):
-                relative_errors(W, H, gptq=r.W_hat, rtn=rtn_quantize(W, spec).W_hat)
+                relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, spec).W_hat)
         s = t.seconds * scale_k**2
         totals["metrics"] += s
         rows.append((f"metrics  {short:9}", s, _mark(scale_k, 2, down_k)))

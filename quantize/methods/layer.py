@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..executor.context import LayerContext, LayerResult
-from .gptq import gptq_quantize_shared, prepare_hessian_inverse, weighted_error
+from .gptq import gptq_quantize_shared, prepare_hessian_inverse
 from .grid import QuantSpec
 from .hessian import HessianAccumulator
 from .rtn import rtn_quantize
@@ -23,13 +23,23 @@ from .rtn import rtn_quantize
 REPORT_ROWS = 512
 
 
-def relative_errors(W: torch.Tensor, H: torch.Tensor, **W_hats: torch.Tensor) -> dict[str, float]:
-    """``tr(dW H dW^T) / tr(W H W^T)`` for each candidate, on the same row subset."""
+def relative_errors(W: torch.Tensor, H: torch.Tensor, **W_hats) -> dict[str, float]:
+    """``tr(dW H dW^T) / tr(W H W^T)`` for each candidate, on the same row subset (at most
+    ``REPORT_ROWS`` evenly spaced rows). A candidate is a tensor like ``W`` or a function of the
+    row subset of ``W`` returning its approximation (RTN, whose rows are independent: only the
+    reported rows get quantized). The reference and every candidate share ONE ``[rows, K] @ H``."""
     if W.shape[0] > REPORT_ROWS:
         rows = torch.linspace(0, W.shape[0] - 1, REPORT_ROWS).round().long()
-        W, W_hats = W[rows], {k: v[rows] for k, v in W_hats.items()}
-    ref = weighted_error(W, torch.zeros_like(W), H)
-    return {k: float(weighted_error(W, v, H) / ref) if ref > 0 else 0.0 for k, v in W_hats.items()}
+        W = W[rows]
+        W_hats = {k: v(W) if callable(v) else v[rows] for k, v in W_hats.items()}
+    else:
+        W_hats = {k: v(W) if callable(v) else v for k, v in W_hats.items()}
+    H32 = H.to(torch.float32)
+    W32 = W.to(device=H.device, dtype=torch.float32)
+    D = torch.stack([W32, *(W32 - v.to(device=H.device, dtype=torch.float32) for v in W_hats.values())])
+    errs = ((D.flatten(0, 1) @ H32).view_as(D) * D).sum(dim=(1, 2), dtype=torch.float64).tolist()
+    ref = errs[0]
+    return {k: float(e / ref) if ref > 0 else 0.0 for k, e in zip(W_hats, errs[1:])}
 
 
 def check_group_sizes(arch, config, spec: QuantSpec) -> None:
@@ -78,7 +88,7 @@ class GPTQMethod(_GridMethod):
                 results[name] = r
                 m["damp_used"][name] = float(r.damp_used)
                 m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
-                errs = relative_errors(W, H, gptq=r.W_hat, rtn=rtn_quantize(W, self.spec).W_hat)
+                errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
                 m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
 
         ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
