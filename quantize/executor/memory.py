@@ -23,10 +23,10 @@ temporaries). Two glibc policies, process-wide, chosen per run (``host_heap``):
 jemalloc, where installed, does better than both: its size-segregated extents reuse a layer's
 temporaries without page faults and without glibc's fragmentation, and a purge after each layer
 (``release``) hands the pages back, so the peak is flat in depth *and* the faults are gone
-(benchmarks/gptq_rss.py: 1.045x from 4 to 32 layers, 0.76-0.79x ``flat``'s time, 1.3x its peak). It must be loaded at
-process start (LD_PRELOAD): the ``quantize`` command re-executes itself with it when the library is
-found (``quantize/allocator.py``; ``QUANTIZE_MALLOC=glibc`` turns that off). Under jemalloc both modes
-mean the same (decay off, purge per layer); nothing is placed off the heap.
+(benchmarks/gptq_rss.py: 1.045x from 4 to 32 layers, 0.76-0.79x ``flat``'s time, 1.3x its peak).
+It must be loaded at process start (LD_PRELOAD): the ``quantize`` command re-executes itself with it
+when the library is found (``quantize/allocator.py``; ``QUANTIZE_MALLOC=glibc`` turns that off).
+Under jemalloc both modes mean the same (decay off, purge per layer); nothing is placed off the heap.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from typing import Iterator
 
 import torch
 
+from ..allocator import JEMALLOC
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 HEAP_MODES = ("flat", "pooled")
 _mode: str | None = None  # the mode applied to this process (None: glibc untouched)
 _libc = None
 _jemalloc = None  # the process's mallctl when jemalloc serves malloc (False: it does not)
 _MALLCTL_ARENAS_ALL = 4096  # jemalloc's "every arena" index in arena.<i>.* names
-JEMALLOC = "jemalloc"
 
 
 def _glibc():
@@ -101,8 +102,9 @@ def _jemalloc_retain() -> bool:
 
 
 def host_heap(mode: str = "flat") -> bool:
-    """Apply glibc allocation policy ``mode`` (module docstring) to this process; returns whether
-    it applied (False where there is no glibc: then nothing is tuned and ``release`` is a no-op)."""
+    """Apply allocation policy ``mode`` (module docstring) to this process: glibc's, or under
+    jemalloc its no-decay setting; returns whether it applied (False under another malloc: then
+    nothing is tuned and ``release`` is a no-op)."""
     global _mode
     if mode not in HEAP_MODES:
         raise ValueError(f"unknown host heap mode {mode!r}; one of {', '.join(HEAP_MODES)}")

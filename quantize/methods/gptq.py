@@ -38,7 +38,6 @@ from ..errors import InputError, RuntimeFault
 from .grid import (
     QuantResult,
     QuantSpec,
-    _quantize,
     check_scales,
     check_weight,
     dequantize_grouped,
@@ -109,7 +108,7 @@ def lower_triangular_inverse(M: Tensor) -> Tensor:
     block ``[c0, c1)`` of ``M⁻¹`` is zero above row ``c0`` and solves ``M[c0:, c0:] X = I[c0:, c0:c1]``,
     so the solves cover the lower triangle only (~K³/3 flops instead of K³ for ``solve(M, I)``).
     Every column of ``M⁻¹`` is its own substitution, so the values are those of the one full
-    solve (bit-identical on CPU, tested)."""
+    solve (bit-identical with torch's CPU LAPACK at K = 5-8192, measured; tested to 1e-6)."""
     K = M.shape[0]
     width = max(_TRI_MIN_WIDTH, -(-K // _TRI_BLOCKS))
     if width >= K:
