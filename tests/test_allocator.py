@@ -115,3 +115,22 @@ def test_freed_pages_are_reused_until_release_purges_them():
     assert m["kept"] > m["base"] - 8 * mb  # the 64 MiB block was not handed back when freed
     assert m["again"] < m["kept"] + 8 * mb  # the second block reused its pages
     assert m["purged"] < m["kept"] - 48 * mb  # release() handed them back
+
+
+@pytest.mark.parametrize("found,says", [(None, "apt-get install libjemalloc2"), ("libjemalloc.so.2", "not in use here")])
+def test_cpu_runs_under_glibc_say_once_what_jemalloc_would_give(found, says, monkeypatch, capsys):
+    from quantize.executor import memory, stage
+
+    monkeypatch.setattr(stage, "_hinted", False)
+    monkeypatch.setattr(stage, "find_jemalloc", lambda: found)
+    monkeypatch.setattr(stage, "allocator", lambda: "glibc")
+    stage._allocator_hint("cuda:0")
+    assert capsys.readouterr().err == ""  # not a CPU run
+    stage._allocator_hint("cpu")
+    stage._allocator_hint("cpu")
+    err = capsys.readouterr().err
+    assert err.count("jemalloc") >= 1 and says in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(stage, "_hinted", False)
+    monkeypatch.setattr(stage, "allocator", lambda: memory.JEMALLOC)
+    stage._allocator_hint("cpu")
+    assert capsys.readouterr().err == ""  # already under jemalloc
