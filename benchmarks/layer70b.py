@@ -26,7 +26,14 @@ The projection to 80 layers at 128 x 2048 calibration tokens scales forward and 
 token count (the attention part of the forward grows with sequence length too; its share is printed)
 and keeps prepare/solve/metrics/pack as measured.
 
+On a GPU (``--device cuda``, where one is lent) the layer forward runs in bf16 as the pipeline runs it
+there (``--dtype auto``), everything else in fp32 on the GPU, down_proj at full size, and every step
+is timed between CUDA synchronizations; the projection is then the H200 figure (goal: 80 layers at
+128 x 2048 tokens within 15 minutes; give a GPU enough tokens to fill it, e.g. ``--tokens 8x2048``). ``--shrink N`` divides hidden, intermediate and the head
+counts by N (a smoke test of the script itself, tests/test_benchmarks_smoke.py).
+
     python benchmarks/layer70b.py [--tokens 2x128] [--down-k 14336 | --full] [--threads 0]
+                                  [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--shrink 1]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import argparse
 import gc
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,8 +58,36 @@ class _Stop(Exception):
     pass
 
 
-def build_layer(seed: int = 0):
-    """A LlamaDecoderLayer of 70B shape with N(0, 0.02^2) weights (filled in place, fp32) and its rotary."""
+def shrink(n: int) -> None:
+    """Divide the layer's widths and head counts by ``n`` (head_dim kept): a smoke-test shape."""
+    global HIDDEN, INTER, HEADS, KV_HEADS
+    HIDDEN, INTER, HEADS, KV_HEADS = HIDDEN // n, INTER // n, max(1, HEADS // n), max(1, KV_HEADS // n)
+    if HIDDEN != HEADS * HEAD_DIM or HEADS % KV_HEADS:
+        raise SystemExit(f"--shrink {n}: hidden {HIDDEN} is not {HEADS} heads x {HEAD_DIM}")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: str):
+    """``with timed(dev) as t: ...`` then ``t.seconds``: wall time between device synchronizations."""
+    sync(device)
+    t = c.Timer().__enter__()
+    try:
+        yield t
+    finally:
+        sync(device)
+        t.__exit__()
+
+
+def build_layer(device: str = "cpu", dtype=None, seed: int = 0):
+    """A LlamaDecoderLayer of 70B shape with N(0, 0.02^2) weights (filled in place on ``device``, in
+    ``dtype``, default fp32) and its rotary."""
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -62,8 +98,8 @@ def build_layer(seed: int = 0):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         layer = LlamaDecoderLayer(cfg, 0)
-    layer = layer.to_empty(device="cpu").eval()
-    gen = torch.Generator().manual_seed(seed)
+    layer = layer.to_empty(device=device).to(dtype or torch.float32).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if p.ndim == 1:
@@ -71,16 +107,18 @@ def build_layer(seed: int = 0):
             else:
                 for rows in p.split(1024):  # randn in slices: no full-size temporary
                     rows.normal_(0.0, 0.02, generator=gen)
-    return layer, LlamaRotaryEmbedding(cfg), cfg
+    return layer, LlamaRotaryEmbedding(cfg).to(device), cfg
 
 
 def forward_times(layer, rotary, seqs: int, seq_len: int, reps: int):
     """(full forward seconds, executor-pattern seconds, captured group inputs [T, K])."""
     import torch
 
+    p0 = next(layer.parameters())
+    device = str(p0.device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(seqs, seq_len, HIDDEN, generator=gen)
-    pos = torch.arange(seq_len).unsqueeze(0).expand(seqs, -1)
+    x = torch.randn(seqs, seq_len, HIDDEN, generator=gen).to(device=device, dtype=p0.dtype)
+    pos = torch.arange(seq_len, device=device).unsqueeze(0).expand(seqs, -1)
     emb = rotary(x, pos)
     captured: dict[str, torch.Tensor] = {}
 
@@ -95,6 +133,7 @@ def forward_times(layer, rotary, seqs: int, seq_len: int, reps: int):
             def stop(*_):
                 raise _Stop
             handles.append(layer.get_submodule(stop_at).register_forward_pre_hook(stop))
+        sync(device)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -104,6 +143,7 @@ def forward_times(layer, rotary, seqs: int, seq_len: int, reps: int):
         finally:
             for h in handles:
                 h.remove()
+        sync(device)
         return time.perf_counter() - t0
 
     run(capture=True)  # warm-up, and the inputs of every group
@@ -126,7 +166,13 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="measure down_proj at full size (~15 GB RAM, slow)")
     ap.add_argument("--reps", type=int, default=2, help="forward repetitions (the minimum is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: auto, see common.set_threads)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] where a GPU is lent")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the layer forward's dtype; auto: float32 on CPU, bfloat16 on CUDA (as the pipeline)")
+    ap.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.shrink > 1:
+        shrink(args.shrink)
 
     import torch
 
@@ -139,16 +185,24 @@ def main() -> int:
 
     seqs, seq_len = (int(v) for v in args.tokens.lower().split("x"))
     tokens = seqs * seq_len
-    down_k = INTER if args.full else min(args.down_k, INTER)
+    dev = args.device
+    gpu = dev.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        c.skip(f"--device {dev}: no CUDA device here")
+    fwd_dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[args.dtype]
+    down_k = INTER if (args.full or gpu) else min(args.down_k, INTER)
     _, threads = c.set_threads(args.threads)
     spec = QuantSpec(bits=4, group_size=128, sym=True, act_order=True, damp=0.01, block_size=128)
     fmt = GPTQFormat(spec)
-    print(f"device: {c.cpu_model()}; torch {torch.__version__}, threads {threads}")
+    where = torch.cuda.get_device_name(dev) if gpu else c.cpu_model()
+    print(f"device: {dev} ({where}); torch {torch.__version__}, threads {threads}")
     print(f"layer: Llama-3-70B shape (hidden {HIDDEN}, intermediate {INTER}, {HEADS}/{KV_HEADS} heads, head_dim "
-          f"{HEAD_DIM}), fp32; calibration {seqs} x {seq_len} = {tokens} tokens; GPTQ 4-bit g128 act-order sym")
+          f"{HEAD_DIM}), forward in {str(fwd_dtype).removeprefix('torch.')}, GPTQ math in fp32; calibration {seqs} x "
+          f"{seq_len} = {tokens} tokens; GPTQ 4-bit g128 act-order sym")
 
-    with c.Timer() as t:
-        layer, rotary, _ = build_layer()
+    with timed(dev) as t:
+        layer, rotary, _ = build_layer(dev, fwd_dtype)
     n_params = sum(p.numel() for p in layer.parameters())
     print(f"built the layer: {n_params / 1e9:.3f} B parameters, {n_params * 4 / 2**30:.2f} GiB fp32 ({t.seconds:.0f}s)",
           flush=True)
@@ -157,7 +211,7 @@ def main() -> int:
     print(f"forward: full (lock-step pattern) {full_fwd:.2f}s, lean pattern (4 stopped + 1 full) {pattern_fwd:.2f}s",
           flush=True)
 
-    weights = {n: layer.get_submodule(n).weight.detach() for g in GROUPS for n in g}
+    weights = {n: layer.get_submodule(n).weight.detach().float() for g in GROUPS for n in g}
     del layer
     gc.collect()
 
@@ -166,7 +220,7 @@ def main() -> int:
     for group in GROUPS:
         x = inputs.pop(group[0])
         K = x.shape[1]
-        with c.Timer() as t:
+        with timed(dev) as t:
             H, _ = accumulate_hessian(x, None, 0)
         del x
         totals["hessian"] += t.seconds
@@ -176,7 +230,7 @@ def main() -> int:
             H = H[:down_k, :down_k].clone()
             scale_k = K / down_k
         gc.collect()
-        with c.Timer() as t:
+        with timed(dev) as t:
             prepared = prepare_hessian_inverse(H, spec)
         s = t.seconds * scale_k**3
         totals["prepare"] += s
@@ -184,20 +238,20 @@ def main() -> int:
         Ws = [weights.pop(name) for name in group]
         Ws = [W[:, :down_k].contiguous() for W in Ws] if scale_k > 1 else Ws
         short = "/".join(n.split(".")[-1] for n in group)
-        with c.Timer() as t:  # one row-stacked solve per group, as GPTQMethod runs it
+        with timed(dev) as t:  # one row-stacked solve per group, as GPTQMethod runs it
             rs = gptq_quantize_shared(Ws, spec, prepared, names=list(group))
         s = t.seconds * scale_k**2
         totals["solve"] += s
         rows.append((f"solve    {short:9} {sum(W.shape[0] for W in Ws)}x{K}", s, _mark(scale_k, 2, down_k)))
         note = f" ({rows[-1][2]})" if rows[-1][2] else ""
         print(f"  {short}: solve {rows[-1][1]:.1f}s{note}", flush=True)
-        with c.Timer() as t:
+        with timed(dev) as t:
             for W, r in zip(Ws, rs):
                 relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, spec).W_hat)
         s = t.seconds * scale_k**2
         totals["metrics"] += s
         rows.append((f"metrics  {short:9}", s, _mark(scale_k, 2, down_k)))
-        with c.Timer() as t:
+        with timed(dev) as t:
             for r in rs:
                 fmt.pack(r)
         s = t.seconds * scale_k
@@ -239,7 +293,12 @@ def main() -> int:
     under = (1 - share_meas) / (1 - share_target) - 1  # per-token forward cost ratio, target / measured, - 1
     print(f"  caveats: attention is {100 * share_meas:.2f}% of forward flops at length {seq_len} and "
           f"{100 * share_target:.2f}% at {TARGET_LEN}, so the forward term is under-estimated by about "
-          f"{100 * under:.1f}%; 2 shared cores, noisy; this CPU is not the target hardware for a 70B model.")
+          f"{100 * under:.1f}%" + (f"; {where}" if gpu else "; 2 shared cores, noisy; this CPU is not the target "
+                                    "hardware for a 70B model."))
+    if gpu:
+        minutes = layer_s * LAYERS / 60
+        print(f"  {LAYERS} layers at {TARGET_SEQS} x {TARGET_LEN}: {minutes:.1f} min projected on {where} "
+              f"(goal <= 15 min on an H200: {'met' if minutes <= 15 else 'not met'})")
     act_gb = target_tokens * HIDDEN * 4 / 1e9
     print(f"  resident activations at {TARGET_SEQS} x {TARGET_LEN} (fp32 hidden states): {act_gb:.1f} GB; "
           f"down_proj Hessian: {INTER**2 * 4 / 1e9:.1f} GB (+ ~3 such buffers while preparing)")
