@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+from typing import Callable
 
 MALLOC_ENV = "QUANTIZE_MALLOC"
 _EXEC_MARK = "QUANTIZE_MALLOC_EXEC"  # set in the re-executed process: never re-execute twice
@@ -23,11 +24,13 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def jemalloc_exec_env(environ: dict[str, str], library: str | None) -> dict[str, str] | None:
+def jemalloc_exec_env(environ: dict[str, str],
+                      find: Callable[[], str | None] = find_jemalloc) -> dict[str, str] | None:
     """The environment to re-execute this process with so that jemalloc serves malloc (module
     docstring), or None to carry on as is: ``QUANTIZE_MALLOC=glibc``, jemalloc already preloaded,
-    a re-executed process, or no ``library``. Raises InputError when jemalloc is required
-    (``QUANTIZE_MALLOC=jemalloc``) but not installed, or the setting is unknown."""
+    a re-executed process, or no library (``find()``, called only when the answer depends on it:
+    it runs ldconfig). Raises InputError when jemalloc is required (``QUANTIZE_MALLOC=jemalloc``)
+    but not installed, or the setting is unknown."""
     from .errors import InputError
 
     want = environ.get(MALLOC_ENV, "auto").strip().lower() or "auto"
@@ -35,6 +38,7 @@ def jemalloc_exec_env(environ: dict[str, str], library: str | None) -> dict[str,
         raise InputError(f"{MALLOC_ENV}={environ[MALLOC_ENV]!r}: use auto, glibc or jemalloc")
     if want == "glibc" or environ.get(_EXEC_MARK) or JEMALLOC in environ.get("LD_PRELOAD", ""):
         return None
+    library = find()
     if library is None:
         if want == JEMALLOC:
             raise InputError(f"{MALLOC_ENV}=jemalloc but no jemalloc library is installed "
@@ -49,9 +53,7 @@ def reexec_with_jemalloc() -> None:
     preloaded when it is installed (``jemalloc_exec_env``); returns when there is nothing to do."""
     if not sys.platform.startswith("linux") or not sys.executable or not getattr(sys, "orig_argv", None):
         return
-    if os.environ.get(MALLOC_ENV, "auto").strip().lower() == "glibc" or os.environ.get(_EXEC_MARK):
-        return  # (before the library lookup, which runs ldconfig)
-    env = jemalloc_exec_env(dict(os.environ), find_jemalloc())
+    env = jemalloc_exec_env(dict(os.environ))
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()

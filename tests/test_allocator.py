@@ -29,11 +29,19 @@ needs_jemalloc = pytest.mark.skipif(LIB is None, reason="libjemalloc is not inst
 # -- the decision (pure) ---------------------------------------------------------------------------
 
 
+def _found():
+    return "libjemalloc.so.2"
+
+
+def _not_looked_up():
+    raise AssertionError("the library lookup (ldconfig) ran where the answer did not depend on it")
+
+
 def test_auto_preloads_the_library_found_and_marks_the_process():
-    env = jemalloc_exec_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"}, "libjemalloc.so.2")
+    env = jemalloc_exec_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"}, _found)
     assert env["LD_PRELOAD"] == "libjemalloc.so.2 libfoo.so"
     assert env["PATH"] == "/bin"
-    assert jemalloc_exec_env(env, "libjemalloc.so.2") is None  # the re-executed process stays
+    assert jemalloc_exec_env(env, _not_looked_up) is None  # the re-executed process stays
 
 
 @pytest.mark.parametrize("environ", [
@@ -42,19 +50,19 @@ def test_auto_preloads_the_library_found_and_marks_the_process():
     {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},  # the user preloaded it already
 ])
 def test_no_reexecution_when_not_wanted_or_already_there(environ):
-    assert jemalloc_exec_env(environ, "libjemalloc.so.2") is None
+    assert jemalloc_exec_env(environ, _not_looked_up) is None
 
 
 def test_auto_without_the_library_carries_on():
-    assert jemalloc_exec_env({}, None) is None
-    assert jemalloc_exec_env({MALLOC_ENV: "auto"}, None) is None
+    assert jemalloc_exec_env({}, lambda: None) is None
+    assert jemalloc_exec_env({MALLOC_ENV: "auto"}, lambda: None) is None
 
 
 def test_required_but_missing_or_unknown_setting_is_an_input_error():
     with pytest.raises(InputError, match="apt-get install libjemalloc2"):
-        jemalloc_exec_env({MALLOC_ENV: "jemalloc"}, None)
+        jemalloc_exec_env({MALLOC_ENV: "jemalloc"}, lambda: None)
     with pytest.raises(InputError, match="use auto, glibc or jemalloc"):
-        jemalloc_exec_env({MALLOC_ENV: "tcmalloc"}, "libjemalloc.so.2")
+        jemalloc_exec_env({MALLOC_ENV: "tcmalloc"}, _found)
 
 
 def test_unknown_setting_exits_2_with_one_line():
