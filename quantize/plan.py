@@ -21,9 +21,10 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 
 @dataclass(frozen=True)
 class Setting:
-    method: str  # "fp16", "gptq", "awq", "exl2"
+    method: str  # "fp16", "gptq", "awq", "exl2", "ct" (compressed-tensors WnA16), "fp8" (W8A8)
     bits: float  # bits, or bpw for exl2
     group_size: int = 128
+    sym: bool = True  # ct: asymmetric adds packed zero points; fp8: False = static (input scales stored)
 
     @property
     def label(self) -> str:
@@ -31,7 +32,11 @@ class Setting:
             return self.method
         if self.method == "exl2":
             return f"exl2 {self.bits:g} bpw"
+        if self.method == "fp8":
+            return "ct fp8 w8a8" + (" static" if not self.sym else "")
         g = "" if self.group_size == -1 else f" g{self.group_size}"
+        if self.method == "ct":
+            return f"ct w{int(self.bits)}a16{g}" + ("" if self.sym else " asym")
         return f"{self.method} {int(self.bits)}-bit{g}"
 
 
@@ -67,6 +72,17 @@ def linear_bytes(N: int, K: int, s: Setting, has_bias: bool, dtype_bytes: int) -
     if s.method == "exl2":
         # bpw counts codes, scales, group table and permutation (FORMATS.md §3.3); q_scale_max fp16
         return math.ceil(N * K * s.bits / 8) + N * 2 + bias
+    if s.method == "ct":
+        # compressed-tensors pack-quantized: weight_packed int32 [N, ceil(K b/32)], weight_scale in the
+        # model dtype [N, G], weight_zero_point int32 [ceil(N b/32), G] when asymmetric, weight_shape int64 [2]
+        b = int(s.bits)
+        zp = 0 if s.sym else math.ceil(N * b / 32) * G * 4
+        bias = N * dtype_bytes if has_bias else 0
+        return N * math.ceil(K * b / 32) * 4 + N * G * dtype_bytes + zp + 16 + bias
+    if s.method == "fp8":
+        # float-quantized: weight e4m3 [N, K], weight_scale [N, 1] (model dtype), input_scale [1] when static
+        bias = N * dtype_bytes if has_bias else 0
+        return N * K + N * dtype_bytes + (0 if s.sym else dtype_bytes) + bias
     raise InputError(f"unknown method {s.method!r}")
 
 
@@ -108,9 +124,9 @@ def kv_cache_bytes(config: Mapping[str, Any], context: int, batch: int, kv_dtype
 
 DEFAULT_SETTINGS = [
     Setting("bf16", 16),
-    Setting("gptq", 8, 128), Setting("exl2", 6.0), Setting("exl2", 5.0), Setting("awq", 4, 128),
-    Setting("gptq", 4, 128), Setting("exl2", 4.0), Setting("gptq", 3, 128), Setting("exl2", 3.0),
-    Setting("exl2", 2.5), Setting("gptq", 2, 64),
+    Setting("fp8", 8), Setting("ct", 8, 128), Setting("gptq", 8, 128), Setting("exl2", 6.0), Setting("exl2", 5.0),
+    Setting("ct", 4, 128), Setting("awq", 4, 128), Setting("gptq", 4, 128), Setting("exl2", 4.0),
+    Setting("gptq", 3, 128), Setting("exl2", 3.0), Setting("exl2", 2.5), Setting("gptq", 2, 64),
 ]
 
 

@@ -1,4 +1,5 @@
-"""`quantize awq`: AWQ into the AWQ GEMM checkpoint format (4-bit, asymmetric, grouped)."""
+"""`quantize awq`: AWQ into the AWQ GEMM checkpoint format (4-bit, asymmetric, grouped) or
+compressed-tensors (``--format``; the same grid, W4A16 asymmetric)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,40 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
+from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
 def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bits: int = 4, group_size: int = 128,
                  scale_search: bool = True, clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
                  search_tokens: int = 8192, clip_grid: int = 20, max_shrink: float = 0.5, seed: int = 0,
-                 overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9):
+                 overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9, format: str = "awq",
+                 scale_dtype: str = "auto"):
     """Library entry point (the CLI and `quantize run` call this). Returns the output manifest."""
     import torch
 
     from ..executor.stage import run_quantize_stage
-    from ..formats.awq import AWQFormat
+    from ..formats.registry import model_config, resolve_scale_dtype
     from ..methods.awq_layer import AWQMethod, AWQParams
 
+    if format not in ("awq", "compressed-tensors"):
+        raise InputError(f"--format {format!r}: `quantize awq` writes awq or compressed-tensors")
     if bits != 4:
-        raise InputError(f"--bits {bits}: the AWQ GEMM format is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
+        raise InputError(f"--bits {bits}: AWQ here is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
     awq = AWQParams.parse(dict(group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
                                n_grid=n_grid, search_tokens=search_tokens, clip_grid=clip_grid, max_shrink=max_shrink))
     torch.manual_seed(seed)
-    method = AWQMethod(awq)
-    fmt = AWQFormat(group_size)
-    params = {"method": "awq", "bits": bits, **awq.model_dump(), "seed": seed, "format": "awq", "version": "gemm"}
+    method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir))
+    if format == "compressed-tensors":
+        from ..formats.compressed_tensors import CompressedTensorsIntFormat
+
+        fmt = CompressedTensorsIntFormat.for_model(method.spec, model_config(model_dir))
+        params = {"method": "awq", "bits": bits, **awq.model_dump(), "seed": seed, "format": format}
+    else:
+        from ..formats.awq import AWQFormat
+
+        fmt = AWQFormat(group_size)
+        params = {"method": "awq", "bits": bits, **awq.model_dump(), "seed": seed, "format": "awq", "version": "gemm"}
+    params["scale_dtype"] = method.spec.scale_dtype
     return run_quantize_stage(stage="awq", model_dir=model_dir, calibration_dir=calibration, out=out, method=method,
                               fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite, resume=resume,
                               max_shard_bytes=max_shard_bytes)
@@ -45,7 +58,7 @@ def _ratio(layers: list[dict]) -> float:
               help="HF model directory or a merge output.")
 @click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Output of `quantize sample` for this model.")
-@click.option("--bits", default=4, show_default=True, type=int, help="Weight bits; the AWQ GEMM format is 4-bit only.")
+@click.option("--bits", default=4, show_default=True, type=int, help="Weight bits; AWQ here is 4-bit only.")
 @click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
 @click.option("--scale-search/--no-scale-search", default=True, show_default=True,
               help="Search and fold per-channel activation-aware scales (off: round-to-nearest plus clipping).")
@@ -55,20 +68,20 @@ def _ratio(layers: list[dict]) -> float:
 @click.option("--grid", "n_grid", default=20, show_default=True, type=click.IntRange(min=1), help="Grid points of the scale search.")
 @click.option("--search-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Calibration tokens (whole sequences) the scale search re-runs sub-blocks on; statistics use all tokens.")
+@format_options(["awq", "compressed-tensors"])
 @quantize_output_options
 @out_option()
 @exec_options
 @stage_options
 def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens,
-                max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
+                format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
+                host_heap, device, seed, overwrite):
     """Quantize with AWQ (activation-aware scales + clipping), one decoder layer resident at a time."""
-    if bits != 4:
-        raise InputError(f"--bits {bits}: the AWQ GEMM format is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_awq(model_dir=model_dir, calibration=calibration, out=out, exec_cfg=cfg, bits=bits,
                      group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
                      n_grid=n_grid, search_tokens=search_tokens, seed=seed, overwrite=overwrite, resume=resume,
-                     max_shard_bytes=int(max_shard_size * 1e9))
+                     max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
     layers = m.metrics.get("layers", [])
     click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}; "
                f"sub-block error vs round-to-nearest {_ratio(layers):.3f}x")

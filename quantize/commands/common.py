@@ -84,3 +84,17 @@ def quantize_output_options(f):
                      help="Continue a killed run from OUT.partial (also automatic for an identical command).")(f)
     f = click.option("--max-shard-size", default=5.0, show_default=True, type=float, help="Shard size in GB.")(f)
     return f
+
+
+def format_options(formats: list[str]):
+    """--format (the first is the default) and --scale-dtype, shared by the quantization commands."""
+    def deco(f):
+        f = click.option("--scale-dtype", default="auto", show_default=True,
+                         type=click.Choice(["auto", "float16", "bfloat16"]),
+                         help="dtype of the stored scales; the grid uses scales exact in it. auto: float16 for gptq/awq, "
+                              "the model's dtype for compressed-tensors (what its loaders create).")(f)
+        f = click.option("--format", "format", default=formats[0], show_default=True, type=click.Choice(formats),
+                         help="Checkpoint format: " + ", ".join(formats) + " (compressed-tensors: vLLM's native "
+                              "format, pack-quantized).")(f)
+        return f
+    return deco

@@ -1,4 +1,5 @@
-"""`quantize gptq`: GPTQ (or the RTN baseline) into the GPTQ checkpoint format."""
+"""`quantize gptq` / `quantize rtn`: GPTQ (or the RTN baseline) into the GPTQ checkpoint format or
+compressed-tensors (``--format``)."""
 
 from __future__ import annotations
 
@@ -6,31 +7,52 @@ from pathlib import Path
 
 import click
 
-from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
+from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
 def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, group_size: int, act_order: bool,
-                  sym: bool, damp: float, static_groups: bool, block_size: int, rtn: bool, exec_cfg,
+                  sym: bool, damp: float, static_groups: bool | None, block_size: int, rtn: bool, exec_cfg,
                   seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
-                  max_shard_bytes: int = 5 * 10**9):
-    """Library entry point (the CLI and `quantize run` call this)."""
+                  max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto"):
+    """Library entry point (the CLI and `quantize run` call this).
+
+    ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
+    (pack-quantized). ``static_groups=None``: on for compressed-tensors with act-order (the only
+    act-order it stores), off for GPTQ. ``scale_dtype``: see ``formats.registry.resolve_scale_dtype``."""
     import torch
 
+    from ..errors import InputError
     from ..executor.stage import run_quantize_stage
-    from ..formats.gptq_checkpoint import GPTQFormat
+    from ..formats.registry import model_config, resolve_scale_dtype
     from ..methods.grid import QuantSpec
     from ..methods.layer import GPTQMethod, RTNMethod
 
+    if format not in ("gptq", "compressed-tensors"):
+        raise InputError(f"--format {format!r}: `quantize gptq` writes gptq or compressed-tensors")
+    ct = format == "compressed-tensors"
+    if static_groups is None:
+        static_groups = ct and act_order and not rtn
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp, block_size=block_size,
-                     # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 can use the full grid
-                     v1_safe_zeros=checkpoint_format == "gptq")
+                     damp=damp, block_size=block_size, scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
+                     # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 and CT use the full grid
+                     v1_safe_zeros=not ct and checkpoint_format == "gptq")
     method = RTNMethod(spec) if rtn else GPTQMethod(spec)
-    fmt = GPTQFormat(spec, checkpoint_format=checkpoint_format)
+    if ct:
+        from ..formats.compressed_tensors import CompressedTensorsIntFormat
+
+        # RTN has no column order: act-order is meaningless there and is not recorded
+        fmt = CompressedTensorsIntFormat.for_model(spec.model_copy(update={"act_order": False}) if rtn else spec,
+                                                   model_config(model_dir))
+    else:
+        from ..formats.gptq_checkpoint import GPTQFormat
+
+        fmt = GPTQFormat(spec, checkpoint_format=checkpoint_format)
     params = {"method": method.name, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
               "static_groups": static_groups, "damp": damp, "block_size": block_size, "seed": seed,
-              "format": "gptq", "checkpoint_format": checkpoint_format}
+              "format": format, "scale_dtype": spec.scale_dtype}
+    if not ct:
+        params["checkpoint_format"] = checkpoint_format
     return run_quantize_stage(stage=method.name, model_dir=model_dir, calibration_dir=calibration, out=out,
                               method=method, fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite,
                               resume=resume, max_shard_bytes=max_shard_bytes)
@@ -44,24 +66,55 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
 @click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
 @click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
-@click.option("--static-groups", is_flag=True, help="With act-order: group parameters fixed before the column permutation.")
+@click.option("--static-groups/--no-static-groups", default=None,
+              help="With act-order: group parameters fixed before the column permutation (contiguous groups, no "
+                   "g_idx indirection). Default: on for --format compressed-tensors (the only act-order it stores), "
+                   "off for gptq.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="Dampening, as a fraction of the mean Hessian diagonal (raised automatically when needed).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="Columns per lazy-update block.")
 @click.option("--rtn", is_flag=True, help="Round-to-nearest baseline on the same grid and format (no GPTQ updates).")
 @click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
-              help="Zero-point convention of the written qzeros.")
+              help="Zero-point convention of the written qzeros (--format gptq).")
+@format_options(["gptq", "compressed-tensors"])
 @quantize_output_options
 @out_option()
 @exec_options
 @stage_options
 def gptq_command(model_dir, calibration, bits, group_size, act_order, static_groups, sym, damp, block_size, rtn,
-                 checkpoint_format, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap,
-                 device, seed, overwrite):
+                 checkpoint_format, format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations,
+                 compute_dtype, lockstep, host_heap, device, seed, overwrite):
     """Quantize with GPTQ, one decoder layer resident at a time."""
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
                       act_order=act_order, sym=sym, damp=damp, static_groups=static_groups, block_size=block_size,
                       rtn=rtn, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
-                      checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9))
+                      checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9), format=format,
+                      scale_dtype=scale_dtype)
+    click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")
+
+
+@click.command("rtn")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="HF model directory or a merge output.")
+@click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Output of `quantize sample` (RTN uses no statistics; the tokens give the reported error).")
+@click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
+@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
+@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
+              help="Zero-point convention of the written qzeros (--format gptq).")
+@format_options(["gptq", "compressed-tensors"])
+@quantize_output_options
+@out_option()
+@exec_options
+@stage_options
+def rtn_command(model_dir, calibration, bits, group_size, sym, checkpoint_format, format, scale_dtype, max_shard_size,
+                resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
+    """Round-to-nearest (the calibration-free baseline), same grid and formats as `quantize gptq`."""
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
+    m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
+                      act_order=False, sym=sym, damp=0.01, static_groups=False, block_size=128, rtn=True, exec_cfg=cfg,
+                      seed=seed, overwrite=overwrite, resume=resume, checkpoint_format=checkpoint_format,
+                      max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
     click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")

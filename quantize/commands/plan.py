@@ -63,8 +63,12 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
         settings = [Setting("bf16", 16)]
         if bits is not None:
             settings.append(Setting("gptq", int(bits), group_size))
+            if bits in ("4", "8"):
+                settings.append(Setting("ct", int(bits), group_size))
             if bits == "4":
                 settings.append(Setting("awq", 4, group_size))
+            if bits == "8":
+                settings.append(Setting("fp8", 8))
         if bpw is not None:
             settings.append(Setting("exl2", bpw))
     budget = None

@@ -50,9 +50,21 @@ def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     s = LayerStreamer(Path(model_dir), reader, arch, cfg)
     s.capture(windows)
     s.apply_host_heap()
+    # a format that quantizes activations too (FP8 W8A8) says what the engine does to each input
+    quantizer = getattr(getattr(reader, "fmt", None), "input_quantizer", None)
     for i in log.progress(range(s.num_layers), total=s.num_layers, desc=f"eval {Path(model_dir).name}"):
-        s.load_layer(i)
-        s.run_layer(i, propagate=True)
+        layer = s.load_layer(i)
+        handles = []
+        if quantizer is not None:
+            for name in arch.linear_names():
+                q = quantizer(reader.inner, arch.layer_prefix(i) + name)
+                handles.append(layer.get_submodule(name).register_forward_pre_hook(
+                    lambda _m, args, q=q: (q(args[0]), *args[1:])))
+        try:
+            s.run_layer(i, propagate=True)
+        finally:
+            for h in handles:
+                h.remove()
         s.release_layer(i)
     yield from s.head_logits()
 

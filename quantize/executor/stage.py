@@ -52,11 +52,15 @@ def fingerprint(obj: Any) -> str:
     return mf.sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-def preflight(model_dir: Path, calibration_dir: Path, staged: StagedOutput):
-    """Cheap checks before any heavy work. Returns (reader, arch, input_ids, calibration manifest)."""
+def preflight(model_dir: Path, calibration_dir: Path | None, staged: StagedOutput):
+    """Cheap checks before any heavy work. Returns (reader, arch, input_ids, calibration manifest);
+    without a calibration set (a method that needs no activations) the last two are None."""
     staged.preflight()
     reader = CheckpointReader(Path(model_dir))
     arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
+    if calibration_dir is None:
+        _check_disk(staged, reader)
+        return reader, arch, None, None
     input_ids, calib = load_calibration(Path(calibration_dir))
     want = calib.params.get("tokenizer_sha256")
     have = tokenizer_hash(Path(model_dir))
@@ -71,13 +75,17 @@ def preflight(model_dir: Path, calibration_dir: Path, staged: StagedOutput):
             f"{calibration_dir}: seq_len {input_ids.shape[1]} exceeds the model's context "
             f"({limit}, config.json max_position_embeddings); sample again with a smaller --seq-len"
         )
+    _check_disk(staged, reader)
+    return reader, arch, input_ids, calib
+
+
+def _check_disk(staged: StagedOutput, reader) -> None:
     parent = staged.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
     need = reader.total_bytes  # a <=8-bit output plus its parts is never larger than a 16-bit source
     if free < need:
         raise InputError(f"{parent}: {free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed; free disk or choose another --out")
-    return reader, arch, input_ids, calib
 
 
 _hinted = False
@@ -101,7 +109,7 @@ def run_quantize_stage(
     *,
     stage: str,
     model_dir: Path,
-    calibration_dir: Path,
+    calibration_dir: Path | None,
     out: Path,
     method: LayerMethod,
     fmt: Format,
@@ -119,14 +127,19 @@ def run_quantize_stage(
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
     if hasattr(method, "preflight"):
         method.preflight(arch, reader.config)
+    if hasattr(fmt, "preflight"):  # what the output format can store (shapes, bits, group sizes)
+        fmt.preflight(arch, reader.config)
     params = {**params, "device": exec_cfg.device, "batch_size": exec_cfg.batch_size,
               "compute_dtype": str(exec_cfg.dtype).removeprefix("torch."),
               "offload_activations": exec_cfg.offload_activations, "max_shard_bytes": max_shard_bytes}
-    inputs = [mf.describe_input("model", Path(model_dir)), mf.describe_input("calibration", Path(calibration_dir))]
+    inputs = [mf.describe_input("model", Path(model_dir))]
+    if calibration_dir is not None:
+        inputs.append(mf.describe_input("calibration", Path(calibration_dir)))
     run_id = fingerprint({"stage": stage, "params": params, "inputs": [i.model_dump() for i in inputs]})
     layer_names, other_names = arch.split_tensor_names(reader.names())
     n_layers = arch.num_layers(reader.config)
-    log.event("stage_start", f"{stage}: {model_dir} -> {out} ({n_layers} layers, {input_ids.shape[0]}x{input_ids.shape[1]} calibration tokens)",
+    tokens = f"{input_ids.shape[0]}x{input_ids.shape[1]} calibration tokens" if input_ids is not None else "no calibration"
+    log.event("stage_start", f"{stage}: {model_dir} -> {out} ({n_layers} layers, {tokens})",
               stage=stage, layers=n_layers)
     _allocator_hint(exec_cfg.device)
     t_start = time.time()
@@ -146,7 +159,8 @@ def run_quantize_stage(
         mf.write_manifest(staging, mf.new_manifest(stage, inputs=inputs, params=params, device=exec_cfg.device))
 
         streamer = LayerStreamer(Path(model_dir), reader, arch, exec_cfg)
-        streamer.capture(input_ids)
+        if input_ids is not None:  # else: weights only, no activations (every layer forward is a no-op)
+            streamer.capture(input_ids)
         start, layer_metrics = 0, []
         if state is not None:
             start, layer_metrics = state["next_layer"], state["layers"]

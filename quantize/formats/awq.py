@@ -32,9 +32,11 @@ SUFFIXES = ("qweight", "qzeros", "scales")
 _MAXQ = (1 << BITS) - 1
 
 
-def awq_spec(group_size: int) -> QuantSpec:
-    """The grid AWQ GEMM stores: 4-bit, asymmetric, zero-point 0 allowed (stored raw)."""
-    return QuantSpec(bits=BITS, group_size=group_size, sym=False, act_order=False, v1_safe_zeros=False)
+def awq_spec(group_size: int, scale_dtype: str = "float16") -> QuantSpec:
+    """The grid AWQ GEMM stores: 4-bit, asymmetric, zero-point 0 allowed (stored raw); fp16 scales
+    (another ``scale_dtype`` for formats that store the same grid otherwise: compressed-tensors)."""
+    return QuantSpec(bits=BITS, group_size=group_size, sym=False, act_order=False, v1_safe_zeros=False,
+                     scale_dtype=scale_dtype)
 
 
 def _interleave(values: Tensor) -> Tensor:
@@ -87,6 +89,8 @@ def pack_awq(codes: Tensor, scales: Tensor, zeros: Tensor, *, name: str = "weigh
     scales16 = scales.to(torch.float16)
     if not bool(torch.isfinite(scales16).all()):
         raise InputError(f"{name}: scales overflow fp16; leave this module unquantized")
+    if not torch.equal(scales16.to(torch.float32), scales.to(torch.float32)):
+        raise InputError(f"{name}: scales are not exact in fp16, which this format stores; quantize with --scale-dtype float16")
     return {
         "qweight": pack_columns(codes.T, what=f"{name}: out_features").contiguous(),
         "qzeros": pack_columns(zeros, what=f"{name}: out_features").contiguous(),
@@ -154,6 +158,14 @@ class AWQFormat:
         if not isinstance(group, int) or isinstance(group, bool) or (group != -1 and group < 1):
             raise InputError(f"{source}: AWQ group_size={group!r} is not a positive integer or -1")
         return cls(group)
+
+    def preflight(self, arch, config: Mapping[str, Any]) -> None:
+        """Before any heavy work: every layer linear must be storable as AWQ GEMM (InputError)."""
+        for name in arch.linear_names():
+            N, _ = arch.linear_shape(name, config)
+            if N % PACK:
+                raise InputError(f"{arch.layer_prefix(0)}{name}: out_features={N} is not a multiple of {PACK}, which AWQ "
+                                 f"GEMM cannot store; use --format compressed-tensors or `quantize gptq` for this model")
 
     def pack(self, result: QuantResult) -> dict[str, Tensor]:
         g_idx = result.g_idx.to(torch.int64)

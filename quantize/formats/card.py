@@ -10,7 +10,7 @@ from .. import __version__
 
 def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibration, params: dict[str, Any],
                      metrics: dict[str, Any]) -> Path:
-    cp = calibration.params
+    cp = calibration.params if calibration is not None else {}
     ds = cp.get("dataset", {})
     ds_name = ds.get("name", ds) if isinstance(ds, dict) else ds
     lines = [
@@ -26,11 +26,13 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
         f"| base model | `{model_dir}` |",
         f"| method | {stage} |",
     ]
-    for key in ("bits", "bpw", "group_size", "sym", "act_order", "static_groups", "damp", "head_bits"):
+    for key in ("format", "bits", "bpw", "group_size", "sym", "act_order", "static_groups", "damp", "head_bits",
+                "scheme", "scale_dtype"):
         if key in params:
             lines.append(f"| {key.replace('_', ' ')} | {params[key]} |")
     lines += [
-        f"| calibration | {ds_name}: {cp.get('n_samples')} x {cp.get('seq_len')} tokens, seed {cp.get('seed')} |",
+        (f"| calibration | {ds_name}: {cp.get('n_samples')} x {cp.get('seq_len')} tokens, seed {cp.get('seed')} |"
+         if calibration is not None else "| calibration | none (weights only) |"),
         f"| device | {params.get('device')} |",
     ]
     if "mean_rel_error" in metrics:

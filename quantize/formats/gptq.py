@@ -142,6 +142,8 @@ def pack_gptq(
     scales16 = scales.to(torch.float16)
     if not bool(torch.isfinite(scales16).all()):
         raise InputError(f"{name}: scales overflow fp16; leave this module unquantized")
+    if not torch.equal(scales16.to(torch.float32), scales.to(torch.float32)):
+        raise InputError(f"{name}: scales are not exact in fp16, which this format stores; quantize with --scale-dtype float16")
     return {
         "qweight": pack_lsb_bitstream(codes, bits, what=f"{name}: in_features").T.contiguous(),
         "qzeros": pack_lsb_bitstream(stored, bits, what=f"{name}: out_features").contiguous(),

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .grid import QuantResult, QuantSpec, dequantize_grouped, fp16_exact
+from .grid import QuantResult, QuantSpec, dequantize_grouped, dtype_exact
 
 BITS = 4
 MAXQ = (1 << BITS) - 1
@@ -117,11 +117,12 @@ def _group_width(K: int, group_size: int) -> int:
     return g
 
 
-def _grid_params(groups: Tensor) -> tuple[Tensor, Tensor]:
-    """AWQ asymmetric params per group of ``groups [..., g]``: fp16-exact scale, integer zero (fp32)."""
+def _grid_params(groups: Tensor, scale_dtype: str = "float16") -> tuple[Tensor, Tensor]:
+    """AWQ asymmetric params per group of ``groups [..., g]``: scale exact in ``scale_dtype`` (the
+    searches use fp16; the final quantization the checkpoint's dtype), integer zero (fp32)."""
     mx = groups.amax(dim=-1)
     mn = groups.amin(dim=-1)
-    scale = fp16_exact((mx - mn).clamp(min=_MIN_RANGE) / MAXQ)
+    scale = dtype_exact((mx - mn).clamp(min=_MIN_RANGE) / MAXQ, scale_dtype)
     zero = (-torch.round(mn / scale)).clamp(0, MAXQ)
     return scale, zero
 
@@ -139,14 +140,14 @@ def fake_quantize(W: Tensor, group_size: int) -> Tensor:
 
 def awq_quantize(W: Tensor, spec: QuantSpec, loss: float = float("nan")) -> QuantResult:
     """4-bit asymmetric round-to-nearest of every contiguous group of ``W [N, K]`` (AutoAWQ's
-    ``pseudo_quantize_tensor``, zero_point=True) with fp16-exact scales, so the packed AWQ tensors
-    dequantize to ``W_hat`` bit for bit."""
+    ``pseudo_quantize_tensor``, zero_point=True) with scales exact in ``spec.scale_dtype`` (fp16 for
+    the AWQ GEMM format), so the packed tensors dequantize to ``W_hat`` bit for bit."""
     W = W.float()
     N, K = W.shape
     g = _group_width(K, spec.group_size)
     G = K // g
     groups = W.view(N, G, g)
-    scale, zero = _grid_params(groups)
+    scale, zero = _grid_params(groups, spec.scale_dtype)
     codes = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, MAXQ)
     codes = codes.view(N, K).to(torch.int32)
     g_idx = (torch.arange(K, device=W.device) // g).to(torch.int32)

@@ -198,7 +198,7 @@ def _gptq_solve(W: Tensor, H: Tensor | None, spec: QuantSpec, prepared: Prepared
     W32 = W32.to(device)
     dead = dead.to(device)
     W32[:, dead] = 0.0
-    params = dict(bits=spec.bits, sym=spec.sym, mse=spec.mse, v1_safe_zeros=spec.v1_safe_zeros)
+    params = spec.grid_params()
     maxq = spec.maxq
 
     lazy = G > 1 and not spec.static_groups

@@ -73,6 +73,8 @@ class QuantSpec(Settings):
     block_size: int = Field(128, ge=1, description="GPTQ lazy-batch width in columns")
     mse: bool = Field(False, description="search a clipped range minimising |w - w_hat|^2.4")
     v1_safe_zeros: bool = Field(True, description="asym: never emit zero-point 0 (unstorable in v1 'gptq')")
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="dtype the checkpoint stores scales in; the grid uses scales exact in it")
 
     _check_group_size = field_validator("group_size")(classmethod(lambda cls, v: check_group_size(v)))
 
@@ -93,6 +95,11 @@ class QuantSpec(Settings):
 
     def num_groups(self, in_features: int, name: str = "weight") -> int:
         return in_features // self.group_width(in_features, name)
+
+    def grid_params(self) -> dict[str, Any]:
+        """Keyword arguments of ``find_params_float`` for this spec."""
+        return dict(bits=self.bits, sym=self.sym, mse=self.mse, v1_safe_zeros=self.v1_safe_zeros,
+                    scale_dtype=self.scale_dtype)
 
 
 @dataclass(frozen=True)
@@ -126,9 +133,20 @@ class QuantResult:
         return out
 
 
+_SCALE_FLOOR = {"float16": _FP16_MIN_SUBNORMAL, "bfloat16": 2.0**-133}  # smallest positive value of each
+
+
 def fp16_exact(scale: Tensor) -> Tensor:
     """Round fp32 scales to the nearest fp16 value (kept as fp32), never to zero."""
     return scale.to(torch.float16).to(torch.float32).clamp_min_(_FP16_MIN_SUBNORMAL)
+
+
+def dtype_exact(scale: Tensor, scale_dtype: str = "float16") -> Tensor:
+    """Round fp32 scales to the nearest value of ``scale_dtype`` ("float16" or "bfloat16"), kept as
+    fp32 and never zero: the scales a checkpoint storing them in that dtype reproduces exactly."""
+    if scale_dtype == "float16":
+        return fp16_exact(scale)
+    return scale.to(torch.bfloat16).to(torch.float32).clamp_min_(_SCALE_FLOOR[scale_dtype])
 
 
 def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
@@ -141,16 +159,17 @@ def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
     return torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
 
 
-def _grid(xmin: Tensor, xmax: Tensor, bits: int, sym: bool, v1_safe_zeros: bool) -> tuple[Tensor, Tensor]:
-    """(scale, zero) as fp32 tensors; scale fp16-exact, zero integer-valued."""
+def _grid(xmin: Tensor, xmax: Tensor, bits: int, sym: bool, v1_safe_zeros: bool,
+          scale_dtype: str = "float16") -> tuple[Tensor, Tensor]:
+    """(scale, zero) as fp32 tensors; scale exact in ``scale_dtype``, zero integer-valued."""
     maxq = (1 << bits) - 1
-    scale = fp16_exact((xmax - xmin) / maxq)
+    scale = dtype_exact((xmax - xmin) / maxq, scale_dtype)
     if sym:
         return scale, torch.full_like(scale, float(1 << (bits - 1)))
     zero = torch.round(-xmin / scale).clamp_(0, maxq)
     if v1_safe_zeros:
         low = zero < 1
-        scale = torch.where(low, fp16_exact(xmax / (maxq - 1)), scale)
+        scale = torch.where(low, dtype_exact(xmax / (maxq - 1), scale_dtype), scale)
         zero = torch.where(low, 1.0, zero)
     return scale, zero
 
@@ -161,19 +180,19 @@ def _quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
 
 
 def find_params_float(
-    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16"
 ) -> tuple[Tensor, Tensor]:
     """``find_params`` with the zero-point as an integer-valued fp32 tensor (for the solvers)."""
     x = x.to(torch.float32)
     xmin, xmax = _range(x, sym)
-    scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros)
+    scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros, scale_dtype)
     if not mse:
         return scale, zero
     maxq = (1 << bits) - 1
     best = torch.full_like(scale, float("inf"))
     for i in range(int(_MSE_MAX_SHRINK * _MSE_GRID)):
         p = 1.0 - i / _MSE_GRID
-        s, z = _grid(p * xmin, p * xmax, bits, sym, v1_safe_zeros)
+        s, z = _grid(p * xmin, p * xmax, bits, sym, v1_safe_zeros, scale_dtype)
         s1, z1 = s.unsqueeze(-1), z.unsqueeze(-1)
         err = (s1 * (_quantize(x, s1, z1, maxq) - z1) - x).abs_().pow_(_MSE_NORM).sum(dim=-1)
         better = err < best
@@ -184,14 +203,14 @@ def find_params_float(
 
 
 def find_params(
-    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16"
 ) -> tuple[Tensor, Tensor]:
     """Grid for every row of ``x [..., m]`` over its last dim: ``(scale fp32 [...], zero int32 [...])``.
 
     Pass a group's columns (``W[:, i:i+g]``) for per-group params, or ``W.view(N, G, g)`` for all
     contiguous groups at once.
     """
-    scale, zero = find_params_float(x, bits, sym, mse=mse, v1_safe_zeros=v1_safe_zeros)
+    scale, zero = find_params_float(x, bits, sym, mse=mse, v1_safe_zeros=v1_safe_zeros, scale_dtype=scale_dtype)
     return scale, zero.to(torch.int32)
 
 

@@ -21,7 +21,7 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, H: Tensor | None = None, *, name: s
     g = spec.group_width(K, name)
     G = K // g
     groups = W32.view(N, G, g)
-    scale, zero = find_params_float(groups, spec.bits, spec.sym, mse=spec.mse, v1_safe_zeros=spec.v1_safe_zeros)
+    scale, zero = find_params_float(groups, **spec.grid_params())
     check_scales(scale, name)
     codes = _quantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq).view(N, K).to(torch.int32)
     g_idx = (torch.arange(K, device=W32.device) // g).to(torch.int32)

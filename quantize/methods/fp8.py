@@ -1,0 +1,124 @@
+"""FP8 (float8 e4m3) weight quantization per output channel, and static activation scales.
+
+Pure functions over tensors. Per output row ``n`` of ``W [N, K]``: ``scale[n] = max|W[n]| / 448``
+(448 = the largest finite e4m3 value), rounded to the dtype the checkpoint stores scales in; the
+weight is ``fp8(clamp(W / scale, ±448))`` (round to nearest even) and reads back as
+``float(q) · scale``. A static activation scale is ``max|x| / 448`` over every calibration token
+reaching a linear (:class:`AbsMax` collects it; solving is separate).
+
+A layer plug-in (:class:`FP8Method`) runs it in the shared layer loop: without calibration data
+(dynamic per-token activation scales, chosen by the engine at run time) no forward runs at all;
+with ``static`` the loop's true-sequential pass feeds each group of linears its inputs, with the
+earlier groups already in FP8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .grid import check_weight, dtype_exact
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+SCALE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class FP8Result:
+    """One linear quantized to FP8 e4m3 per output channel."""
+
+    weight: Tensor  # float8_e4m3fn [N, K]
+    scale: Tensor  # fp32 [N], exact in the checkpoint's scale dtype
+    W_hat: Tensor  # fp32 [N, K] == weight.float() * scale[:, None]
+    input_scale: float | None = None  # static per-tensor activation scale (None: dynamic per token)
+
+
+def exact_scale(x: Tensor, scale_dtype: str) -> Tensor:
+    """``x`` rounded to ``scale_dtype`` (kept fp32), never zero."""
+    if scale_dtype == "float32":
+        return x.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return dtype_exact(x.to(torch.float32), scale_dtype)
+
+
+def fp8_quantize(W: Tensor, scale_dtype: str = "bfloat16", *, input_scale: float | None = None,
+                 name: str = "weight") -> FP8Result:
+    """Per-channel FP8 e4m3 of ``W [N, K]`` (not modified); an all-zero row gets the smallest scale."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+    W32 = check_weight(W, name)
+    scale = exact_scale(W32.abs().amax(dim=1) / FP8_MAX, scale_dtype)
+    q = (W32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return FP8Result(weight=q, scale=scale, W_hat=q.to(torch.float32) * scale[:, None], input_scale=input_scale)
+
+
+def static_input_scale(absmax: float, scale_dtype: str) -> float:
+    """The per-tensor activation scale for inputs whose largest magnitude is ``absmax``."""
+    return float(exact_scale(torch.tensor(max(absmax, 0.0) / FP8_MAX), scale_dtype))
+
+
+def fake_fp8(x: Tensor, scale: Tensor | float) -> Tensor:
+    """``x`` through FP8 e4m3 with ``scale`` (broadcast) and back, computed in ``x``'s dtype as
+    compressed-tensors' forward does (bit-identical to its fake quantization, tested)."""
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def fake_fp8_per_token(x: Tensor) -> Tensor:
+    """Dynamic per-token FP8 activations: each token's scale is its largest |x| / 448 (a zero token
+    keeps a tiny scale), in ``x``'s dtype."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return fake_fp8(x, scale)
+
+
+class AbsMax:
+    """Largest |x| over every token seen (statistics for static activation scales)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        if x.numel():
+            self.value = max(self.value, float(x.detach().abs().amax()))
+            self.n += x.shape[0] if x.ndim > 1 else 1
+
+
+class FP8Method:
+    """Layer plug-in: every layer linear to per-channel FP8; static activation scales when asked."""
+
+    name = "fp8"
+
+    def __init__(self, scale_dtype: str = "bfloat16", static: bool = False):
+        self.scale_dtype = scale_dtype
+        self.static = static
+
+    def process_layer(self, ctx) -> Any:
+        from ..executor.context import LayerResult
+
+        results: dict[str, FP8Result] = {}
+        metrics: dict[str, dict] = {"weight_rel_error": {}}
+        groups = {g[0]: g for g in ctx.arch.group_names()}
+
+        def solve(first: str, absmax: float | None) -> None:
+            scale_in = static_input_scale(absmax, self.scale_dtype) if absmax is not None else None
+            for name in groups[first]:
+                W = ctx.weight(name)
+                r = fp8_quantize(W, self.scale_dtype, input_scale=scale_in, name=ctx.prefix + name)
+                ctx.set_weight(name, r.W_hat)
+                results[name] = r
+                ref = float(W.square().sum())
+                metrics["weight_rel_error"][name] = float((W - r.W_hat).square().sum()) / ref if ref > 0 else 0.0
+                if scale_in is not None:
+                    metrics.setdefault("input_scale", {})[name] = scale_in
+
+        if not self.static:
+            for first in groups:
+                solve(first, None)
+        else:
+            stats = {first: AbsMax() for first in groups}
+            ctx.sequential(list(groups), lambda first, x: stats[first].add(x), lambda first: solve(first, stats[first].value))
+        return LayerResult(results, metrics)
