@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= tiny
 BITS   ?=
 METHOD ?=
+FORMAT ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
@@ -26,7 +27,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 quantize: setup
-	$(BIN)/quantize run recipes/$(MODEL).yaml $(if $(BITS),--bits $(BITS)) $(if $(METHOD),--method $(METHOD)) $(if $(OUT),--out $(OUT))
+	$(BIN)/quantize run recipes/$(MODEL).yaml $(if $(BITS),--bits $(BITS)) $(if $(METHOD),--method $(METHOD)) $(if $(FORMAT),--format $(FORMAT)) $(if $(OUT),--out $(OUT))
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -47,7 +47,7 @@ class GPTQParams(_Strict):
     act_order: bool = True
     sym: bool = True
     damp: float = 0.01
-    static_groups: bool = False
+    static_groups: bool | None = None  # None: on for compressed-tensors with act-order, else off
     block_size: int = 128
 
 
@@ -77,7 +77,10 @@ class Recipe(_Strict):
     name: str
     description: str = ""
     source: Source
-    method: Literal["gptq", "rtn", "awq", "exl2"] = "gptq"
+    method: Literal["gptq", "rtn", "awq", "exl2", "fp8"] = "gptq"
+    # checkpoint format; None: the method's own (gptq/rtn: gptq, awq: awq, exl2: exl2, fp8: compressed-tensors)
+    format: Literal["gptq", "awq", "exl2", "compressed-tensors"] | None = None
+    fp8_scheme: Literal["dynamic", "static"] = "dynamic"
     bits: int = 4
     group_size: int = 128
     bpw: float | None = None
@@ -93,13 +96,26 @@ class Recipe(_Strict):
     def _method_bits(self):
         if self.method == "awq" and self.bits != 4:
             raise ValueError(f"method awq: the AWQ GEMM format is 4-bit only (bits={self.bits}); use bits 4, or method gptq/exl2")
+        if self.method == "fp8":
+            self.bits = 8  # FP8 W8A8 has one width
+        native = self.native_format()
+        allowed = {native, "compressed-tensors"} if self.method in ("gptq", "rtn", "awq") else {native}
+        if self.format is not None and self.format not in allowed:
+            raise ValueError(f"method {self.method} writes format {' or '.join(sorted(allowed))}, not {self.format!r}")
         if self.method == "exl2" and self.bpw is None:
             self.bpw = float(self.bits)
         return self
 
+    def native_format(self) -> str:
+        return {"gptq": "gptq", "rtn": "gptq", "awq": "awq", "exl2": "exl2", "fp8": "compressed-tensors"}[self.method]
+
     def out_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name, method=self.method, bits=self.bits,
-                                           group_size=self.group_size, bpw=self.bpw))
+        fmt = self.format or self.native_format()
+        path = Path(self.output_dir.format(name=self.name, method=self.method, bits=self.bits,
+                                           group_size=self.group_size, bpw=self.bpw, format=fmt))
+        if fmt != self.native_format() and "{format}" not in self.output_dir:
+            path = path.with_name(f"{path.name}-{fmt}")  # never the same directory as the method's own format
+        return path
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -110,15 +110,24 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
             return quantize_gptq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
                                  group_size=recipe.group_size, act_order=g.act_order, sym=g.sym, damp=g.damp,
                                  static_groups=g.static_groups, block_size=g.block_size, rtn=recipe.method == "rtn",
-                                 exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
+                                 exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq")
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
-                   "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "static_groups": g.static_groups}
+                   "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "static_groups": g.static_groups,
+                   "format": recipe.format or "gptq"}
     elif recipe.method == "awq":
         def do_quantize():
             from ..commands.awq import quantize_awq
             return quantize_awq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
-                                group_size=recipe.group_size, exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
-        qparams = {"method": "awq", "bits": recipe.bits, "group_size": recipe.group_size}
+                                group_size=recipe.group_size, exec_cfg=exec_cfg, seed=cal.seed, overwrite=True,
+                                format=recipe.format or "awq")
+        qparams = {"method": "awq", "bits": recipe.bits, "group_size": recipe.group_size, "format": recipe.format or "awq"}
+    elif recipe.method == "fp8":
+        def do_quantize():
+            from ..commands.fp8 import quantize_fp8
+            static = recipe.fp8_scheme == "static"
+            return quantize_fp8(model_dir=model_dir, out=qdir, exec_cfg=exec_cfg, scheme=recipe.fp8_scheme,
+                                calibration=calib_dir if static else None, seed=cal.seed, overwrite=True)
+        qparams = {"method": "fp8", "scheme": recipe.fp8_scheme}
     elif recipe.method == "exl2":
         def do_quantize():
             from ..commands.exl2 import quantize_exl2
@@ -126,7 +135,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
         qparams = {"method": "exl2", "bpw": recipe.bpw}
     else:
-        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2)")
+        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2, fp8)")
     plans.append(StagePlan(recipe.method, qdir, qparams, do_quantize, (model_dir, calib_dir)))
 
     ev = recipe.eval
