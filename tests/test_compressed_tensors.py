@@ -288,3 +288,36 @@ def test_fp8_eval_applies_activation_quantization(tiny_model_dir, tmp_path):
     finally:
         fmt_cls.input_quantizer = saved
     assert with_act.kl > weights_only.kl > 0
+
+
+@pytest.mark.parametrize("kind,setting", [("w4-gptq", ("ct", 4, 32, True)), ("w8-rtn", ("ct", 8, -1, True)),
+                                          ("w4-awq", ("ct", 4, 32, False)), ("fp8", ("fp8", 8, 128, True)),
+                                          ("fp8-static", ("fp8", 8, 128, False))])
+def test_plan_predicts_compressed_tensors_bytes_exactly(kind, setting, tiny_model_dir, calib_for, tmp_path):
+    """``quantize plan`` counts every tensor of these outputs: the tensor bytes match to the byte."""
+    from quantize.plan import Setting, weight_bytes
+    from quantize.io.reader import CheckpointReader
+
+    model = tiny_model_dir("qwen2", dtype=torch.bfloat16)  # q/k/v biases exercise the bias term
+    out = tmp_path / kind
+    _q(kind, model, calib_for(model), out)
+    r = CheckpointReader(out)
+    actual = sum(r.nbytes(n) for n in r.names())
+    cfg = json.loads((model / "config.json").read_text())
+    assert weight_bytes(cfg, Setting(*setting))["total"] == actual
+
+
+def test_recipe_format_and_fp8(tmp_path):
+    from quantize.errors import InputError
+    from quantize.pipeline.recipe import load_recipe
+
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    r = load_recipe(tiny, ["format=compressed-tensors"])
+    assert r.format == "compressed-tensors" and r.out_dir().name == "tiny-gptq-4bit-compressed-tensors"
+    assert load_recipe(tiny, ["method=fp8"]).out_dir().name == "tiny-fp8-8bit"
+    with pytest.raises(InputError, match="compressed-tensors"):
+        load_recipe(tiny, ["method=exl2", "format=compressed-tensors"])
+    with pytest.raises(InputError, match="format"):
+        load_recipe(tiny, ["format=gguf"])

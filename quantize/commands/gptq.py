@@ -10,6 +10,13 @@ import click
 from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
+def resolve_static_groups(static_groups: bool | None, format: str, act_order: bool, rtn: bool) -> bool:
+    """``None``: on for compressed-tensors with act-order (the only act-order it stores), else off."""
+    if static_groups is None:
+        return format == "compressed-tensors" and act_order and not rtn
+    return static_groups
+
+
 def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, group_size: int, act_order: bool,
                   sym: bool, damp: float, static_groups: bool | None, block_size: int, rtn: bool, exec_cfg,
                   seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
@@ -30,8 +37,7 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     if format not in ("gptq", "compressed-tensors"):
         raise InputError(f"--format {format!r}: `quantize gptq` writes gptq or compressed-tensors")
     ct = format == "compressed-tensors"
-    if static_groups is None:
-        static_groups = ct and act_order and not rtn
+    static_groups = resolve_static_groups(static_groups, format, act_order, rtn)
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
                      damp=damp, block_size=block_size, scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),

@@ -111,9 +111,11 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  group_size=recipe.group_size, act_order=g.act_order, sym=g.sym, damp=g.damp,
                                  static_groups=g.static_groups, block_size=g.block_size, rtn=recipe.method == "rtn",
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq")
+        from ..commands.gptq import resolve_static_groups
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
-                   "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "static_groups": g.static_groups,
-                   "format": recipe.format or "gptq"}
+                   "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
+                   "static_groups": resolve_static_groups(g.static_groups, recipe.format or "gptq", g.act_order,
+                                                          recipe.method == "rtn")}
     elif recipe.method == "awq":
         def do_quantize():
             from ..commands.awq import quantize_awq
