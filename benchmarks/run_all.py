@@ -4,7 +4,10 @@ Every ``benchmarks/*.py`` except this file and ``common.py`` is run as its own p
 default arguments; output streams through. Scripts that need something absent (the shared
 reference model, the interop virtualenv) say so with a ``SKIP:`` line and exit 0; the summary lists
 them with the reason. Benchmarks that compare against peer tools (``INTEROP``) run with
-``.venv-interop/bin/python`` (``scripts/setup_interop.sh``) and are skipped when it does not exist.
+``.venv-interop/bin/python`` (``scripts/setup_interop.sh``) and are skipped when it does not exist;
+those that run a peer only in a child process of its own environment (``PEER_CHILD``: llm-compressor
+in ``.venv-llmcompressor``, ``scripts/setup_llmcompressor.sh``) run with this interpreter and are
+skipped when that environment does not exist.
 
     python benchmarks/run_all.py [--only NAME ...] [--exclude NAME ...] [--list]
 
@@ -27,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 NOT_BENCHMARKS = {"run_all.py", "common.py"}
 INTEROP = {"gptq_vs_gptqmodel.py", "awq_vs_gptqmodel.py"}  # need gptqmodel: run in the interop virtualenv
 INTEROP_PYTHON = c.repo_root() / ".venv-interop" / "bin" / "python"
+# run here (our side and the eval need this project's own environment), the peer as a child in its venv
+PEER_CHILD = {"ct_vs_llmcompressor.py": (c.repo_root() / ".venv-llmcompressor" / "bin" / "python",
+                                         "scripts/setup_llmcompressor.sh or `make peers`")}
 
 
 def discover() -> list[Path]:
@@ -69,7 +75,10 @@ def main() -> int:
     scripts = [s for s in scripts if s.name not in norm(args.exclude)]
     if args.list:
         for s in scripts:
-            print(s.name + ("  (interop virtualenv)" if s.name in INTEROP else ""))
+            note = "  (interop virtualenv)" if s.name in INTEROP else ""
+            if s.name in PEER_CHILD:
+                note = f"  (peer child in {PEER_CHILD[s.name][0].parent.parent.name})"
+            print(s.name + note)
         return 0
 
     print(f"device: {c.cpu_model()}; {len(scripts)} benchmarks; shared assets: {c.shared_dir() or 'absent'}")
@@ -83,6 +92,12 @@ def main() -> int:
                 summary.append((script.name, f"skipped: {reason}", 0.0))
                 continue
             python = str(INTEROP_PYTHON)
+        if script.name in PEER_CHILD and not PEER_CHILD[script.name][0].is_file():
+            peer_python, how = PEER_CHILD[script.name]
+            reason = f"no {peer_python.parent.parent.name} (run {how})"
+            print(f"\n=== {script.name}: skipped, {reason}")
+            summary.append((script.name, f"skipped: {reason}", 0.0))
+            continue
         print(f"\n=== {script.name} ({Path(python).parent.parent.name}) ===", flush=True)
         rc, skip_reason, seconds = run_one(script, python)
         if rc != 0:
