@@ -64,63 +64,57 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                               resume=resume, max_shard_bytes=max_shard_bytes)
 
 
+def _shared_options(calibration_help: str):
+    """The options `quantize gptq` and `quantize rtn` share (model, calibration, grid, format, loop)."""
+    def deco(f):
+        for option in reversed([
+            click.option("--model", "model_dir", required=True,
+                         type=click.Path(path_type=Path, exists=True, file_okay=False),
+                         help="HF model directory or a merge output."),
+            click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+                         help=calibration_help),
+            click.option("--bits", default="4", show_default=True, type=click.Choice(["2", "3", "4", "8"])),
+            click.option("--group-size", default=128, show_default=True, type=int,
+                         help="Columns per quantization group; -1: one group per row."),
+            click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
+            click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
+                         help="Zero-point convention of the written qzeros (--format gptq)."),
+            format_options(["gptq", "compressed-tensors"]), quantize_output_options, out_option(), exec_options,
+            stage_options,
+        ]):
+            f = option(f)
+        return f
+    return deco
+
+
+def _run(*, model_dir, calibration, bits, group_size, sym, checkpoint_format, format, scale_dtype, max_shard_size,
+         resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite,
+         **solver):
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
+    m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
+                      sym=sym, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
+                      checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9), format=format,
+                      scale_dtype=scale_dtype, **solver)
+    click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")
+
+
 @click.command("gptq")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="HF model directory or a merge output.")
-@click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Output of `quantize sample` for this model.")
-@click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
-@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
+@_shared_options("Output of `quantize sample` for this model.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
 @click.option("--static-groups/--no-static-groups", default=None,
               help="With act-order: group parameters fixed before the column permutation (contiguous groups, no "
                    "g_idx indirection). Default: on for --format compressed-tensors (the only act-order it stores), "
                    "off for gptq.")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="Dampening, as a fraction of the mean Hessian diagonal (raised automatically when needed).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="Columns per lazy-update block.")
 @click.option("--rtn", is_flag=True, help="Round-to-nearest baseline on the same grid and format (no GPTQ updates).")
-@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
-              help="Zero-point convention of the written qzeros (--format gptq).")
-@format_options(["gptq", "compressed-tensors"])
-@quantize_output_options
-@out_option()
-@exec_options
-@stage_options
-def gptq_command(model_dir, calibration, bits, group_size, act_order, static_groups, sym, damp, block_size, rtn,
-                 checkpoint_format, format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations,
-                 compute_dtype, lockstep, host_heap, device, seed, overwrite):
+def gptq_command(**kw):
     """Quantize with GPTQ, one decoder layer resident at a time."""
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
-    m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
-                      act_order=act_order, sym=sym, damp=damp, static_groups=static_groups, block_size=block_size,
-                      rtn=rtn, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
-                      checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9), format=format,
-                      scale_dtype=scale_dtype)
-    click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")
+    _run(**kw)
 
 
 @click.command("rtn")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="HF model directory or a merge output.")
-@click.option("--calibration", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Output of `quantize sample` (RTN uses no statistics; the tokens give the reported error).")
-@click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
-@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group; -1: one group per row.")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
-@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
-              help="Zero-point convention of the written qzeros (--format gptq).")
-@format_options(["gptq", "compressed-tensors"])
-@quantize_output_options
-@out_option()
-@exec_options
-@stage_options
-def rtn_command(model_dir, calibration, bits, group_size, sym, checkpoint_format, format, scale_dtype, max_shard_size,
-                resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
+@_shared_options("Output of `quantize sample` (RTN uses no statistics; the tokens give the reported error).")
+def rtn_command(**kw):
     """Round-to-nearest (the calibration-free baseline), same grid and formats as `quantize gptq`."""
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
-    m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
-                      act_order=False, sym=sym, damp=0.01, static_groups=False, block_size=128, rtn=True, exec_cfg=cfg,
-                      seed=seed, overwrite=overwrite, resume=resume, checkpoint_format=checkpoint_format,
-                      max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
-    click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")
+    _run(act_order=False, damp=0.01, static_groups=False, block_size=128, rtn=True, **kw)
