@@ -54,5 +54,7 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
 def _setting(stage: str, params: dict[str, Any]) -> str:
     if "bpw" in params:
         return f"{params['bpw']} bpw"
+    if stage == "fp8":
+        return f"W8A8, {params.get('scheme')} activation scales"
     g = params.get("group_size")
     return f"{params.get('bits')}-bit" + (f" g{g}" if g not in (None, -1) else "")
