@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "FP8 W8A8 static, compressed-tensors": lambda o: quantize_fp8(
                 model_dir=model, out=o, exec_cfg=cfg, scheme="static", calibration=cal, overwrite=True),
         }
-        rows, outs = [["bf16 (fp32 compute)", c.fmt(ref.fp.perplexity), "0", "1", "-"]], {}
+        rows, outs = [["bf16 (fp32 compute)", f"{ref.fp.perplexity:.3f}", "0", "1", "-"]], {}
         for i, (label, run) in enumerate(runs.items()):
             out = work / f"q{i}"
             t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             q = ref.compare(out)
             outs[label] = out
-            rows.append([label, c.fmt(q.perplexity), f"{q.kl:.3g}", f"{q.top1:.4f}", f"{seconds:.1f}"])
+            rows.append([label, f"{q.perplexity:.3f}", f"{q.kl:.3g}", f"{q.top1:.4f}", f"{seconds:.1f}"])
             print(f"{label}: ppl {q.perplexity:.3f} KL {q.kl:.4g} top-1 {q.top1:.4f} ({seconds:.1f} s)", flush=True)
 
         a = open_model(outs["GPTQ W4 g128 static groups, GPTQ format, bf16 grid"])
