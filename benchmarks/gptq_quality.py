@@ -6,7 +6,9 @@ tokens of wikitext-2 *test* (never seen), as in shared/models/README.md, whose M
 asymmetric results our RTN rows should reproduce.
 
 Rows per setting (4-bit g128, 3-bit g128, 2-bit g64): RTN asymmetric (the README's baseline), GPTQ
-symmetric with act-order on and off, GPTQ asymmetric with act-order (``--no-asym`` drops it).
+symmetric with static act-order (the default: groups on the original columns, desc_act false),
+dynamic act-order (desc_act true) and no act-order, GPTQ asymmetric with dynamic act-order
+(``--no-asym`` drops it).
 Columns: perplexity, mean KL(fp ‖ quantized) per token, top-1 agreement with fp, quantization wall
 seconds (2 shared cores: timings are noisy). Prints PASS/FAIL for "GPTQ's KL < RTN's" per row.
 
@@ -54,7 +56,8 @@ def main() -> int:
     _, threads = c.set_threads(args.threads)
     settings = parse_settings(args.settings)
     variants = [("RTN asym", dict(rtn=True, sym=False, act_order=False)),
-                ("GPTQ sym act-order", dict(sym=True, act_order=True)),
+                ("GPTQ sym act-order static", dict(sym=True, act_order=True, static_groups=True)),
+                ("GPTQ sym act-order dynamic", dict(sym=True, act_order=True)),
                 ("GPTQ sym no act-order", dict(sym=True, act_order=False))]
     if not args.no_asym:
         variants.append(("GPTQ asym act-order", dict(sym=False, act_order=True)))

@@ -288,3 +288,12 @@ def test_quantization_config_fields():
     assert v2["dynamic"] == {"-:.*lm_head": {}}
     with pytest.raises(InputError, match="checkpoint_format"):
         quantization_config(spec, checkpoint_format="exl2")
+
+
+def test_static_activation_ordering_is_stored_as_desc_act_false():
+    """Act-order with static groups keeps groups on the original columns (a trivial g_idx): the
+    config says desc_act false, which vLLM accepts; dynamic act-order says true."""
+    static = quantization_config(QuantSpec(bits=4, group_size=128, act_order=True, static_groups=True))
+    assert static["desc_act"] is False and static["static_groups"] is True
+    assert quantization_config(QuantSpec(bits=4, group_size=-1, act_order=True))["desc_act"] is False
+    assert quantization_config(QuantSpec(bits=4, group_size=128, act_order=False))["desc_act"] is False

@@ -11,9 +11,11 @@ from .common import exec_options, format_options, make_exec_config, out_option, 
 
 
 def resolve_static_groups(static_groups: bool | None, format: str, act_order: bool, rtn: bool) -> bool:
-    """``None``: on for compressed-tensors with act-order (the only act-order it stores), else off."""
+    """``None`` (the default): on with act-order -- static activation ordering, groups on the
+    original columns, which every loader takes (vLLM refuses GPTQ ``desc_act: true``, and
+    compressed-tensors stores no other act-order); off for RTN (no column order)."""
     if static_groups is None:
-        return format == "compressed-tensors" and act_order and not rtn
+        return act_order and not rtn
     return static_groups
 
 
@@ -102,9 +104,10 @@ def _run(*, model_dir, calibration, bits, group_size, sym, checkpoint_format, fo
 @_shared_options("Output of `quantize sample` for this model.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
 @click.option("--static-groups/--no-static-groups", default=None,
-              help="With act-order: group parameters fixed before the column permutation (contiguous groups, no "
-                   "g_idx indirection). Default: on for --format compressed-tensors (the only act-order it stores), "
-                   "off for gptq.")
+              help="With act-order: group parameters fixed on the original columns before the column permutation "
+                   "(static activation ordering: desc_act false, loaded by every engine). Default: on. "
+                   "--no-static-groups is dynamic act-order (desc_act true, g_idx indirection), which vLLM refuses "
+                   "and compressed-tensors cannot store.")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="Dampening, as a fraction of the mean Hessian diagonal (raised automatically when needed).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="Columns per lazy-update block.")
 @click.option("--rtn", is_flag=True, help="Round-to-nearest baseline on the same grid and format (no GPTQ updates).")

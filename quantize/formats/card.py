@@ -30,6 +30,12 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
                 "scheme", "scale_dtype"):
         if key in params:
             lines.append(f"| {key.replace('_', ' ')} | {params[key]} |")
+    if params.get("act_order") and params.get("static_groups") is False and params.get("method") == "gptq":
+        lines.append("| activation ordering | dynamic (desc_act true, g_idx indirection): vLLM refuses it; "
+                     "transformers/GPTQModel and exllama load it |")
+    elif params.get("act_order") and params.get("static_groups") and params.get("method") == "gptq":
+        lines.append("| activation ordering | static (solved in act-order, groups on the original columns): "
+                     "every loader takes it |")
     lines += [
         (f"| calibration | {ds_name}: {cp.get('n_samples')} x {cp.get('seq_len')} tokens, seed {cp.get('seed')} |"
          if calibration is not None else "| calibration | none (weights only) |"),

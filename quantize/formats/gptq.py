@@ -241,7 +241,9 @@ def quantization_config(
         "method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
-        "desc_act": spec.act_order,
+        # static ordering (act-order solved, groups on the original columns: a trivial g_idx) is
+        # stored as desc_act false, which every loader takes; vLLM refuses desc_act true
+        "desc_act": spec.act_order and not spec.static_groups and spec.group_size != -1,
         "sym": spec.sym,
         "static_groups": spec.static_groups,
         "true_sequential": true_sequential,
