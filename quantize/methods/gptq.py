@@ -293,3 +293,58 @@ def weighted_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     """
     D = W.to(device=H.device, dtype=torch.float32) - W_hat.to(device=H.device, dtype=torch.float32)
     return torch.sum((D @ H.to(torch.float32)) * D, dtype=torch.float64).item()
+
+
+def gptq_on_fixed_grid(
+    W: Tensor,
+    prepared: PreparedHessian,
+    quantize_column,
+    *,
+    block_size: int = 128,
+    name: str = "weight",
+) -> tuple[Tensor, Tensor, float]:
+    """GPTQ's column loop on a grid fixed before any rounding (static groups of any format whose
+    per-group grid is chosen up front: GGUF K-quants, whose scales and mins come from llama.cpp's
+    importance-weighted search).
+
+    ``quantize_column(w [N] fp32, k) -> (codes [N], values [N] fp32)`` rounds column ``k`` (original
+    index) of the error-updated weights on that column's grid, exactly as the format's reference
+    quantizer would, and returns the values the loader computes. Columns are visited in
+    ``prepared``'s order (act-order allowed: the grid does not depend on it); each column's rounding
+    error is spread over the columns not yet visited through the Cholesky factor of ``H⁻¹``, with
+    the same lazy block updates as :func:`gptq_quantize`. Returns ``(codes int32 [N, K], W_hat fp32
+    [N, K], loss)`` in original column order; ``W`` is not modified. Dead inputs are zeroed first.
+    """
+    W32 = check_weight(W, name)
+    N, K = W32.shape
+    if tuple(prepared.hinv_chol.shape) != (K, K):
+        raise ValueError(f"{name}: prepared Hessian is for {prepared.hinv_chol.shape[0]} inputs, the weight has {K}")
+    U, perm, _, dead = prepared
+    device = U.device
+    W32 = W32.to(device)
+    W32[:, dead.to(device)] = 0.0
+    order = perm if perm is not None else torch.arange(K, device=device)
+    order_list = order.tolist()
+    Wt = W32[:, order].T.contiguous() if perm is not None else W32.T.contiguous()
+    Ct = torch.empty(K, N, dtype=torch.int32, device=device)
+    Vt = torch.empty_like(Wt)
+    loss = 0.0
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1).tolist()
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[i]
+            codes, values = quantize_column(w, order_list[i1 + i])
+            Ct[i1 + i] = codes.to(torch.int32)
+            Vt[i1 + i] = values
+            err = (w - values) / d[i]
+            Err1[i] = err
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        loss += float(Err1.square().sum())
+        if i2 < K:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+    inv = torch.argsort(order)
+    return Ct[inv].T.contiguous(), Vt[inv].T.contiguous(), loss
