@@ -25,11 +25,14 @@ class Setting:
     bits: float  # bits, or bpw for exl2
     group_size: int = 128
     sym: bool = True  # ct: asymmetric adds packed zero points; fp8: False = static (input scales stored)
+    gguf_type: str = ""  # gguf: the file type (Q4_K_M, Q8_0, ...)
 
     @property
     def label(self) -> str:
         if self.method in ("fp16", "bf16"):
             return self.method
+        if self.method == "gguf":
+            return f"gguf {self.gguf_type}"
         if self.method == "exl2":
             return f"exl2 {self.bits:g} bpw"
         if self.method == "fp8":
@@ -89,6 +92,10 @@ def linear_bytes(N: int, K: int, s: Setting, has_bias: bool, dtype_bytes: int) -
 def weight_bytes(config: Mapping[str, Any], s: Setting, arch: Arch | None = None,
                  head_bits: int | None = None) -> dict[str, int]:
     arch = arch or get_arch(config)
+    if s.method == "gguf":  # llama.cpp's per-tensor type mix (formats/gguf_mix.py)
+        from .formats.gguf_mix import gguf_weight_bytes
+
+        return gguf_weight_bytes(config, s.gguf_type, arch)
     d = arch.dims(config)
     n_layers = arch.num_layers(config)
     dt = _source_dtype_bytes(config)
@@ -127,12 +134,16 @@ DEFAULT_SETTINGS = [
     Setting("fp8", 8), Setting("ct", 8, 128), Setting("gptq", 8, 128), Setting("exl2", 6.0), Setting("exl2", 5.0),
     Setting("ct", 4, 128), Setting("awq", 4, 128), Setting("gptq", 4, 128), Setting("exl2", 4.0),
     Setting("gptq", 3, 128), Setting("exl2", 3.0), Setting("exl2", 2.5), Setting("gptq", 2, 64),
+    Setting("gguf", 8, gguf_type="Q8_0"), Setting("gguf", 6, gguf_type="Q6_K"), Setting("gguf", 5, gguf_type="Q5_K_M"),
+    Setting("gguf", 4, gguf_type="Q4_K_M"),
 ]
 
 
 def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
     """Bits per quantized weight, overheads included (the quality ordering used for --vram)."""
     n_params = sum(math.prod(arch.linear_shape(n, config)) for n in arch.linear_names())
+    if s.method == "gguf":
+        return 8 * weight_bytes(config, s, arch)["layers"] / (n_params * arch.num_layers(config))
     dt = _source_dtype_bytes(config)
     b = sum(linear_bytes(*arch.linear_shape(n, config), s, False, dt) for n in arch.linear_names())
     return 8 * b / n_params

@@ -69,6 +69,9 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
                 settings.append(Setting("awq", 4, group_size))
             if bits == "8":
                 settings.append(Setting("fp8", 8))
+            gguf = {"4": "Q4_K_M", "8": "Q8_0"}.get(bits)
+            if gguf:
+                settings.append(Setting("gguf", int(bits), gguf_type=gguf))
         if bpw is not None:
             settings.append(Setting("exl2", bpw))
     budget = None

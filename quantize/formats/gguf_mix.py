@@ -1,0 +1,150 @@
+"""Which GGUF type each tensor gets for a named file type (Q4_K_M, Q5_K_M, ...), as llama.cpp's
+``llama_tensor_get_type`` decides it (src/llama-quant.cpp), so a Q4_K_M from this tool is the same
+mix as llama.cpp's and file sizes compare at equal bits.
+
+The policy for the file types we write (dense models; llama.cpp's MoE rules -- 8 experts: attn_v
+and attn_k Q8_0, attn_output Q5_K -- are kept for when MoE lands):
+
+- file type -> default type: Q4_K_M -> Q4_K, Q5_K_M -> Q5_K, Q6_K -> Q6_K, Q8_0 -> Q8_0,
+  Q4_0 -> Q4_0; F16/BF16 quantize nothing;
+- ``output`` (and ``token_embd`` when the head is tied to it): Q8_0 if the width is not a multiple
+  of the default type's block, else Q6_K unless the default is Q8_0;
+- ``attn_v`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(i, n)`` over the attn_v tensors in order;
+  a 70B Llama (80 layers, GQA) lifts Q4_K to Q5_K there;
+- ``ffn_down`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(layer, n_layers)``;
+- shapes a type cannot hold (width not a multiple of its block) fall back as llama.cpp does:
+  Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even that does not fit;
+- norms and other 1-D tensors stay F32, as convert_hf_to_gguf writes them.
+
+llama.cpp's imatrix-only rule (Q4_0 with an imatrix: the first eighth of ffn_down as Q4_1) is not
+applied: the mix never depends on whether calibration data was given, so sizes do not either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+FILE_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M")
+DEFAULT_TYPE = {"F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q6_K": "Q6_K",
+                "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
+BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
+         "F16": 1, "BF16": 1, "F32": 1}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def check_file_type(ftype: str) -> str:
+    name = ftype.upper()
+    if name not in FILE_TYPES:
+        raise InputError(f"--type {ftype!r}: use one of {', '.join(FILE_TYPES)}")
+    return name
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the tensors that get more bits: the first and last eighth, and every
+    third one in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    tied: bool
+    arch: str = "llama"  # the GGUF architecture
+    n_expert: int = 1
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B: a Llama of 80 layers with grouped-query attention."""
+        return self.arch == "llama" and self.n_layers == 80 and self.n_head != self.n_head_kv
+
+
+def _fallback(qtype: str, ncols: int) -> str:
+    if ncols % BLOCK[qtype] == 0:
+        return qtype
+    alt = FALLBACK.get(qtype)
+    if alt is None or ncols % BLOCK[alt]:
+        return "F16"
+    return alt
+
+
+def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: int = 2) -> str:
+    """The GGUF type of tensor ``name`` (GGUF name, e.g. ``blk.3.attn_v.weight``) of width ``ncols``."""
+    ftype = check_file_type(ftype)
+    base = DEFAULT_TYPE[ftype]
+    if ndim < 2 or not name.endswith("weight") or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
+        return "F32"
+    if ftype in ("F16", "BF16"):
+        return base
+    new = base
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (shape.tied and name == "token_embd.weight"):
+        if ncols % BLOCK[base]:
+            new = "Q8_0"
+        elif base != "Q8_0":
+            new = "Q6_K"
+    elif name == "token_embd.weight":
+        new = base
+    elif "attn_v.weight" in name or "attn_qkv.weight" in name:
+        if "attn_qkv.weight" in name:
+            new = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(ftype, base)
+        else:
+            if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, shape.n_layers):
+                new = "Q6_K"
+            if shape.is_70b and new == "Q4_K":
+                new = "Q5_K"
+            if shape.n_expert == 8:
+                new = "Q8_0"
+    elif "attn_k.weight" in name and shape.n_expert == 8:
+        new = "Q8_0"
+    elif "ffn_down" in name:
+        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, shape.n_layers):
+            new = "Q6_K"
+    elif "attn_output.weight" in name and shape.n_expert == 8 and ftype == "Q4_K_M":
+        new = "Q5_K"
+    return _fallback(new, ncols)
+
+
+# bytes per block of each type (ggml's type sizes)
+TYPE_BYTES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20),
+              "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+
+# our architecture table's linear names -> GGUF tensor stems (phi3's fused gate_up is ffn_up there)
+GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def tensor_bytes(qtype: str, rows: int, cols: int) -> int:
+    block, size = TYPE_BYTES[qtype]
+    return rows * (cols // block) * size
+
+
+def model_shape(config, arch) -> ModelShape:
+    d = arch.dims(config)
+    return ModelShape(n_layers=arch.num_layers(config), n_head=int(config["num_attention_heads"]),
+                      n_head_kv=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                      tied=arch.is_tied(config), arch="llama" if arch.name in ("llama", "mistral") else arch.name,
+                      n_expert=int(config.get("num_local_experts") or 1)) if d else None
+
+
+def gguf_weight_bytes(config, ftype: str, arch) -> dict[str, int]:
+    """Exact tensor-data bytes of a GGUF of ``ftype`` (metadata and the vocabulary excluded)."""
+    shape = model_shape(config, arch)
+    d = arch.dims(config)
+    vocab, hidden = int(config["vocab_size"]), d["hidden"]
+    layers = 0
+    for i in range(shape.n_layers):
+        for name in arch.linear_names():
+            N, K = arch.linear_shape(name, config)
+            layers += tensor_bytes(tensor_type(f"blk.{i}.{GGUF_LINEAR[name]}.weight", K, ftype, shape), N, K)
+            if arch.has_bias(name, config):
+                layers += 4 * N
+        layers += sum(4 * (d["head_dim"] if n.endswith(("q_norm", "k_norm")) else hidden) for n in arch.layer_norms)
+    embed = tensor_bytes(tensor_type("token_embd.weight", hidden, ftype, shape), vocab, hidden)
+    head = 0 if shape.tied else tensor_bytes(tensor_type("output.weight", hidden, ftype, shape), vocab, hidden)
+    total = layers + embed + head + 4 * hidden
+    return {"layers": layers, "embeddings": embed, "lm_head": head, "final_norm": 4 * hidden, "total": total}
