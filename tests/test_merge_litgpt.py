@@ -292,6 +292,186 @@ def test_trained_head_of_tied_model_is_untied(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# tied embeddings: decided from the checkpoint, with or without config.json
+
+
+def weight_files(out: Path) -> dict[str, bytes]:
+    """The output's tensor files (shards and index), name -> bytes."""
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name.startswith("model.safetensors")
+            or f.name.startswith("model-")}
+
+
+def convert_both(tmp_path: Path, hf: Path, family: str, **kw) -> dict[bool, tuple]:
+    """Convert the Lit-GPT form of ``hf`` from a directory with and one without config.json:
+    ``{with_config: (manifest, out dir, config.json)}``."""
+    edit = kw.pop("edit", None)
+    res = {}
+    for with_config in (True, False):
+        lit = hf_to_lit(hf, tmp_path / f"lit-{with_config}", family=family, with_config=with_config, **kw)
+        if edit is not None:
+            edit(lit)
+        out = tmp_path / f"out-{with_config}"
+        m = merge_litgpt(lit, out)
+        res[with_config] = (m, out, json.loads((out / "config.json").read_text()))
+    return res
+
+
+def assert_plan_counts_output(out: Path, cfg: dict):
+    """`quantize plan` predicts the converted model's weights to the byte (the head once, or not at all)."""
+    from quantize.io.reader import CheckpointReader
+    from quantize.plan import Setting, weight_bytes
+
+    w = weight_bytes(cfg, Setting("bf16", 16))  # the unquantized row: dtype from config.json
+    with CheckpointReader(out) as r:
+        assert w["total"] == r.total_bytes
+        head = r.nbytes("lm_head.weight") if "lm_head.weight" in r else 0
+    assert w["lm_head"] == head
+
+
+def _copy_head(lit: Path):
+    """Store lm_head as a separate copy (bit-identical, own storage), as a re-saved checkpoint has it."""
+    sd = torch.load(lit / "lit_model.pth", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    torch.save(sd, lit / "lit_model.pth")
+
+
+@pytest.mark.parametrize("variant", ["shared", "copy-legacy"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tied_model_is_tied_with_or_without_config_json(tmp_path, tiny_model_dir, family, variant):
+    hf = tiny_model_dir(family, tie_word_embeddings=True)
+    ref = load_file(hf / "model.safetensors")
+    assert "lm_head.weight" not in ref  # the HF release writes the embedding only
+    legacy = variant == "copy-legacy"
+    res = convert_both(tmp_path, hf, family, legacy=legacy, edit=_copy_head if legacy else None)
+    (m1, out1, cfg1), (m0, out0, cfg0) = res[True], res[False]
+    assert weight_files(out1) and weight_files(out1) == weight_files(out0)  # byte-identical tensors
+    ours = safetensors_in(out0)
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[n], t) for n, t in ref.items())
+    assert cfg1["tie_word_embeddings"] is True and cfg0["tie_word_embeddings"] is True
+    evidence = "bit-identical as float32" if legacy else "same storage in lit_model.pth"
+    for m, said in ((m1, True), (m0, None)):
+        tie = m.metrics["tied_embeddings"]
+        assert tie["tied"] is True and tie["config_tie_word_embeddings"] is said and tie["evidence"].endswith(evidence)
+        assert m.metrics["tensors_modified"] == 0 and m.metrics["legacy_qkv_layout"] is legacy
+    assert_plan_counts_output(out0, cfg0)
+    assert weight_bytes_head(cfg0) == 0
+    if family == "qwen2":  # the synthesized, tied config loads and computes what the HF release does
+        torch.testing.assert_close(hf_logits(out0), hf_logits(hf), atol=1e-6, rtol=0)
+
+
+def weight_bytes_head(cfg: dict) -> int:
+    from quantize.plan import Setting, weight_bytes
+
+    return weight_bytes(cfg, Setting("gptq", 4, 32))["lm_head"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untied_model_keeps_its_head(tmp_path, tiny_model_dir, family):
+    hf = tiny_model_dir(family, tie_word_embeddings=False)
+    ref = load_file(hf / "model.safetensors")
+    res = convert_both(tmp_path, hf, family)
+    (m1, out1, cfg1), (m0, out0, cfg0) = res[True], res[False]
+    assert weight_files(out1) == weight_files(out0)
+    ours = safetensors_in(out0)
+    assert sorted(ours) == sorted(ref) and torch.equal(ours["lm_head.weight"], ref["lm_head.weight"])
+    assert cfg1["tie_word_embeddings"] is False and cfg0["tie_word_embeddings"] is False
+    assert m1.metrics["tied_embeddings"]["evidence"] == "not compared"  # config.json says so
+    tie = m0.metrics["tied_embeddings"]
+    assert tie["tied"] is False and tie["config_tie_word_embeddings"] is None and "differ (first at row 0)" in tie["evidence"]
+    assert m0.metrics["tensors_modified"] == 0
+    assert_plan_counts_output(out0, cfg0)
+    assert weight_bytes_head(cfg0) == ours["lm_head.weight"].numel() * 4
+
+
+def test_head_differing_in_its_last_row_is_untied(tmp_path, tiny_model_dir):
+    hf = tiny_model_dir("qwen2", tie_word_embeddings=True)
+
+    def edit(lit):
+        sd = torch.load(lit / "lit_model.pth", weights_only=True)
+        sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+        sd["lm_head.weight"][-1, -1] = -sd["lm_head.weight"][-1, -1]
+        torch.save(sd, lit / "lit_model.pth")
+
+    res = convert_both(tmp_path, hf, "qwen2", edit=edit)
+    head = torch.load(tmp_path / "lit-False" / "lit_model.pth", weights_only=True)["lm_head.weight"]
+    for with_config, (m, out, cfg) in res.items():
+        ours = safetensors_in(out)
+        assert torch.equal(ours["lm_head.weight"], head) and cfg["tie_word_embeddings"] is False
+        assert m.metrics["tied_embeddings"]["tied"] is False
+        assert m.metrics["tied_embeddings"]["evidence"].endswith("differ (first at row 1023)")
+    # the config said tied: the head is recorded as untied from it; without one it is just the head
+    assert res[True][0].metrics["modified"] == [{"tensor": "lm_head.weight", "ops": [{"op": "untie", "from": "lm_head.weight"}]}]
+    assert res[False][0].metrics["tensors_modified"] == 0
+    assert weight_files(res[True][1]) == weight_files(res[False][1])
+
+
+def test_config_json_saying_untied_wins(tmp_path, tiny_model_dir):
+    """A head equal to the embedding under a config.json that says tie_word_embeddings=false: as the config says."""
+    hf = tiny_model_dir("qwen2", tie_word_embeddings=True)
+    lit = hf_to_lit(hf, tmp_path / "lit", family="qwen2")
+    cfg = json.loads((lit / "config.json").read_text())
+    (lit / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    m = merge_litgpt(lit, tmp_path / "out")
+    ours = safetensors_in(tmp_path / "out")
+    assert torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert m.metrics["tied_embeddings"] == {
+        "tied": False, "config_tie_word_embeddings": False, "evidence": "not compared",
+        "reason": "config.json sets tie_word_embeddings=false; wrote the head"}
+
+
+def test_first_difference_is_bitwise_and_chunked(tmp_path):
+    from safetensors.torch import save_file
+
+    from quantize.io.reader import CheckpointReader
+    from quantize.merge.stream import first_difference
+
+    a = torch.randn(40, 8)
+    b = a.clone()
+    b[37, 5] = b[37, 5] + 1
+    nan_a, nan_b = a.clone(), a.clone()
+    nan_a[3, 3] = nan_b[3, 3] = float("nan")
+    zero_a, zero_b = a.clone(), a.clone()
+    zero_a[30, 0], zero_b[30, 0] = 0.0, -0.0
+    save_file({"a": a, "b": b, "short": a[:39].clone(), "nan_a": nan_a, "nan_b": nan_b, "zero_a": zero_a, "zero_b": zero_b},
+              tmp_path / "model.safetensors")
+    with CheckpointReader(tmp_path) as r:
+        for chunk in (32, 8 * 4 * 5, 1 << 20):  # one row, five rows, everything per chunk
+            assert first_difference(r, "a", "a", torch.float32, chunk) is None
+            assert first_difference(r, "a", "b", torch.float32, chunk) == 37
+            assert first_difference(r, "nan_a", "nan_b", torch.float32, chunk) is None  # same bits
+            assert first_difference(r, "zero_a", "zero_b", torch.float32, chunk) == 30  # 0.0 == -0.0, bits differ
+        assert first_difference(r, "a", "b", torch.bfloat16) == 37
+        with pytest.raises(ValueError, match="equal shapes"):
+            first_difference(r, "a", "short", torch.float32)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["qkv-lora", "head-lora"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_lit_lora_on_tied_model(tmp_path, tiny_model_dir, family, head):
+    """A LoRA that leaves the head alone keeps a tied model tied; a LoRA on the head unties it. Either
+    way the same with and without config.json, and equal to the unmerged forward."""
+    hf = tiny_model_dir(family, tie_word_embeddings=True)
+    spec = make_lit_lora(hf, tmp_path / "lora", head=head)
+    outs = {}
+    for with_config in (True, False):
+        lit = hf_to_lit(hf, tmp_path / f"lit-{with_config}", family=family, with_config=with_config)
+        out = tmp_path / f"out-{with_config}"
+        m = merge_litgpt(lit, out, lora=tmp_path / "lora")
+        cfg = json.loads((out / "config.json").read_text())
+        ours = safetensors_in(out)
+        assert ("lm_head.weight" in ours) is head and cfg["tie_word_embeddings"] is (not head)
+        assert m.metrics["tied_embeddings"]["tied"] is (not head)
+        assert torch.equal(ours["model.embed_tokens.weight"], load_file(hf / "model.safetensors")["model.embed_tokens.weight"])
+        if head:
+            assert [op["op"] for r in m.metrics["modified"] if r["tensor"] == "lm_head.weight" for op in r["ops"]] == ["lora"]
+        assert_plan_counts_output(out, cfg)
+        outs[with_config] = out
+    assert weight_files(outs[True]) == weight_files(outs[False])
+    torch.testing.assert_close(hf_logits(outs[False]), unmerged_logits(hf, family, spec), atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Lit-GPT LoRA
 
 
@@ -448,3 +628,18 @@ def test_refuses_nan_lora_and_lora_for_another_size(tmp_path, tiny_model_dir):
     make_lit_lora(tiny_model_dir("llama", hidden=32), tmp_path / "lora32")
     with pytest.raises(InputError, match="hyperparameters.yaml does not match"):
         merge_litgpt(lit, tmp_path / "out", lora=tmp_path / "lora32")
+
+
+def test_refuses_missing_head_and_bad_tie_flag(tmp_path, tiny_model_dir):
+    lit = hf_to_lit(tiny_model_dir("qwen2", tie_word_embeddings=True), tmp_path / "lit", family="qwen2")
+    cfg = json.loads((lit / "config.json").read_text())
+    (lit / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "yes"}))
+    code, errs = cli("merge", "litgpt", "--checkpoint", lit, "--out", tmp_path / "out")
+    assert code == 2 and len(errs) == 1 and "tie_word_embeddings='yes'" in errs[0] and "config.json" in errs[0]
+    (lit / "config.json").unlink()
+    sd = torch.load(lit / "lit_model.pth", weights_only=True)
+    del sd["lm_head.weight"]
+    torch.save(sd, lit / "lit_model.pth")
+    code, errs = cli("merge", "litgpt", "--checkpoint", lit, "--out", tmp_path / "out")
+    assert code == 2 and len(errs) == 1 and "has no lm_head.weight" in errs[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

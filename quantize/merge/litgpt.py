@@ -10,7 +10,11 @@ of the family (:mod:`quantize.arch`), with
   de-interleaved first;
 * Phi-3's ``gate_up_proj`` built as ``[fc_1; fc_2]``;
 * LoRA on the fused QKV applied block-diagonally (``W_q += s·B_q·A_q``, ...) before splitting;
-* a tied head written only when it still equals the embedding (§2.6);
+* the head written only when it differs from the embedding (§2.6). Tying is decided from the
+  checkpoint unless the HF config.json says ``tie_word_embeddings: false``: a ``lm_head`` that *is*
+  the embedding (same storage in ``lit_model.pth``, or bit-identical when compared in row chunks)
+  is written once with ``tie_word_embeddings: true``, as the family's HF release has it, whether or
+  not a config.json is at hand; the decision and its evidence go to the manifest;
 * ``config.json`` copied from the original (validated against ``model_config.yaml``) or, for
   models without one, synthesized from ``model_config.yaml`` (§2.7).
 
@@ -20,6 +24,7 @@ The per-family Lit→HF names are data (:data:`LIT_NORMS` plus the linear names 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,7 @@ from ..arch import Arch, by_name, get_arch
 from ..errors import InputError
 from ..io.atomic import StagedOutput
 from ..io.reader import CheckpointReader
-from ..io.torchfile import load_torch_file
+from ..io.torchfile import TORCH_SUFFIXES, load_torch_file
 from ..io.writer import AUX_FILES, DEFAULT_MAX_SHARD_BYTES
 from .output import parse_dtype, patch_config, refuse_quantized, write_output
 from .stream import (
@@ -49,6 +54,7 @@ from .stream import (
     Update,
     apply_updates,
     finish,
+    first_difference,
     output_dtype,
 )
 
@@ -386,12 +392,47 @@ class LitPlan:
     jobs: list[Job]
     tied_job: TiedEmbeddingJob | None
     modules_merged: int
+    tie: dict[str, Any]  # the tied-embedding decision and its evidence (final once the jobs ran)
+
+
+def _shares_storage(reader: CheckpointReader, a: str, b: str) -> bool:
+    """Whether two tensors of a zip-format ``.pth`` are views of the same bytes (how Lit-GPT's
+    conversion stores a tied head). Only the pickle is parsed; the storages stay memory-mapped."""
+    rel = reader.file_of(a)
+    path = reader.directory / rel
+    if reader.file_of(b) != rel or not rel.endswith(TORCH_SUFFIXES) or not zipfile.is_zipfile(path):
+        return False
+    state = load_torch_file(path)
+    ta, tb = state[a], state[b]
+    return (ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr()
+            and ta.storage_offset() == tb.storage_offset() and ta.dtype == tb.dtype
+            and ta.shape == tb.shape and ta.stride() == tb.stride())
+
+
+def compare_head(reader: CheckpointReader, wte: str, head: str, dtype: torch.dtype) -> tuple[bool, str]:
+    """Is the Lit ``lm_head`` the embedding? ``(identical, evidence)``, without holding either whole:
+    shared storage in the file, else a bitwise comparison (as ``dtype``, the written dtype) in row chunks."""
+    ws, hs = reader.shape(wte), reader.shape(head)
+    if ws != hs:
+        return False, f"shapes differ ({list(ws)} and {list(hs)})"
+    if _shares_storage(reader, wte, head):
+        return True, f"same storage in {reader.file_of(wte)}"
+    row = first_difference(reader, wte, head, dtype)
+    if row is None:
+        return True, f"bit-identical as {str(dtype).removeprefix('torch.')}"
+    return False, f"differ (first at row {row})"
 
 
 def plan_litgpt(
-    reader: CheckpointReader, cfg: LitConfig, arch: Arch, tied: bool, dtype: torch.dtype | None, lora: LitLora | None
+    reader: CheckpointReader, cfg: LitConfig, arch: Arch, tie_hint: bool | None, dtype: torch.dtype | None,
+    lora: LitLora | None,
 ) -> LitPlan:
-    """Map every Lit tensor to its HF name(s) and attach the LoRA updates; refuse anything unknown."""
+    """Map every Lit tensor to its HF name(s) and attach the LoRA updates; refuse anything unknown.
+
+    ``tie_hint``: ``tie_word_embeddings`` of the original HF config.json, None when there is none or
+    it does not say. False keeps the head untied; otherwise the checkpoint decides (a head equal to
+    the embedding is tied; one that differs is written, and a config that said true is overruled).
+    """
     keys = {_normalize(k): k for k in reader.names()}
     if len(keys) != len(reader.names()):
         raise InputError(f"{reader.path}: duplicate tensor names after removing _orig_mod./module. prefixes; re-save it")
@@ -463,10 +504,26 @@ def plan_litgpt(
             merged += 1
         _check_lora_flags(lora, n_layer)
 
+    # tied embeddings: decided before any job runs (cheap: shared storage or a chunked compare)
+    wte, head = "transformer.wte.weight", "lm_head.weight"
+    if head not in keys:
+        raise InputError(f"{reader.path}: has no {head}; incomplete checkpoint")
+    tie: dict[str, Any] = {"config_tie_word_embeddings": tie_hint}
+    if tie_hint is False:
+        tie.update(tied=False, evidence="not compared",
+                   reason="config.json sets tie_word_embeddings=false; wrote the head")
+        identical = False
+    else:
+        identical, evidence = compare_head(reader, keys[wte], keys[head], output_dtype(reader.dtype(keys[wte]), dtype))
+        tie["evidence"] = f"{head} and {wte}: {evidence}"
+        if not identical and tie_hint is None:
+            tie.update(tied=False, reason=f"{head} differs from {wte}: an untied model; wrote both")
+    tied = "tied" not in tie  # a candidate: the TiedEmbeddingJob decides (after any LoRA on the head)
+    head_touched = bool(updates.get(wte) or updates.get(head))
+
     # jobs, in checkpoint order; every Lit tensor must be consumed
     jobs: list[Job] = []
     consumed: set[str] = set()
-    wte, head = "transformer.wte.weight", "lm_head.weight"
     for name in sorted(keys, key=_layer_order):
         if name in consumed:
             continue
@@ -495,11 +552,10 @@ def plan_litgpt(
         elif name in (wte, head) and tied:
             if name == head:
                 continue
-            if head not in keys:
-                raise InputError(f"{reader.path}: has no {head}; incomplete checkpoint")
-            tied_job = TiedEmbeddingJob(f"{arch.embed_path}.weight", f"{arch.lm_head_path}.weight", src, keys[head],
-                                        out_dtype, updates.get(wte, []), updates.get(head, []))
-            jobs.append(tied_job)
+            jobs.append(TiedEmbeddingJob(
+                f"{arch.embed_path}.weight", f"{arch.lm_head_path}.weight", src, keys[head], out_dtype,
+                updates.get(wte, []), updates.get(head, []), decision=tie,
+                identical=None if head_touched else identical))
         elif stem in module_map:
             jobs.append(TensorJob(f"{module_map[stem]}.{param}", src, out_dtype, updates.get(name, [])))
         else:
@@ -509,7 +565,7 @@ def plan_litgpt(
             )
         consumed.add(name)
     _check_complete(jobs, arch, cfg, reader, tied)
-    return LitPlan(jobs, next((j for j in jobs if isinstance(j, TiedEmbeddingJob)), None), merged)
+    return LitPlan(jobs, next((j for j in jobs if isinstance(j, TiedEmbeddingJob)), None), merged, tie)
 
 
 def _layer_order(name: str) -> tuple:
@@ -630,24 +686,28 @@ def merge_litgpt(
         base_config = synthesize_config(cfg, arch, vocab, token_ids)
         config_origin = "synthesized from model_config.yaml"
         log.warning(f"{checkpoint}: no original config.json; synthesized one from {MODEL_CONFIG} (check it)")
-    tied = arch.is_tied(base_config)
+    # only an original config.json that states it constrains tying; else the checkpoint decides
+    tie_hint = None if hf_config is None else hf_config.get("tie_word_embeddings")
+    if tie_hint is not None and not isinstance(tie_hint, bool):
+        raise InputError(f"{hf_source}: tie_word_embeddings={tie_hint!r} is not true or false; fix config.json")
     lit_lora = load_lit_lora(lora_dir) if lora_dir is not None else None
-    plan = plan_litgpt(reader, cfg, arch, tied, out_dtype, lit_lora)
+    plan = plan_litgpt(reader, cfg, arch, tie_hint, out_dtype, lit_lora)
     log.info(f"converting {len(reader)} Lit-GPT tensors to {arch.name} "
              f"({plan.modules_merged} LoRA modules merged{', legacy QKV layout' if any(isinstance(j, QkvJob) and j.legacy_perm is not None for j in plan.jobs) else ''})")
 
     def make_config():
         written_dtype = out_dtype or reader.dtype(wte)
-        tie = plan.tied_job.decision.get("tied") if plan.tied_job is not None else None
-        if tie is False:
-            log.warning(plan.tied_job.decision["reason"])
+        tie = plan.tie["tied"]
+        if tie is False and tie_hint is not False and plan.tied_job is not None:  # a tied model came untied
+            log.warning(plan.tie["reason"])
+        else:
+            log.info(f"tie_word_embeddings={str(tie).lower()}: {plan.tie['reason']} ({plan.tie['evidence']})")
         return patch_config(base_config, dtype=written_dtype, vocab_size=vocab, tied=tie)
 
     def make_metrics(modified):
         m: dict[str, Any] = {"tensors_modified": len(modified), "modified": modified, "config": config_origin,
                              "legacy_qkv_layout": any(".attn.attn." in k for k in reader.names())}
-        if plan.tied_job is not None:
-            m["tied_embeddings"] = dict(plan.tied_job.decision)
+        m["tied_embeddings"] = dict(plan.tie)
         return m
 
     aux = [(checkpoint, AUX_FILES)]

@@ -334,6 +334,11 @@ class TiedEmbeddingJob:
     say ``tie_word_embeddings: false``. :attr:`decision` records the outcome for the config and
     the manifest. A PEFT head starts from the embedding (that is what a tied model computes with);
     a Lit-GPT checkpoint stores its own, possibly trained, ``lm_head``.
+
+    ``identical``: when neither tensor has updates, the caller may have compared the two sources
+    already (:func:`first_difference`, chunked, or by shared storage); then the outcome is known
+    before running (one tensor, or both), the writer gets the layout up front and only one of the
+    two tensors is ever resident. ``decision`` may come pre-filled with the caller's evidence.
     """
 
     embed: str  # output names
@@ -344,14 +349,22 @@ class TiedEmbeddingJob:
     embed_updates: list[Update] = field(default_factory=list)
     head_updates: list[Update] = field(default_factory=list)
     decision: dict[str, Any] = field(default_factory=dict)
+    identical: bool | None = None  # sources equal as ``dtype``, decided before running (no updates only)
 
     @property
     def outputs(self) -> list[str]:
         return [self.embed, self.head]
 
+    @property
+    def _plain(self) -> bool:
+        return not self.head_updates and not self.embed_updates
+
     def layout(self, reader: CheckpointReader) -> list[Entry] | None:
-        if self.head_source == self.embed_source and not self.head_updates and not self.embed_updates:
+        if self._plain and (self.head_source == self.embed_source or self.identical is True):
             return [(self.embed, self.dtype, reader.shape(self.embed_source))]  # stays tied: one tensor
+        if self._plain and self.identical is False:
+            return [(self.embed, self.dtype, reader.shape(self.embed_source)),
+                    (self.head, self.dtype, reader.shape(self.head_source))]
         return None  # tied or not is decided by comparing the merged tensors
 
     def _tensor(self, reader: CheckpointReader, name: str, source: str, updates: list[Update]) -> Tensor:
@@ -364,9 +377,21 @@ class TiedEmbeddingJob:
         emb_ops = [u.record() for u in self.embed_updates] or None
         head_ops = [u.record() for u in self.head_updates] or None
         emb = self._tensor(reader, self.embed, self.embed_source, self.embed_updates)
-        if self.head_source == self.embed_source and not self.head_updates and not self.embed_updates:
+        if self._plain and self.head_source == self.embed_source:
             self.decision.update(tied=True, reason="the embedding and the head are unchanged")
             yield Produced(self.embed, emb)
+            return
+        if self._plain and self.identical is True:
+            self.decision.update(tied=True, reason="the embedding and the head are identical")
+            yield Produced(self.embed, emb)
+            return
+        if self._plain and self.identical is False:  # known to differ: never hold both
+            yield Produced(self.embed, emb)
+            del emb
+            self.decision.update(
+                tied=False, reason=f"{self.head} differs from its tied twin; wrote both and set tie_word_embeddings=false")
+            yield Produced(self.head, reader.get(self.head_source, dtype=self.dtype),
+                           [{"op": "untie", "from": self.head_source}])
             return
         head = self._tensor(reader, self.head, self.head_source, self.head_updates)
         if emb.shape == head.shape and torch.equal(emb, head):
@@ -378,6 +403,37 @@ class TiedEmbeddingJob:
             tied=False, reason=f"{changed} differs from its tied twin; wrote both and set tie_word_embeddings=false")
         yield Produced(self.embed, emb, emb_ops)
         yield Produced(self.head, head, head_ops or [{"op": "untie", "from": self.head_source}])
+
+
+COMPARE_CHUNK_BYTES = 32 << 20
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def first_difference(reader: CheckpointReader, a: str, b: str, dtype: torch.dtype,
+                     chunk_bytes: int = COMPARE_CHUNK_BYTES) -> int | None:
+    """The first row where tensors ``a`` and ``b`` differ bit for bit once cast to ``dtype``, or None
+    when they are identical (NaNs and signed zeros compare by their bits, not by value).
+
+    Both must have the same shape. They are read in row chunks of about ``chunk_bytes`` each, so
+    only two chunks are ever resident, and the scan stops at the first differing chunk.
+    """
+    shape = reader.shape(a)
+    if reader.shape(b) != shape or not shape:
+        raise ValueError(f"first_difference: {a} {list(shape)} and {b} {list(reader.shape(b))} need equal shapes, >= 1-d")
+    cols = math.prod(shape[1:])
+    if cols == 0 or shape[0] == 0:
+        return None
+    widest = max(dtype.itemsize, reader.dtype(a).itemsize, reader.dtype(b).itemsize)
+    step = max(1, chunk_bytes // (cols * widest))
+    bits = _BITS[dtype.itemsize]
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        x = reader.get_rows(a, start, stop, dtype=dtype).reshape(stop - start, cols).view(bits)
+        y = reader.get_rows(b, start, stop, dtype=dtype).reshape(stop - start, cols).view(bits)
+        rows = (x != y).any(dim=1).nonzero()
+        if rows.numel():
+            return start + int(rows[0])
+    return None
 
 
 def planned_layout(jobs: Sequence[Job], reader: CheckpointReader) -> list[Entry] | None:
