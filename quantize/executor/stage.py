@@ -188,12 +188,19 @@ def run_quantize_stage(
 
         # optional head pass (EXL2 lm_head): after the last layer, on the quantized model's outputs
         head_metrics = _head_part(method, streamer, fmt, parts)
-        _compile(staging, reader, arch, other_names, n_layers, max_shard_bytes)
+        compile_output = getattr(fmt, "compile", None)  # a container of its own (GGUF), else shards
+        if compile_output is not None:
+            compile_output(staging, reader=reader, arch=arch, other_names=other_names, n_layers=n_layers,
+                           model_dir=Path(model_dir))
+        else:
+            _compile(staging, reader, arch, other_names, n_layers, max_shard_bytes)
         shutil.rmtree(parts)
         shutil.rmtree(rdir)
         copy_aux_files(Path(model_dir), staging)
         config = dict(reader.config)
-        config["quantization_config"] = fmt.quantization_config()
+        qc = fmt.quantization_config()
+        if qc is not None:
+            config["quantization_config"] = qc
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in fmt.extra_files().items():
             (staging / name).write_bytes(data)

@@ -1,0 +1,137 @@
+"""GGUF quantization as a plug-in of the layer loop: every decoder linear to the type llama.cpp's
+mix gives it (formats/gguf_mix.py), its bytes chosen
+
+- without calibration: exactly as llama.cpp's reference quantizer chooses them (no forward runs);
+- with calibration: on the grid llama.cpp's importance-weighted search picks from the Hessian's
+  diagonal (``E[x²] = diag(H)/2``, what an imatrix holds), with the codes then chosen by GPTQ's column
+  loop on that fixed grid (act-order, full-Hessian error feedback: ``gptq_on_fixed_grid``). The
+  same bytes llama.cpp reads; the rounding sees every input correlation, not only the diagonal.
+
+Types outside the K/legacy set we solve (llama.cpp's shape fallbacks Q5_0/Q5_1) are quantized by
+gguf-py's reference quantizer; F16/BF16 are cast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..formats import gguf_blocks
+from ..formats.gguf_mix import GGUF_LINEAR, ModelShape, tensor_type
+from . import kquants
+from .gptq import gptq_on_fixed_grid, prepare_hessian_inverse
+from .grid import QuantSpec, check_weight
+from .hessian import HessianAccumulator
+from .layer import relative_errors
+
+SOLVED = kquants.QTYPES  # Q8_0, Q4_0, Q4_K, Q5_K, Q6_K
+FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor as GGUF stores it (rows in the checkpoint's order; the writer permutes q/k)."""
+
+    qtype: str
+    raw: Tensor  # uint8 [N, bytes per row]
+    W_hat: Tensor  # fp32 [N, K]: what llama.cpp (and gguf-py) dequantize
+    solver: str  # "gptq" (Hessian), "reference" (llama.cpp's rounding), "cast", "gguf-py"
+
+
+def _gguf_py(W: Tensor, qtype: str) -> tuple[Tensor, Tensor]:
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(W.detach().to(torch.float32).cpu().numpy(), t)
+    W_hat = gguf.quants.dequantize(raw, t).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(W_hat)
+
+
+def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=None, damp: float = 0.01,
+                    name: str = "weight") -> GGUFTensor:
+    """``W [N, K]`` as GGUF ``qtype``; with ``H`` (or its ``prepared`` inverse) Hessian-aware."""
+    W32 = check_weight(W, name)
+    N, K = W32.shape
+    if qtype in FLOAT:
+        stored = W32.to(FLOAT[qtype])
+        return GGUFTensor(qtype, stored.view(torch.uint8).reshape(N, -1).clone(), stored.to(torch.float32), "cast")
+    if qtype not in SOLVED:
+        raw, W_hat = _gguf_py(W32, qtype)
+        return GGUFTensor(qtype, raw, W_hat, "gguf-py")
+    if H is None and prepared is None:
+        grid = kquants.block_grid(W32, qtype)
+        codes = kquants.quantize_codes(W32, grid)
+        return GGUFTensor(qtype, gguf_blocks.pack(codes, grid, qtype), kquants.dequantize(codes, grid), "reference")
+    if H is None:
+        raise ValueError(f"{name}: the Hessian-aware path needs H (its diagonal is the importance)")
+    if prepared is None:
+        prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=damp), name=name)
+    grid = kquants.block_grid(W32, qtype, importance(H))
+
+    def column(w: Tensor, k: int):
+        codes = kquants.quantize_codes(w.unsqueeze(1), grid, columns=k)
+        return codes[:, 0].to(torch.float32), kquants.dequantize(codes, grid, columns=k)[:, 0]
+
+    codes, W_hat, _ = gptq_on_fixed_grid(W32, prepared, column, name=name)
+    codes = codes.to(torch.uint8)
+    return GGUFTensor(qtype, gguf_blocks.pack(codes, grid, qtype), kquants.dequantize(codes, grid), "gptq")
+
+
+def importance(H: Tensor) -> Tensor:
+    """``E[x²]`` per input column, llama.cpp's imatrix value (``in_sum2 / counts``): ``diag(H)/2``
+    for our ``H = 2/n XᵀX``."""
+    return (torch.diagonal(H).to(torch.float32) / 2).clamp_min(0.0).cpu()
+
+
+class GGUFMethod:
+    """Layer plug-in: each decoder linear to its GGUF type (Hessian-aware with calibration data)."""
+
+    name = "gguf"
+
+    def __init__(self, ftype: str, shape: ModelShape, *, calibrated: bool, damp: float = 0.01):
+        self.ftype = ftype
+        self.shape = shape
+        self.calibrated = calibrated
+        self.damp = damp
+        self.imatrix: dict[str, tuple[Tensor, int]] = {}  # HF linear name -> (sum of x², tokens)
+
+    def process_layer(self, ctx) -> Any:
+        from ..executor.context import LayerResult
+
+        results: dict[str, GGUFTensor] = {}
+        metrics: dict[str, dict] = {"types": {}, "rel_error": {}, "reference_rel_error": {}}
+        groups = {g[0]: g for g in ctx.arch.group_names()}
+
+        def solve(first: str, acc: HessianAccumulator | None) -> None:
+            H = acc.H if acc is not None and acc.n > 0 else None
+            prepared = None
+            if H is not None:
+                prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=self.damp),
+                                                   name=f"{ctx.prefix}{first} Hessian")
+            for name in groups[first]:
+                W = ctx.weight(name)
+                qtype = tensor_type(f"blk.{ctx.index}.{GGUF_LINEAR[name]}.weight", W.shape[1], self.ftype, self.shape)
+                r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name) if H is not None \
+                    else quantize_tensor(W, qtype, name=ctx.prefix + name)
+                ctx.set_weight(name, r.W_hat)
+                results[name] = r
+                metrics["types"][name] = qtype
+                if H is not None:
+                    ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat if qtype in SOLVED else r.W_hat
+                    errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
+                    metrics["rel_error"][name], metrics["reference_rel_error"][name] = errs["ours"], errs["reference"]
+                    self.imatrix[ctx.prefix + name] = ((torch.diagonal(H) / 2 * acc.n).cpu(), acc.n)
+
+        if not self.calibrated:
+            for first in groups:
+                solve(first, None)
+        else:
+            accs = {first: HessianAccumulator() for first in groups}
+            ctx.sequential(list(groups), lambda first, x: accs[first].add(x), lambda first: solve(first, accs.pop(first)))
+        if not metrics["rel_error"]:
+            del metrics["rel_error"], metrics["reference_rel_error"]
+        return LayerResult(results, metrics)

@@ -1,0 +1,50 @@
+"""GGUF tensors from the layer plug-in: llama.cpp's reference bytes without calibration; with a
+Hessian, GPTQ on the grid of llama.cpp's importance-weighted search, beating that search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from quantize.formats import gguf_blocks  # noqa: E402
+from quantize.methods.gguf_layer import importance, quantize_tensor  # noqa: E402
+from quantize.methods.gptq import weighted_error  # noqa: E402
+
+
+def _problem(seed: int, N: int = 32, K: int = 512):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.05
+    W[3, :40] *= 8  # outliers in one row
+    X = torch.randn(1024, K, generator=g) @ (torch.eye(K) + 0.5 * torch.randn(K, K, generator=g) / K**0.5)
+    X = X * torch.linspace(0.3, 2.0, K)
+    return W, 2 * X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_hessian_aware_bytes_beat_llama_cpp_with_and_without_imatrix(qtype):
+    W, H = _problem(7)
+    ref = quantize_tensor(W, qtype)
+    assert ref.solver == "reference" and torch.equal(ref.raw, gguf_blocks.quantize_reference(W, qtype))
+    ours = quantize_tensor(W, qtype, H)
+    assert ours.solver == "gptq" and ours.raw.dtype == torch.uint8 and ours.raw.shape == ref.raw.shape
+    # gguf-py (llama.cpp's own package), not our code, reads our bytes back to the solver's weights
+    dq = gguf.quants.dequantize(ours.raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
+    assert np.array_equal(dq, ours.W_hat.numpy())
+    imatrix_raw = gguf_blocks.quantize_reference(W, qtype, importance(H))  # llama.cpp with our imatrix
+    imatrix = torch.from_numpy(gguf.quants.dequantize(imatrix_raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype)))
+    e_ours, e_ref, e_imx = (weighted_error(W, w, H) for w in (ours.W_hat, ref.W_hat, imatrix))
+    assert e_ours < 0.8 * e_ref, (e_ours, e_ref)
+    assert e_ours < 0.9 * e_imx or qtype == "Q8_0", (e_ours, e_imx)  # Q8_0 ignores the imatrix
+    assert e_ours < e_imx
+
+
+def test_float_and_fallback_types():
+    W, _ = _problem(1, K=96)
+    f16 = quantize_tensor(W, "F16")
+    assert f16.raw.shape == (32, 192) and torch.equal(f16.W_hat, W.half().float())
+    q50 = quantize_tensor(W, "Q5_0")  # llama.cpp's fallback for Q4_K at widths not a multiple of 256
+    assert q50.solver == "gguf-py" and q50.raw.shape == (32, 96 // 32 * 22)
+    assert float((q50.W_hat - W).abs().max()) < 0.05 * float(W.abs().max())
