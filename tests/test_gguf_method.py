@@ -48,3 +48,20 @@ def test_float_and_fallback_types():
     q50 = quantize_tensor(W, "Q5_0")  # llama.cpp's fallback for Q4_K at widths not a multiple of 256
     assert q50.solver == "gguf-py" and q50.raw.shape == (32, 96 // 32 * 22)
     assert float((q50.W_hat - W).abs().max()) < 0.05 * float(W.abs().max())
+
+
+def test_imatrix_file_round_trips_through_gguf_py(tmp_path):
+    from quantize.formats.gguf_imatrix import read_imatrix, write_imatrix
+
+    _, H = _problem(3, K=256)
+    n = 1024
+    path = write_imatrix(tmp_path / "imatrix.gguf", {"blk.0.attn_q.weight": (importance(H) * n, n)},
+                         datasets=["wikitext2"], chunk_count=4, chunk_size=256)
+    r = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in r.fields.values()}
+    assert "general.architecture" not in fields
+    assert bytes(fields["general.type"].parts[-1]).decode() == "imatrix"
+    assert int(fields["imatrix.chunk_count"].parts[-1][0]) == 4
+    assert {t.name for t in r.tensors} == {"blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts"}
+    back = read_imatrix(path)["blk.0.attn_q.weight"]
+    assert torch.allclose(back, importance(H), rtol=1e-6)
