@@ -36,6 +36,11 @@ class DequantReader:
     @classmethod
     def open(cls, directory: Path) -> "DequantReader | CheckpointReader":
         """A DequantReader when config.json carries a quantization_config, else the plain reader."""
+        # GGUF output (model.gguf beside config.json): its own dense reader
+        if (Path(directory) / "model.gguf").is_file():
+            from ..formats.gguf import GGUFCheckpoint
+
+            return GGUFCheckpoint(Path(directory))
         reader = CheckpointReader(Path(directory))
         qc = reader.config.get("quantization_config")
         if not qc:
