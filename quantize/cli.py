@@ -25,6 +25,7 @@ COMMANDS: dict[str, str | None] = {
     "awq": "awq",
     "exl2": "exl2",
     "fp8": "fp8",
+    "gguf": "gguf",
     "eval": "eval",
     "plan": "plan",
     "run": "run",
@@ -59,7 +60,7 @@ class LazyGroup(click.Group):
 def cli(ctx, debug: bool, json_logs: bool):
     """Turn fine-tuned LLM checkpoints into deployable quantized models.
 
-    Stages: merge -> sample -> gptq | awq | exl2 | rtn | fp8 -> eval; plan answers memory questions.
+    Stages: merge -> sample -> gptq | awq | exl2 | rtn | fp8 | gguf -> eval; plan answers memory questions.
     Every stage writes manifest.json; `quantize verify DIR` re-hashes an output.
     """
     ctx.ensure_object(dict)

@@ -23,7 +23,7 @@ from .errors import InputError, invalid
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-Stage = Literal["merge", "sample", "gptq", "awq", "exl2", "rtn", "fp8", "eval", "plan", "run"]
+Stage = Literal["merge", "sample", "gptq", "awq", "exl2", "rtn", "fp8", "gguf", "eval", "plan", "run"]
 Status = Literal["running", "complete", "failed"]
 
 _HASH_CHUNK = 8 << 20

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 FILE_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M")
+FLOAT_FILE_TYPES = ("F16", "BF16")
 DEFAULT_TYPE = {"F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q6_K": "Q6_K",
                 "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
 BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,

@@ -92,12 +92,15 @@ class GGUFMethod:
 
     name = "gguf"
 
-    def __init__(self, ftype: str, shape: ModelShape, *, calibrated: bool, damp: float = 0.01):
+    def __init__(self, ftype: str, shape: ModelShape, *, calibrated: bool, damp: float = 0.01,
+                 imatrix: bool = False):
         self.ftype = ftype
         self.shape = shape
         self.calibrated = calibrated
         self.damp = damp
-        self.imatrix: dict[str, tuple[Tensor, int]] = {}  # HF linear name -> (sum of x², tokens)
+        # keep each linear's Σx² and token count in the layer metrics (resume-safe, like every
+        # per-layer result), for llama.cpp's imatrix file
+        self.imatrix = imatrix
 
     def process_layer(self, ctx) -> Any:
         from ..executor.context import LayerResult
@@ -124,7 +127,9 @@ class GGUFMethod:
                     ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat if qtype in SOLVED else r.W_hat
                     errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
                     metrics["rel_error"][name], metrics["reference_rel_error"][name] = errs["ours"], errs["reference"]
-                    self.imatrix[ctx.prefix + name] = ((torch.diagonal(H) / 2 * acc.n).cpu(), acc.n)
+                    if self.imatrix:
+                        sums = (torch.diagonal(H).double() / 2 * acc.n).cpu().tolist()
+                        metrics.setdefault("imatrix", {})[ctx.prefix + name] = [sums, acc.n]
 
         if not self.calibrated:
             for first in groups:

@@ -1,0 +1,129 @@
+"""GGUF as an output format of the layer loop: per-layer parts hold each linear's block bytes, and
+``compile`` streams them into ``model.gguf`` (gguf-py's writer through ``formats/gguf.py``: tensor
+infos first, then data one tensor at a time).
+
+Part tensor names: ``<hf linear prefix>.gguf_<TYPE>`` (uint8 ``[N, bytes per row]``, rows in the
+checkpoint's order: the writer permutes llama's q/k rows); biases and norms as dense tensors. The
+embedding and an untied head are quantized at compile time by llama.cpp's reference rounding (the
+type llama.cpp's mix gives them), a bounded number of rows at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+
+from ..errors import InputError
+from .gguf_mix import ModelShape, tensor_type
+
+PART_PREFIX = "gguf_"
+_ROWS_PER_CHUNK = 4096
+
+
+class GGUFFormat:
+    name = "gguf"
+    suffixes: tuple[str, ...] = ()  # read back by GGUFCheckpoint, not through DequantReader
+
+    def __init__(self, ftype: str, shape: ModelShape, model_dir: Path):
+        self.ftype = ftype
+        self.shape = shape
+        self.model_dir = Path(model_dir)
+        self.tensor_types: dict[str, str] = {}  # GGUF name -> type, filled by compile
+
+    def preflight(self, arch, config: Mapping[str, Any]) -> None:
+        """Family, tokenizer and metadata llama.cpp needs, before any heavy work (InputError)."""
+        from . import gguf as container
+
+        container.gguf_arch(config)
+        container.tokenizer_pre(self.model_dir)
+
+    def pack(self, result) -> dict[str, torch.Tensor]:
+        return {PART_PREFIX + result.qtype: result.raw.contiguous()}
+
+    def pack_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias.to(torch.float32)
+
+    def quantization_config(self) -> None:
+        return None  # config.json stays the plain HF config (GGUF carries its own metadata)
+
+    def extra_files(self) -> dict[str, bytes]:
+        return {}
+
+    def compile(self, staging: Path, *, reader, arch, other_names: list[str], n_layers: int, model_dir: Path) -> None:
+        from . import gguf as container
+
+        config = reader.config
+        hidden = arch.dims(config)["hidden"]
+        entries: list[tuple[str, tuple[int, ...], str, Any]] = []  # (hf name, shape, type, loader)
+
+        def dense(name: str):
+            return lambda: reader.get(name).to(torch.float32)
+
+        def quantized(name: str, qtype: str):
+            return lambda: _reference_rows(reader, name, qtype)
+
+        embed = arch.embed_path + ".weight"
+        e_type = tensor_type("token_embd.weight", hidden, self.ftype, self.shape)
+        entries.append((embed, tuple(reader.shape(embed)), e_type, quantized(embed, e_type)))
+        for i in range(n_layers):
+            part = Path(staging) / "parts" / f"layer-{i:05d}.safetensors"
+            with safe_open(str(part), framework="pt") as f:
+                names = sorted(f.keys())
+            for name in names:
+                stem, _, suffix = name.rpartition(".")
+                if suffix.startswith(PART_PREFIX):
+                    hf = stem + ".weight"
+                    qtype = suffix[len(PART_PREFIX):]
+                    entries.append((hf, tuple(reader.shape(hf)), qtype, _part_loader(part, name)))
+                else:
+                    shape = tuple(reader.shape(name)) if name in reader else None
+                    entries.append((name, shape, "F32", _part_loader(part, name, dense=True)))
+        for name in other_names:
+            if name == embed:
+                continue
+            if name == arch.lm_head_path + ".weight":
+                if arch.is_tied(config):
+                    continue
+                o_type = tensor_type("output.weight", hidden, self.ftype, self.shape)
+                entries.append((name, tuple(reader.shape(name)), o_type, quantized(name, o_type)))
+            else:
+                entries.append((name, tuple(reader.shape(name)), "F32", dense(name)))
+
+        writer = container.GGUFStreamWriter(Path(staging) / "model.gguf", config, model_dir, self.ftype)
+        try:
+            for hf, shape, qtype, _ in entries:
+                gname = writer.add_tensor_info(hf, shape, qtype)
+                self.tensor_types[gname] = qtype
+            writer.write_header()
+            for hf, _, _, load in entries:
+                writer.write_tensor(hf, load())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _part_loader(path: Path, name: str, dense: bool = False):
+    def load():
+        with safe_open(str(path), framework="pt") as f:
+            t = f.get_tensor(name)
+        return t.to(torch.float32) if dense else t
+    return load
+
+
+def _reference_rows(reader, name: str, qtype: str) -> torch.Tensor:
+    """``name`` quantized by llama.cpp's reference rounding, ``_ROWS_PER_CHUNK`` rows at a time
+    (rows are independent): raw bytes, or the dense tensor for float types."""
+    from ..methods.gguf_layer import quantize_tensor
+
+    W = reader.get(name).to(torch.float32)
+    if qtype in ("F32", "F16", "BF16"):
+        return W
+    chunks = [quantize_tensor(W[r: r + _ROWS_PER_CHUNK], qtype, name=name).raw
+              for r in range(0, W.shape[0], _ROWS_PER_CHUNK)]
+    if not chunks:
+        raise InputError(f"{name}: empty tensor")
+    return torch.cat(chunks)
