@@ -46,8 +46,8 @@ with this harness (stubs for the four ggml.c symbols ggml-quants.c references), 
         FILE * f = fopen(argv[5], "wb"); fwrite(out, 1, n, f); fclose(f); return 0; }
 
 The digest is ``sha256(out.bin)``. During development the same harness was compared with our bytes
-on ~19,000 random matrices (10 distributions incl. ties, sparse, one-hot, 1e-13..1e4 scales, all
-importance kinds incl. all-zero): identical bytes, every type, both paths.
+on 3,750 random 16 x 512 cases (15 seeds x 10 distributions incl. ties, sparse, one-hot, all-negative,
+1e-13..1e4 scales x 5 importance kinds incl. none and all-zero x 5 types): identical bytes in all.
 """
 
 from __future__ import annotations
