@@ -86,6 +86,13 @@ EXPECTED_KEYS = {
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def gguf_name_for(family: str) -> str:
+    """general.name for a tiny model: not "phi3" (llama.cpp then wants Phi-3's tokens, which the
+    bundled tokenizer lacks), not exactly "mistral" (transformers then asks gguf-py for an arch
+    "mistral" it does not have)."""
+    return f"tiny-{family}".replace("phi3", "phi")
+
+
 def stream_write(src: Path, out: Path, file_type: str, qtype_for=None, name: str = "tiny") -> Path:
     """The streaming API as a quantizer uses it: every tensor's info, the header, then one tensor at
     a time read from the checkpoint."""
@@ -139,7 +146,7 @@ def written(tmp_path_factory, tiny_model_dir):
         if (family, file_type) not in cache:
             src = tiny_model_dir(family)
             out = stream_write(src, tmp_path_factory.mktemp(f"gguf-{family}-{file_type}"), file_type,
-                               name=f"tiny-{family}")
+                               name=gguf_name_for(family))
             cache[family, file_type] = (src, out)
         return cache[family, file_type]
 
@@ -168,7 +175,7 @@ def test_names_shapes_types(written, family, file_type):
         assert qtype == want, name
     meta = fields(out / "model.gguf")
     assert meta["general.architecture"] == GGUF_ARCH[family]
-    assert meta["general.name"] == f"tiny-{family}"
+    assert meta["general.name"] == gguf_name_for(family)
     assert meta["general.file_type"] == (0 if file_type == "F32" else 7)
     for k, v in BASE.items():
         assert meta[k] == v, k
@@ -300,7 +307,7 @@ def test_transformers_loads_gguf(tmp_path, tiny_model_dir, family):
     with torch.no_grad():
         want = ref(IDS).logits
     for ft in ("F32", "Q8_0"):
-        out = stream_write(src, tmp_path / ft, ft, name=f"tiny-{family}-{ft}")
+        out = stream_write(src, tmp_path / ft, ft, name=f"{gguf_name_for(family)}-{ft}")
         model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
         with torch.no_grad():
             got = model(IDS).logits
@@ -399,6 +406,31 @@ def test_tokenizer_metadata_reproduces_hf(written):
     hf = AutoTokenizer.from_pretrained(src)
     from_gguf = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
     assert from_gguf(text)["input_ids"] == hf(text)["input_ids"]
+
+
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def with_llama3_pretokenizer(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose tokenizer.json pre-tokenizes as Llama 3's does (its split regex, then
+    byte-level without the GPT-2 regex)."""
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    return dst
+
+
+def test_pre_tokenizer_by_structure(tmp_path, tiny_model_dir):
+    """A vocabulary of our own has no llama.cpp hash; the pre-tokenizer transformers actually builds
+    names it: GPT-2's regex -> gpt-2, Llama 3's split -> llama-bpe, and for model_type qwen2
+    transformers 5 imposes Qwen2's split whatever tokenizer.json says -> qwen2."""
+    assert G.tokenizer_pre(tiny_model_dir("llama")) == "gpt-2"
+    assert G.tokenizer_pre(tiny_model_dir("qwen2")) == "qwen2"
+    assert G.tokenizer_pre(tiny_model_dir("qwen3")) == "gpt-2"
+    assert G.tokenizer_pre(with_llama3_pretokenizer(tiny_model_dir("llama"), tmp_path / "l3")) == "llama-bpe"
 
 
 def test_tokenizer_pads_to_vocab_size(tmp_path, tiny_model_dir):
@@ -636,3 +668,72 @@ def test_bf16_and_f16_outputs(tmp_path, tiny_model_dir):
                 assert torch.equal(ck.get(n), W), n
             else:
                 assert torch.equal(ck.get(n), W.half().float()), n
+
+
+def test_phi3_name_needs_phi3_vocabulary(tmp_path, tiny_model_dir):
+    """llama.cpp looks up Phi-3's special tokens by text whenever general.name contains "phi3": a
+    given name that triggers it with another vocabulary is refused; a derived one is replaced."""
+    src = tmp_path / "my-phi3-finetune"
+    shutil.copytree(tiny_model_dir("phi3"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    with pytest.raises(InputError) as e:
+        G.GGUFStreamWriter(tmp_path / "a.gguf", cfg, src, "F32", name="Phi-3-mini-ft")
+    assert "'</s>'" in one_line(e.value)
+    w = G.GGUFStreamWriter(tmp_path / "b.gguf", cfg, src, "F32")
+    assert w._w.kv_data[0]["general.name"].value == "model"
+    w.abort()
+
+
+# -- llama.cpp itself (llama-cpp-python, when installed) --------------------------------------------
+
+LLAMA_CPP_OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}}  # see llama_cpp_caveats
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logits(tmp_path, tiny_model_dir, family):
+    """llama.cpp loads every family's GGUF and computes the HF model's logits (F32: within 5e-4 of
+    the logit range -- ggml's GELU is a table, measured 2e-4 for gemma2, 2e-7 elsewhere; Q8_0:
+    llama.cpp also rounds activations to 8 bits, measured 1e-2, against our read-back), and
+    tokenizes like the HF tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model_dir(family, **LLAMA_CPP_OVERRIDES.get(family, {}))
+    ids = IDS[0].tolist()
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(IDS).logits[0]
+    for ft in ("F32", "Q8_0"):
+        out = G.write_gguf_directory(src, tmp_path / ft, ft, name=gguf_name_for(family))
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                              type_k=0, type_v=0, flash_attn=False)  # f32 KV cache
+        llm.eval(ids)
+        got = torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32).copy())
+        if ft == "F32":
+            base = want
+            tol = 5e-4
+        else:
+            with torch.no_grad():
+                base = load_dequantized_model(out.parent).eval()(IDS).logits[0]
+            tol = 3e-2
+        assert (got - base).abs().max() <= tol * float(base.max() - base.min()), ft
+        if ft == "F32":
+            text = "Hello world! The quick brown fox, 1234 jumps:\n  tabs\tand   spaces <|eos|> caf\u00e9"
+            hf = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf
+        del llm
+
+
+@pytest.mark.interop
+def test_llama_cpp_tokenizes_llama3_pretokenizer(tmp_path, tiny_model_dir):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    src = with_llama3_pretokenizer(tiny_model_dir("llama"), tmp_path / "l3")
+    out = G.write_gguf_directory(src, tmp_path / "o", "F32")
+    assert fields(out)["tokenizer.ggml.pre"] == "llama-bpe"
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    text = "Numbers 1234567 and 3.14159, can't WON'T\n\n  indented\tline <|eos|> na\u00efve"
+    hf = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf

@@ -359,42 +359,77 @@ def _is_byte_level_bpe(tok: Mapping[str, Any]) -> bool:
             and (tok.get("decoder") or {}).get("type") == "ByteLevel")
 
 
-def _is_plain_gpt2_pretokenizer(tok: Mapping[str, Any]) -> bool:
-    """The GPT-2 pre-tokenizer exactly: ByteLevel with its built-in regex, no prefix space, no
-    normalizer -- what llama.cpp's ``gpt-2`` pre-tokenizer implements."""
-    pre = tok.get("pre_tokenizer") or {}
-    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) is True
-            and not pre.get("add_prefix_space", False) and tok.get("normalizer") is None)
+# the original (tokenizer.json) split regexes of llama.cpp's BPE pre-tokenizers for our families
+# (llama-vocab.cpp quotes them beside its adapted forms)
+PRE_BY_SPLIT_REGEX = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
 
 
-def probe_hash(model_dir: Path) -> str:
-    """llama.cpp's pre-tokenizer fingerprint of the HF tokenizer in ``model_dir``."""
+def pre_from_structure(state: Mapping[str, Any]) -> str | None:
+    """The llama.cpp pre-tokenizer a tokenizers-library state implements, when it is one we can
+    name from its structure alone (a fine-tuned vocabulary changes llama.cpp's hash, not this):
+    GPT-2's ByteLevel with its built-in regex -> ``gpt-2``; Split(Llama-3's / Qwen2's regex) then
+    ByteLevel without regex -> ``llama-bpe`` / ``qwen2``."""
+    pre = state.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        plain = pre.get("use_regex", True) is True and not pre.get("add_prefix_space", False)
+        return "gpt-2" if plain and state.get("normalizer") is None else None
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not parts or len(parts) != 2:
+        return None
+    split, byte_level = parts
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True)
+            or byte_level.get("add_prefix_space", False)):
+        return None
+    return PRE_BY_SPLIT_REGEX.get((split.get("pattern") or {}).get("Regex"))
+
+
+def _load_hf_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{model_dir}: transformers cannot load the tokenizer ({' '.join(str(e).split())[:160]})") from None
+
+
+def probe_hash(model_dir: Path, tokenizer=None) -> str:
+    """llama.cpp's pre-tokenizer fingerprint of the HF tokenizer in ``model_dir``."""
+    tokenizer = tokenizer if tokenizer is not None else _load_hf_tokenizer(Path(model_dir))
     return sha256(str(tokenizer.encode(PROBE_TEXT)).encode()).hexdigest()
 
 
 def tokenizer_pre(model_dir: Path, tokenizer_json: Mapping[str, Any] | None = None) -> str:
-    """``tokenizer.ggml.pre`` for a byte-level BPE tokenizer: llama.cpp's hash when it is one of the
-    tokenizers our families ship, else ``gpt-2`` when the pre-tokenizer is GPT-2's own (the bundled
-    test tokenizer), else InputError naming the tokenizer (llama.cpp refuses unknown values)."""
+    """``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, judged on the tokenizer transformers
+    actually builds for ``model_dir`` (transformers 5 may replace tokenizer.json's pre-tokenizer with
+    the model type's own, e.g. Qwen2's): llama.cpp's hash when it is one of the tokenizers our
+    families ship, else :func:`pre_from_structure`, else InputError naming the tokenizer (llama.cpp
+    refuses unknown values)."""
     path = Path(model_dir) / "tokenizer.json"
-    tok = tokenizer_json if tokenizer_json is not None else _read_json(path)
-    h = probe_hash(Path(model_dir))
+    tokenizer = _load_hf_tokenizer(Path(model_dir))
+    h = probe_hash(Path(model_dir), tokenizer)
     if h in KNOWN_PRE_HASHES:
         return KNOWN_PRE_HASHES[h]
-    if _is_plain_gpt2_pretokenizer(tok):
-        return "gpt-2"
-    pre = tok.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+    else:
+        state = tokenizer_json if tokenizer_json is not None else _read_json(path)
+    pre = pre_from_structure(state)
+    if pre is not None:
+        return pre
+    p = state.get("pre_tokenizer") or {}
+    kinds = [x.get("type") for x in p.get("pretokenizers", [p])]
     raise InputError(
         f"{path}: BPE pre-tokenizer not recognised (llama.cpp probe hash {h[:16]}..., pre_tokenizer "
         f"{'+'.join(str(k) for k in kinds)}); llama.cpp rejects unknown tokenizer.ggml.pre values; "
-        f"recognised: {', '.join(sorted(set(KNOWN_PRE_HASHES.values())))} and plain GPT-2 byte-level BPE"
+        f"recognised: {', '.join(sorted(set(KNOWN_PRE_HASHES.values())))} by hash, gpt-2 / llama-bpe / qwen2 "
+        "by their split regex"
     )
 
 
@@ -635,6 +670,30 @@ def extra_tensors(config: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
     return []
 
 
+# llama.cpp's vocabulary loader (llama-vocab.cpp) sets Phi-3's token attributes whenever
+# general.name contains "phi3"/"phi-3", looking these tokens up by text: without them it cannot load
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _safe_name(name: str | None, model_dir: Path, tokens) -> str:
+    """``general.name``: ``name``, else the model directory's name; one llama.cpp would refuse to
+    load with this vocabulary is an InputError when given, replaced by ``model`` when derived."""
+    chosen = name or Path(model_dir).name
+    if any(s in chosen.lower() for s in ("phi3", "phi-3")):
+        have = {t if isinstance(t, str) else bytes(t).decode("utf-8", "replace") for t in tokens}
+        missing = [t for t in PHI3_NAME_TOKENS if t not in have]
+        if missing:
+            if name is not None:
+                raise InputError(
+                    f"GGUF name {name!r}: llama.cpp applies Phi-3 token attributes to a model whose name contains "
+                    f"'phi3'/'phi-3' and then fails on this vocabulary (no {missing[0]!r}); choose another name"
+                )
+            log.warning("general.name %r would make llama.cpp look for Phi-3's tokens (missing %s); writing 'model'",
+                        chosen, missing[0])
+            return "model"
+    return chosen
+
+
 # -- the streaming writer --------------------------------------------------------------------------
 
 
@@ -705,8 +764,9 @@ class GGUFStreamWriter:
         for note in llama_cpp_caveats(self.config):
             log.warning(note)
         self._w = gguf.GGUFWriter(path=None, arch=self.gguf_arch)
-        add_metadata(self._w, self.config, model_dir, self.file_type, name=name)
         add_tokenizer(self._w, Path(model_dir), self.config)
+        name = _safe_name(name, Path(model_dir), self._w.kv_data[0][gguf.Keys.Tokenizer.LIST].value)
+        add_metadata(self._w, self.config, model_dir, self.file_type, name=name)
         self._plan: list[_Planned] = []
         self._by_name: dict[str, _Planned] = {}
         self._extras = extra_tensors(self.config)
