@@ -65,3 +65,23 @@ def test_imatrix_file_round_trips_through_gguf_py(tmp_path):
     assert {t.name for t in r.tensors} == {"blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts"}
     back = read_imatrix(path)["blk.0.attn_q.weight"]
     assert torch.allclose(back, importance(H), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q4_1"])
+def test_legacy_fallback_types_repack_exactly_and_beat_the_reference(qtype):
+    """llama.cpp's shape fallbacks: re-packing the reference codes gives the reference bytes; GPTQ
+    on their grid lowers the output error; gguf-py reads the bytes back to our weights."""
+    from quantize.formats import gguf_legacy
+
+    W, H = _problem(5, K=384)
+    ref = gguf_legacy.reference(W, qtype)
+    N, K = W.shape
+    d, m = gguf_legacy.grid(ref, qtype, N, K)
+    W_ref = gguf_legacy.dequantize(ref, qtype)
+    codes = torch.stack([gguf_legacy.round_column(W_ref[:, k], d[:, k // 32], m[:, k // 32], qtype)[0]
+                         for k in range(K)], dim=1)
+    assert np.array_equal(gguf_legacy.repack(ref, codes, qtype), ref)
+    ours = quantize_tensor(W, qtype, H)
+    assert ours.solver == "gptq" and ours.raw.shape == tuple(ref.shape)
+    assert torch.equal(ours.W_hat, gguf_legacy.dequantize(ours.raw.numpy(), qtype))
+    assert weighted_error(W, ours.W_hat, H) < 0.9 * weighted_error(W, W_ref, H)

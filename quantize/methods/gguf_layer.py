@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..formats import gguf_blocks
+from ..formats import gguf_blocks, gguf_legacy
 from ..formats.gguf_mix import GGUF_LINEAR, ModelShape, tensor_type
 from . import kquants
 from .gptq import gptq_on_fixed_grid, prepare_hessian_inverse
@@ -60,6 +60,8 @@ def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=
         stored = W32.to(FLOAT[qtype])
         return GGUFTensor(qtype, stored.view(torch.uint8).reshape(N, -1).clone(), stored.to(torch.float32), "cast")
     if qtype not in SOLVED:
+        if qtype in gguf_legacy.LEGACY and (H is not None or prepared is not None):
+            return _legacy_on_grid(W32, qtype, H, prepared, damp, name)
         raw, W_hat = _gguf_py(W32, qtype)
         return GGUFTensor(qtype, raw, W_hat, "gguf-py")
     if H is None and prepared is None:
@@ -79,6 +81,22 @@ def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=
     codes, W_hat, _ = gptq_on_fixed_grid(W32, prepared, column, name=name)
     codes = codes.to(torch.uint8)
     return GGUFTensor(qtype, gguf_blocks.pack(codes, grid, qtype), kquants.dequantize(codes, grid), "gptq")
+
+
+def _legacy_on_grid(W32: Tensor, qtype: str, H: Tensor | None, prepared, damp: float, name: str) -> GGUFTensor:
+    """Q5_0/Q5_1/Q4_1 (llama.cpp's shape fallbacks): GPTQ on the grid of the reference bytes."""
+    if prepared is None:
+        prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=damp), name=name)
+    N, K = W32.shape
+    ref = gguf_legacy.reference(W32, qtype)
+    d, m = gguf_legacy.grid(ref, qtype, N, K)
+
+    def column(w: Tensor, k: int):
+        return gguf_legacy.round_column(w, d[:, k // gguf_legacy.BLOCK], m[:, k // gguf_legacy.BLOCK], qtype)
+
+    codes, _, _ = gptq_on_fixed_grid(W32, prepared, column, name=name)
+    raw = gguf_legacy.repack(ref, codes, qtype)
+    return GGUFTensor(qtype, torch.from_numpy(raw), gguf_legacy.dequantize(raw, qtype), "gptq")
 
 
 def importance(H: Tensor) -> Tensor:
@@ -124,7 +142,7 @@ class GGUFMethod:
                 results[name] = r
                 metrics["types"][name] = qtype
                 if H is not None:
-                    ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat if qtype in SOLVED else r.W_hat
+                    ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat
                     errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
                     metrics["rel_error"][name], metrics["reference_rel_error"][name] = errs["ours"], errs["reference"]
                     if self.imatrix:
