@@ -12,8 +12,8 @@ from .. import log
 @click.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--bits", type=int, default=None, help="Override the recipe's bits.")
-@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "exl2", "fp8"]), default=None, help="Override the recipe's method.")
-@click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "exl2", "compressed-tensors"]), default=None,
+@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "exl2", "fp8", "gguf"]), default=None, help="Override the recipe's method.")
+@click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "exl2", "compressed-tensors", "gguf"]), default=None,
               help="Override the recipe's checkpoint format (compressed-tensors for gptq, rtn, awq).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Run directory (default: the recipe's output_dir).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's).")

@@ -77,10 +77,13 @@ class Recipe(_Strict):
     name: str
     description: str = ""
     source: Source
-    method: Literal["gptq", "rtn", "awq", "exl2", "fp8"] = "gptq"
-    # checkpoint format; None: the method's own (gptq/rtn: gptq, awq: awq, exl2: exl2, fp8: compressed-tensors)
-    format: Literal["gptq", "awq", "exl2", "compressed-tensors"] | None = None
+    method: Literal["gptq", "rtn", "awq", "exl2", "fp8", "gguf"] = "gptq"
+    # checkpoint format; None: the method's own (gptq/rtn: gptq, awq: awq, exl2: exl2, fp8: compressed-tensors,
+    # gguf: gguf)
+    format: Literal["gptq", "awq", "exl2", "compressed-tensors", "gguf"] | None = None
     fp8_scheme: Literal["dynamic", "static"] = "dynamic"
+    # gguf: the file type; None: from bits (4 -> Q4_K_M, 5 -> Q5_K_M, 6 -> Q6_K, 8 -> Q8_0, 16 -> BF16)
+    gguf_type: str | None = None
     bits: int = 4
     group_size: int = 128
     bpw: float | None = None
@@ -98,6 +101,15 @@ class Recipe(_Strict):
             raise ValueError(f"method awq: the AWQ GEMM format is 4-bit only (bits={self.bits}); use bits 4, or method gptq/exl2")
         if self.method == "fp8":
             self.bits = 8  # FP8 W8A8 has one width
+        if self.format == "gguf" and self.method != "gguf":
+            raise ValueError(f"format gguf is written by method gguf (set method: gguf), not {self.method}")
+        if self.method == "gguf":
+            from ..formats.gguf_mix import check_file_type
+
+            by_bits = {4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0", 16: "BF16"}
+            if self.gguf_type is None and self.bits not in by_bits:
+                raise ValueError(f"method gguf: bits {self.bits} has no GGUF type; use bits 4, 5, 6, 8 or 16, or gguf_type")
+            self.gguf_type = check_file_type(self.gguf_type or by_bits[self.bits])
         native = self.native_format()
         allowed = {native, "compressed-tensors"} if self.method in ("gptq", "rtn", "awq") else {native}
         if self.format is not None and self.format not in allowed:
@@ -107,7 +119,8 @@ class Recipe(_Strict):
         return self
 
     def native_format(self) -> str:
-        return {"gptq": "gptq", "rtn": "gptq", "awq": "awq", "exl2": "exl2", "fp8": "compressed-tensors"}[self.method]
+        return {"gptq": "gptq", "rtn": "gptq", "awq": "awq", "exl2": "exl2", "fp8": "compressed-tensors",
+                "gguf": "gguf"}[self.method]
 
     def out_dir(self) -> Path:
         fmt = self.format or self.native_format()

@@ -130,6 +130,12 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
             return quantize_fp8(model_dir=model_dir, out=qdir, exec_cfg=exec_cfg, scheme=recipe.fp8_scheme,
                                 calibration=calib_dir if static else None, seed=cal.seed, overwrite=True)
         qparams = {"method": "fp8", "scheme": recipe.fp8_scheme}
+    elif recipe.method == "gguf":
+        def do_quantize():
+            from ..commands.gguf import quantize_gguf
+            return quantize_gguf(model_dir=model_dir, out=qdir, exec_cfg=exec_cfg, ftype=recipe.gguf_type,
+                                 calibration=calib_dir, seed=cal.seed, overwrite=True)
+        qparams = {"method": "gguf", "type": recipe.gguf_type}
     elif recipe.method == "exl2":
         def do_quantize():
             from ..commands.exl2 import quantize_exl2
@@ -137,7 +143,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True)
         qparams = {"method": "exl2", "bpw": recipe.bpw}
     else:
-        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2, fp8)")
+        raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2, fp8, gguf)")
     plans.append(StagePlan(recipe.method, qdir, qparams, do_quantize, (model_dir, calib_dir)))
 
     ev = recipe.eval
