@@ -1,4 +1,5 @@
-"""Peak RSS of GPTQ quantization is flat in the number of layers (one decoder layer resident).
+"""Peak RSS of GPTQ (or, with ``--method gguf``, GGUF Q4_K_M) quantization is flat in the number of
+layers (one decoder layer resident).
 
 Builds two synthetic random Llamas that differ only in depth (default 4 and 32 layers; hidden 1024,
 intermediate 2816, 16 query / 4 KV heads, vocab 1024 with the bundled tokenizer, bf16), streamed
@@ -15,7 +16,7 @@ libjemalloc is installed, ``jemalloc`` (preloaded: reuse inside a layer, purge a
 quantize command uses there). Before these policies, glibc's default dynamic threshold gave
 1.24-1.40x from 4 to 32 layers.
 
-    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled jemalloc]
+    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled jemalloc] [--method gguf]
 """
 
 from __future__ import annotations
@@ -36,14 +37,23 @@ SETUPS = c.heap_setups()  # flat, pooled (glibc) and jemalloc where installed: l
 SHAPES = dict(hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=1024)
 
 
-def child(model: Path, cal: Path, out: Path, mode: str) -> None:
+def child(model: Path, cal: Path, out: Path, mode: str, method: str = "gptq") -> None:
     """One quantization in this (fresh) process; prints a JSON line with the measurements."""
     import torch  # noqa: F401  (imports first, so the baseline includes them)
 
+    from quantize.commands.gguf import quantize_gguf
     from quantize.commands.gptq import quantize_gptq  # noqa: F401
 
     baseline = c.rss_mb()
-    m, seconds = c.quantize(model, cal, out, bits=4, group_size=128, act_order=True, sym=True, host_heap=SETUPS[mode][0])
+    if method == "gguf":  # Hessian-aware Q4_K_M into model.gguf
+        t0 = time.perf_counter()
+        with c.quiet():
+            m = quantize_gguf(model_dir=model, out=out, exec_cfg=c.exec_config(8, SETUPS[mode][0]), ftype="Q4_K_M",
+                              calibration=cal, overwrite=True)
+        seconds = time.perf_counter() - t0
+    else:
+        m, seconds = c.quantize(model, cal, out, bits=4, group_size=128, act_order=True, sym=True,
+                                host_heap=SETUPS[mode][0])
     print(json.dumps({"baseline_mb": baseline, "peak_mb": c.maxrss_mb(), "seconds": seconds,
                       "layers": len(m.metrics["layers"]), "host_heap": m.metrics.get("host_heap"),
                       "allocator": m.metrics.get("allocator")}))
@@ -57,15 +67,18 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=list(SETUPS), choices=list(SETUPS),
                     help="host-heap policies to compare (executor/memory.py)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: auto, see common.set_threads)")
-    ap.add_argument("--child", nargs=4, metavar=("MODEL", "CAL", "OUT", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="gptq", choices=["gptq", "gguf"],
+                    help="gptq: GPTQ 4-bit g128 act-order; gguf: `quantize gguf --type Q4_K_M --calibration`")
+    ap.add_argument("--child", nargs=5, metavar=("MODEL", "CAL", "OUT", "MODE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     n_threads, threads = c.set_threads(args.threads)
     if args.child:
-        child(*map(Path, args.child[:3]), args.child[3])
+        child(*map(Path, args.child[:3]), args.child[3], args.child[4])
         return 0
 
     print(f"device: {c.cpu_model()}, torch threads {threads}")
-    print(f"model: synthetic Llama {SHAPES}, bf16; GPTQ 4-bit g128 act-order sym; "
+    what = "GPTQ 4-bit g128 act-order sym" if args.method == "gptq" else "GGUF Q4_K_M, Hessian-aware"
+    print(f"model: synthetic Llama {SHAPES}, bf16; {what}; "
           f"calibration {args.samples} x {args.seq_len} tokens (bundled wikitext2)")
     allocators = args.modes
     results: dict[tuple[str, int], dict] = {}
@@ -82,7 +95,8 @@ def main() -> int:
                 cal = c.calibrate(model, "wikitext2", args.samples, args.seq_len, tmp / "cal")
             for alloc in allocators:
                 cmd = [sys.executable, __file__, "--threads", str(n_threads)]  # all runs alike
-                r = c.run_json_child(cmd + ["--child", str(model), str(cal), str(tmp / "q"), alloc], env=SETUPS[alloc][1])
+                r = c.run_json_child(cmd + ["--child", str(model), str(cal), str(tmp / "q"), alloc, args.method],
+                                     env=SETUPS[alloc][1])
                 results[alloc, n] = r
                 print(f"  {n} layers, {alloc}: peak {r['peak_mb']:.0f} MB, after imports {r['baseline_mb']:.0f} MB, "
                       f"{r['seconds']:.0f}s", flush=True)
