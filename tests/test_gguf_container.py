@@ -456,7 +456,7 @@ def test_spm_tokenizer(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir("llama"), src)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=320,
                                    model_type="bpe", byte_fallback=True)
     shutil.copyfile(tmp_path / "sp.model", src / "tokenizer.model")
     (src / "tokenizer.json").unlink()
@@ -466,7 +466,17 @@ def test_spm_tokenizer(tmp_path, tiny_model_dir):
     tokens = meta["tokenizer.ggml.tokens"][0]
     assert [t if isinstance(t, str) else t.decode() for t in tokens[: sp.vocab_size()]] == [
         sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    assert len(tokens) == 1024
+    assert meta["tokenizer.ggml.scores"][0][: sp.vocab_size()] == pytest.approx(
+        [sp.get_score(i) for i in range(sp.vocab_size())])
+    types = meta["tokenizer.ggml.token_type"][0]
+    assert types[sp.unk_id()] == int(gguf.TokenType.UNKNOWN) and types[sp.bos_id()] == int(gguf.TokenType.CONTROL)
+    assert types[sp.piece_to_id("<0x41>")] == int(gguf.TokenType.BYTE)
+    assert len(tokens) == 1024 and set(types[sp.vocab_size():]) == {int(gguf.TokenType.UNUSED)}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = G.write_gguf_directory(src, tmp_path / "o", "F32")
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    text = "the quick brown fox 42 jumps over the lazy dog \u00e9"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text)
 
 
 # -- (e) streaming ----------------------------------------------------------------------------------

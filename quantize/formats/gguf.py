@@ -26,6 +26,11 @@ Writing streams: :class:`GGUFStreamWriter` takes every tensor's info first (name
 bytes), writes the header, then one tensor at a time in the same order -- it never holds more than
 the tensor being written. :class:`GGUFCheckpoint` reads a GGUF back as dense fp32 HF tensors, one
 at a time with positioned reads, so eval streams over GGUF outputs like any other.
+
+Checked (tests/test_gguf_container.py): gguf-py reads every family's file back; transformers' GGUF
+loader reproduces the HF logits (llama, mistral, qwen2, qwen3, gemma2, phi3 -- it has no gemma);
+llama.cpp itself (llama-cpp-python, interop tests) reproduces them for all seven and tokenizes as
+the HF tokenizer does.
 """
 
 from __future__ import annotations
@@ -77,7 +82,6 @@ FILE_TYPES = {
 
 # types gguf-py can quantize itself (a dense array is accepted for these; others take raw bytes)
 _GGUFPY_QUANTIZES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # tokenizer files copied beside model.gguf (transformers and our reader use them)
 SIDECAR_FILES = (
@@ -951,14 +955,8 @@ def write_gguf_directory(model_dir: Path, out_dir: Path, file_type: str = "F16",
 
 
 def _field_value(field):
-    """A scalar/string field's value, or a list for an array of scalars/strings."""
-    gguf = _gguf()
-    types = field.types
-    if not types:
-        return None
-    if types[0] == gguf.GGUFValueType.ARRAY:
-        return field.contents()
-    return field.contents()
+    """A metadata field's value: a scalar or string, or a list for an array."""
+    return field.contents() if field.types else None
 
 
 def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
