@@ -105,3 +105,26 @@ def test_bad_input_exit_2(argv, needle, tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_quantized_output_converts_and_says_so(tiny_model_dir, calib_for, tmp_path):
+    """A GPTQ output of this project converts to GGUF (read back dense, quantized again) and the card
+    says it was re-quantized; the GGUF's config.json carries no quantization_config."""
+    import json
+
+    from quantize.commands.gptq import quantize_gptq
+    from quantize.io.quantized import open_model
+
+    model = _model(tiny_model_dir, "llama")
+    cal = calib_for(model)
+    quantize_gptq(model_dir=model, calibration=cal, out=tmp_path / "gptq", bits=8, group_size=128, act_order=False,
+                  sym=True, damp=0.01, static_groups=False, block_size=128, rtn=True, exec_cfg=CPU)
+    m = quantize_gguf(model_dir=tmp_path / "gptq", out=tmp_path / "gguf", exec_cfg=CPU, ftype="Q8_0")
+    assert m.params["requantized_from"] == "gptq"
+    assert "re-quantized" in (tmp_path / "gguf" / "README.md").read_text()
+    assert "quantization_config" not in json.loads((tmp_path / "gguf" / "config.json").read_text())
+    src, out = open_model(tmp_path / "gptq"), open_model(tmp_path / "gguf")
+    name = "model.layers.1.mlp.down_proj.weight"
+    W = src.get(name)
+    assert torch.equal(out.get(name), torch.from_numpy(gguf.quants.dequantize(
+        gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)))

@@ -32,7 +32,8 @@ from ..errors import InputError, RuntimeFault
 from ..formats.base import Format
 from ..formats.card import write_model_card
 from ..io.atomic import StagedOutput
-from ..io.reader import CheckpointReader, read_safetensors_header
+from ..io.quantized import open_model
+from ..io.reader import read_safetensors_header
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
 from .loop import ExecConfig, LayerStreamer
@@ -56,7 +57,9 @@ def preflight(model_dir: Path, calibration_dir: Path | None, staged: StagedOutpu
     """Cheap checks before any heavy work. Returns (reader, arch, input_ids, calibration manifest);
     without a calibration set (a method that needs no activations) the last two are None."""
     staged.preflight()
-    reader = CheckpointReader(Path(model_dir))
+    # a quantized output of this project (GPTQ, AWQ, EXL2, compressed-tensors, GGUF) is read back as
+    # dense weights: re-quantizing it into another format streams like any checkpoint
+    reader = open_model(Path(model_dir))
     arch = get_arch(reader.config, source=str(Path(model_dir) / "config.json"))
     if calibration_dir is None:
         _check_disk(staged, reader)
@@ -129,6 +132,11 @@ def run_quantize_stage(
         method.preflight(arch, reader.config)
     if hasattr(fmt, "preflight"):  # what the output format can store (shapes, bits, group sizes)
         fmt.preflight(arch, reader.config)
+    source = _source_quantization(reader)
+    if source:
+        params = {**params, "requantized_from": source}
+        log.warning(f"{model_dir} is already quantized ({source}): its dequantized weights are quantized again, "
+                    "which adds the second rounding to the first; quantize the original weights where you have them")
     params = {**params, "device": exec_cfg.device, "batch_size": exec_cfg.batch_size,
               "compute_dtype": str(exec_cfg.dtype).removeprefix("torch."),
               "offload_activations": exec_cfg.offload_activations, "max_shard_bytes": max_shard_bytes}
@@ -198,6 +206,7 @@ def run_quantize_stage(
         shutil.rmtree(rdir)
         copy_aux_files(Path(model_dir), staging)
         config = dict(reader.config)
+        config.pop("quantization_config", None)  # the source's, when it was quantized already
         qc = fmt.quantization_config()
         if qc is not None:
             config["quantization_config"] = qc
@@ -215,6 +224,14 @@ def run_quantize_stage(
         done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)
     log.event("stage_end", f"{stage}: wrote {out} in {metrics['seconds']:.1f}s", stage=stage, out=str(out))
     return done
+
+
+def _source_quantization(reader) -> str | None:
+    """What the input checkpoint is quantized with (None for plain weights)."""
+    if (Path(reader.directory) / "model.gguf").is_file():
+        return "gguf"
+    qc = reader.config.get("quantization_config")
+    return str(qc.get("quant_method", "quantized")) if isinstance(qc, dict) and qc else None
 
 
 def _head_part(method: LayerMethod, streamer: LayerStreamer, fmt: Format, parts: Path) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
         lines.append("| activation ordering | static (solved in act-order, groups on the original columns): "
                      "every loader takes it |")
     lines += [
+        *([f"| re-quantized | from a {params['requantized_from']} checkpoint: its dequantized weights were quantized "
+           f"again (two roundings) |"] if params.get("requantized_from") else []),
         (f"| calibration | {ds_name}: {cp.get('n_samples')} x {cp.get('seq_len')} tokens, seed {cp.get('seed')} |"
          if calibration is not None else "| calibration | none (weights only) |"),
         f"| device | {params.get('device')} |",
