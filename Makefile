@@ -33,12 +33,14 @@ bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 # The peer tools the side-by-side benchmarks compare against (GPTQModel in .venv-interop, AutoAWQ
-# in .venv-autoawq, llm-compressor in .venv-llmcompressor); `make bench` skips those comparisons
-# where the environments are absent.
+# in .venv-autoawq, llm-compressor in .venv-llmcompressor, llama.cpp in .venv-llamacpp: built from
+# source, 30-50 min on 2 cores the first time); `make bench` skips those comparisons where the
+# environments are absent.
 peers:
 	scripts/setup_interop.sh
 	scripts/setup_autoawq.sh
 	scripts/setup_llmcompressor.sh
+	scripts/setup_llamacpp.sh
 
 # Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ/AWQ output.
 interop:
