@@ -57,6 +57,14 @@ def test_every_family_q4_k_m_with_and_without_calibration(family, tiny_model_dir
     errs = [(e, r) for layer in m_cal.metrics["layers"] for e, r in
             zip(layer["rel_error"].values(), layer["reference_rel_error"].values())]
     assert all(e < r for e, r in errs), errs  # GPTQ on the grid beats llama.cpp's rounding on every linear
+    head = m_cal.metrics.get("head", {})
+    if not config.get("tie_word_embeddings", False) and family not in ("gemma", "gemma2"):
+        # an untied head: Hessian-aware on the final-norm outputs, and what the file holds
+        assert head["type"] == raw_cal["output.weight"].tensor_type.name
+        assert head["rel_error"] < head["reference_rel_error"]
+        assert not np.array_equal(np.asarray(raw_cal["output.weight"].data), np.asarray(raw_ref["output.weight"].data))
+    else:
+        assert not head
     assert (tmp_path / "cal" / "model.gguf").stat().st_size == (tmp_path / "ref" / "model.gguf").stat().st_size
     imx = read_imatrix(tmp_path / "imatrix.gguf")
     assert len(imx) == len(m_cal.metrics["layers"]) * len(layer0)

@@ -88,7 +88,14 @@ class GGUFFormat:
                 if arch.is_tied(config):
                     continue
                 o_type = tensor_type("output.weight", hidden, self.ftype, self.shape)
-                entries.append((name, tuple(reader.shape(name)), o_type, quantized(name, o_type)))
+                head = Path(staging) / "parts" / "head.safetensors"  # the method's Hessian-aware head
+                key = f"{arch.lm_head_path}.{PART_PREFIX}{o_type}"
+                solved = False
+                if head.is_file():
+                    with safe_open(str(head), framework="pt") as f:
+                        solved = key in f.keys()
+                load = _part_loader(head, key) if solved else quantized(name, o_type)
+                entries.append((name, tuple(reader.shape(name)), o_type, load))
             else:
                 entries.append((name, tuple(reader.shape(name)), "F32", dense(name)))
 

@@ -158,3 +158,35 @@ class GGUFMethod:
         if not metrics["rel_error"]:
             del metrics["rel_error"], metrics["reference_rel_error"]
         return LayerResult(results, metrics)
+
+    def process_head(self, streamer) -> Any:
+        """An untied head, Hessian-aware on the final-norm outputs of the quantized model (after the
+        last layer), as for the decoder linears; a tied head is the embedding (rounded as llama.cpp
+        rounds it, at compile time), and without calibration the compile step rounds it too."""
+        from ..executor import skeleton
+        from ..executor.context import LayerResult
+
+        arch = streamer.arch
+        if not self.calibrated or self.shape.tied:
+            return LayerResult({}, {})
+        W = streamer.reader.get(arch.lm_head_path + ".weight").float()
+        qtype = tensor_type("output.weight", W.shape[1], self.ftype, self.shape)
+        if qtype in FLOAT:
+            return LayerResult({}, {})
+        acc = HessianAccumulator()
+        head = skeleton.get_submodule(streamer.model, arch.lm_head_path)
+        handle = head.register_forward_pre_hook(acc.pre_hook)
+        try:
+            for _ in streamer.head_logits():
+                pass
+        finally:
+            handle.remove()
+        if acc.H is None or not acc.n:
+            return LayerResult({}, {})
+        H = acc.H.to(torch.float32).cpu()
+        r = quantize_tensor(W, qtype, H, damp=self.damp, name=arch.lm_head_path)
+        ref = quantize_tensor(W, qtype, name=arch.lm_head_path).W_hat
+        errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
+        return LayerResult({arch.lm_head_path: r}, {"type": qtype, "rel_error": errs["ours"],
+                                                     "reference_rel_error": errs["reference"]})
+
