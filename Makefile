@@ -34,7 +34,7 @@ bench: setup
 
 # The peer tools the side-by-side benchmarks compare against (GPTQModel in .venv-interop, AutoAWQ
 # in .venv-autoawq, llm-compressor in .venv-llmcompressor, llama.cpp in .venv-llamacpp: built from
-# source, 30-50 min on 2 cores the first time); `make bench` skips those comparisons where the
+# source, ~11 min on 2 cores the first time); `make bench` skips those comparisons where the
 # environments are absent.
 peers:
 	scripts/setup_interop.sh

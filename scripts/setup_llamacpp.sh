@@ -8,8 +8,10 @@
 # Built from the sdist (--no-binary), never a prebuilt wheel: the binary wheels on the llama-cpp-python
 # index are CUDA/Metal builds or lag behind, and the build lets us choose the CPU code paths. It
 # needs a C/C++ compiler and cmake >= 3.21 (Debian `build-essential cmake`; installed with apt-get
-# when missing and we are root). The build takes 30-50 minutes on 2 cores; pip keeps the built wheel
-# in its cache (~/.cache/pip/wheels), so a rerun after `rm -rf .venv-llamacpp` takes seconds.
+# when missing and we are root). With the CMAKE_ARGS below (140 compile steps: libllama, libggml*,
+# llama.cpp's common library) the build took 11 min on 2 shared cores (675 s, load 2-4; 13 min for
+# the whole script); a default build also compiles the tools, the server and libmtmd. pip keeps the built
+# wheel in its cache (~/.cache/pip/wheels), so a rerun after `rm -rf .venv-llamacpp` skips the build.
 #
 # CMAKE_ARGS build only the shared libraries the Python bindings load (libllama, libggml*):
 #   -DLLAVA_BUILD=OFF                 llama-cpp-python's own switch: no libmtmd (multimodal; imported
@@ -77,7 +79,7 @@ echo "llamacpp: this project (editable, with its test extras)"
 
 export CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF -DGGML_BLAS=OFF"
-echo "llamacpp: llama-cpp-python $LLAMACPP_PYTHON_VERSION from source (CPU; 30-50 min on 2 cores unless pip's wheel cache has it)"
+echo "llamacpp: llama-cpp-python $LLAMACPP_PYTHON_VERSION from source (CPU; ~11 min on 2 cores unless pip's wheel cache has it)"
 echo "llamacpp: CMAKE_ARGS=$CMAKE_ARGS"
 start=$(date +%s)
 "$VENV/bin/python" -m pip install -c "$CONSTRAINTS" --no-binary llama-cpp-python \

@@ -76,6 +76,18 @@ VARIANTS = ("F16", "Q4_K_M", "Q4_K_M+cal")
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_llama_cpp():
+    """llama-cpp-python routes llama.cpp's log (llama_model_quantize's per-tensor lines) through this logger."""
+    import logging
+
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
 def _tiny_kwargs(family: str) -> dict:
     # gemma2: llama.cpp scales attention by 1/sqrt(head_dim) for this shape, whatever
     # query_pre_attn_scalar says (quantize.formats.gguf.llama_cpp_caveats): give it head_dim.
