@@ -7,7 +7,10 @@ them with the reason. Benchmarks that compare against peer tools (``INTEROP``) r
 ``.venv-interop/bin/python`` (``scripts/setup_interop.sh``) and are skipped when it does not exist;
 those that run a peer only in a child process of its own environment (``PEER_CHILD``: llm-compressor
 in ``.venv-llmcompressor``, ``scripts/setup_llmcompressor.sh``) run with this interpreter and are
-skipped when that environment does not exist.
+skipped when that environment does not exist. Those that run entirely in a peer's environment
+(``PEER_VENV``: llama.cpp's llama-cpp-python in ``.venv-llamacpp``, ``scripts/setup_llamacpp.sh``,
+which has this project installed too) run with that environment's interpreter and are skipped when
+it does not exist.
 
     python benchmarks/run_all.py [--only NAME ...] [--exclude NAME ...] [--list]
 
@@ -33,6 +36,9 @@ INTEROP_PYTHON = c.repo_root() / ".venv-interop" / "bin" / "python"
 # run here (our side and the eval need this project's own environment), the peer as a child in its venv
 PEER_CHILD = {"ct_vs_llmcompressor.py": (c.repo_root() / ".venv-llmcompressor" / "bin" / "python",
                                          "scripts/setup_llmcompressor.sh or `make peers`")}
+# run entirely with the peer environment's interpreter (it has this project installed as well)
+PEER_VENV = {"gguf_vs_llamacpp.py": (c.repo_root() / ".venv-llamacpp" / "bin" / "python",
+                                     "scripts/setup_llamacpp.sh or `make peers`")}
 
 
 def discover() -> list[Path]:
@@ -78,6 +84,8 @@ def main() -> int:
             note = "  (interop virtualenv)" if s.name in INTEROP else ""
             if s.name in PEER_CHILD:
                 note = f"  (peer child in {PEER_CHILD[s.name][0].parent.parent.name})"
+            if s.name in PEER_VENV:
+                note = f"  ({PEER_VENV[s.name][0].parent.parent.name})"
             print(s.name + note)
         return 0
 
@@ -92,6 +100,14 @@ def main() -> int:
                 summary.append((script.name, f"skipped: {reason}", 0.0))
                 continue
             python = str(INTEROP_PYTHON)
+        if script.name in PEER_VENV:
+            peer_python, how = PEER_VENV[script.name]
+            if not peer_python.is_file():
+                reason = f"no {peer_python.parent.parent.name} (run {how})"
+                print(f"\n=== {script.name}: skipped, {reason}")
+                summary.append((script.name, f"skipped: {reason}", 0.0))
+                continue
+            python = str(peer_python)
         if script.name in PEER_CHILD and not PEER_CHILD[script.name][0].is_file():
             peer_python, how = PEER_CHILD[script.name]
             reason = f"no {peer_python.parent.parent.name} (run {how})"
