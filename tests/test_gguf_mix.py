@@ -36,6 +36,12 @@ def test_q4_k_m_mix_of_a_32_layer_llama():
     assert tensor_type("output.weight", 4096, "Q4_0", L32) == "Q6_K"
 
 
+def test_fused_qkv_follows_attn_v():
+    """phi3's attn_qkv takes attn_v's rule, as llama_model_quantize does (tests/test_interop_llamacpp.py)."""
+    for i in range(32):
+        assert tensor_type(f"blk.{i}.attn_qkv.weight", 4096, "Q4_K_M", L32) == ("Q6_K" if use_more_bits(i, 32) else "Q4_K")
+
+
 def test_70b_and_fallbacks():
     s70 = ModelShape(n_layers=80, n_head=64, n_head_kv=8, tied=False)
     v = [tensor_type(f"blk.{i}.attn_v.weight", 8192, "Q4_K_M", s70) for i in range(80)]

@@ -233,13 +233,10 @@ def _is_linear(name: str) -> bool:
     return name.startswith("blk.") and name.endswith(".weight") and "norm" not in name
 
 
-# Where llama.cpp's Q4_K_M mix (llama-cpp-python 0.3.36 = llama.cpp 0c1e57098) differs from ours, and why.
-# phi3's fused attn_qkv: src/llama-quant.cpp now files ATTENTION_QKV under category_is_attn_v(), so it
-# takes attn_v's rule (Q6_K where use_more_bits(i, n_attention_wv), else the default Q4_K) and its
-# own "attn_qkv -> Q5_K for Q4_K_M" branch further down is unreachable; quantize/formats/gguf_mix.py
-# still applies that Q5_K rule (the older llama.cpp behaviour, when only "attn_v.weight" matched the
-# attn_v branch). Same size class, different bytes: flagged here until the mix follows llama.cpp.
-KNOWN_MIX_DIFFERENCES = {"phi3": {"blk.0.attn_qkv.weight": ("Q5_K", "Q4_K"), "blk.1.attn_qkv.weight": ("Q5_K", "Q6_K")}}
+# Where llama.cpp's Q4_K_M mix (llama-cpp-python 0.3.36 = llama.cpp 0c1e57098) differs from ours, and why:
+# nowhere. (phi3's fused attn_qkv used to: llama.cpp files ATTENTION_QKV under category_is_attn_v(),
+# so it takes attn_v's rule; quantize/formats/gguf_mix.py follows that since this test showed it.)
+KNOWN_MIX_DIFFERENCES: dict[str, dict[str, tuple[str, str]]] = {}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,8 @@ and attn_k Q8_0, attn_output Q5_K -- are kept for when MoE lands):
   Q4_0 -> Q4_0; F16/BF16 quantize nothing;
 - ``output`` (and ``token_embd`` when the head is tied to it): Q8_0 if the width is not a multiple
   of the default type's block, else Q6_K unless the default is Q8_0;
-- ``attn_v`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(i, n)`` over the attn_v tensors in order;
+- ``attn_v`` and a fused ``attn_qkv`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(i, n)`` over
+  those tensors in order;
   a 70B Llama (80 layers, GQA) lifts Q4_K to Q5_K there;
 - ``ffn_down`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(layer, n_layers)``;
 - shapes a type cannot hold (width not a multiple of its block) fall back as llama.cpp does:
@@ -90,15 +91,15 @@ def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: i
     elif name == "token_embd.weight":
         new = base
     elif "attn_v.weight" in name or "attn_qkv.weight" in name:
-        if "attn_qkv.weight" in name:
-            new = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(ftype, base)
-        else:
-            if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, shape.n_layers):
-                new = "Q6_K"
-            if shape.is_70b and new == "Q4_K":
-                new = "Q5_K"
-            if shape.n_expert == 8:
-                new = "Q8_0"
+        # llama.cpp files a fused attn_qkv under category_is_attn_v: the same rule as attn_v (its
+        # older "attn_qkv -> Q5_K" branch further down is unreachable; checked against
+        # llama_model_quantize in tests/test_interop_llamacpp.py)
+        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, shape.n_layers):
+            new = "Q6_K"
+        if shape.is_70b and new == "Q4_K":
+            new = "Q5_K"
+        if shape.n_expert == 8:
+            new = "Q8_0"
     elif "attn_k.weight" in name and shape.n_expert == 8:
         new = "Q8_0"
     elif "ffn_down" in name:
