@@ -38,6 +38,12 @@ def test_every_family_q4_k_m_with_and_without_calibration(family, tiny_model_dir
     ref, ours = GGUFCheckpoint(tmp_path / "ref"), GGUFCheckpoint(tmp_path / "cal")
     assert ref.names() == ours.names()
     layer0 = m_ref.metrics["layers"][0]["types"]
+    for m, raw_path in ((m_ref, tmp_path / "ref"), (m_cal, tmp_path / "cal")):  # the manifest names every tensor's type
+        assert m.metrics["tensor_types"] == {t.name: t.tensor_type.name
+                                              for t in gguf.GGUFReader(str(raw_path / "model.gguf")).tensors
+                                              if t.name in m.metrics["tensor_types"]}
+        assert {t.name for t in gguf.GGUFReader(str(raw_path / "model.gguf")).tensors} - set(m.metrics["tensor_types"]) \
+            <= {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
     raw_ref = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "ref" / "model.gguf")).tensors}
     raw_cal = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "cal" / "model.gguf")).tensors}
     config = src.config

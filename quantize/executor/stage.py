@@ -216,6 +216,8 @@ def run_quantize_stage(
         metrics = _summary(layer_metrics)
         if head_metrics:
             metrics["head"] = head_metrics
+        if getattr(fmt, "tensor_types", None):  # a container that records every tensor's type (GGUF)
+            metrics["tensor_types"] = dict(fmt.tensor_types)
         metrics["seconds"] = round(time.time() - t_start, 2)
         metrics["host_heap"] = heap
         metrics["allocator"] = allocator()
