@@ -69,35 +69,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
-LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
-
-
 def llama_quantize(llama_cpp, src: Path, out_dir: Path, threads: int, imatrix=None) -> float:
     """llama.cpp's Q4_K_M of ``src`` into ``out_dir/model.gguf`` (config/tokenizer copied beside it for
     our reader); returns the seconds ``llama_model_quantize`` took."""
-    import numpy as np
+    from quantize.testing.llamacpp import llama_model_quantize
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = threads
-    keep = []
-    if imatrix is not None:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, v) in enumerate(sorted(imatrix.items())):
-            arr = np.ascontiguousarray(v.numpy(), dtype=np.float32)
-            keep.append(arr)
-            entries[i].name = name.encode()
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        entries[len(imatrix)].name = None
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(entries)
     t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out_dir / "model.gguf").encode(), ctypes.byref(params))
+    llama_model_quantize(src, out_dir / "model.gguf", threads=threads,
+                         imatrix=None if imatrix is None else {k: v.numpy() for k, v in imatrix.items()})
     seconds = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src}) returned {rc}")
     for f in src.parent.iterdir():
         if f.is_file() and f.suffix == ".json" and f.name != "manifest.json":
             shutil.copy2(f, out_dir / f.name)

@@ -189,30 +189,12 @@ def test_llama_cpp_tokenizes_like_hf(built, family):
 # -- 3. llama.cpp's own quantizer -----------------------------------------------------------------
 
 
-def _llama_quantize(src: Path, dst: Path, ftype: int = LLAMA_FTYPE_MOSTLY_Q4_K_M,
-                    imatrix: dict[str, torch.Tensor] | None = None) -> Path:
-    """``llama_model_quantize(src, dst, params)`` as ``llama-quantize [--imatrix F] src dst Q4_K_M 1`` runs it."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 1
-    keep = []
-    if imatrix is not None:
-        # a NULL-terminated array of {name, data, size}: E[x^2] per input column, as llama-quantize's
-        # load_imatrix hands it over (in_sum2 / counts)
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, v) in enumerate(sorted(imatrix.items())):
-            arr = np.ascontiguousarray(v.numpy(), dtype=np.float32)
-            keep.append(arr)
-            entries[i].name = name.encode()
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        entries[len(imatrix)].name = None
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(entries)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize({src}) returned {rc}"
-    return dst
+def _llama_quantize(src: Path, dst: Path, ftype: int = LLAMA_FTYPE_MOSTLY_Q4_K_M, imatrix=None) -> Path:
+    """llama.cpp's own quantizer (quantize/testing/llamacpp.py), one thread."""
+    from quantize.testing.llamacpp import llama_model_quantize
+
+    return llama_model_quantize(src, dst, ftype, imatrix=None if imatrix is None else
+                                {k: v.numpy() for k, v in imatrix.items()})
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:

@@ -397,6 +397,21 @@ class LayerStreamer:
             self._store_output(i, b, out)
 
     # -- head (eval) -----------------------------------------------------------------------------
+    def head_hessian(self):
+        """The input Hessian of lm_head (``2/n XᵀX`` of the final-norm outputs over every batch), for
+        methods that quantize the head after the last layer. None when no token reached it."""
+        from ..methods.hessian import HessianAccumulator
+
+        acc = HessianAccumulator()
+        head = skeleton.get_submodule(self.model, self.arch.lm_head_path)
+        handle = head.register_forward_pre_hook(acc.pre_hook)
+        try:
+            for _ in self.head_logits():
+                pass
+        finally:
+            handle.remove()
+        return acc.H if acc.H is not None and acc.n else None
+
     def head_logits(self) -> Iterator[torch.Tensor]:
         """Final norm + lm_head over the current hidden states, one batch at a time (float32)."""
         norm = skeleton.get_submodule(self.model, self.arch.final_norm_path)

@@ -199,19 +199,11 @@ class Exl2QuantMethod:
         """lm_head on the final-norm outputs of the (quantized) model, after the last layer."""
         if self.head is None:
             return LayerResult({}, {})
-        from ..executor import skeleton
-
         arch = streamer.arch
         W = streamer.reader.get(arch.lm_head_path + ".weight").float().to(streamer.cfg.device)
-        acc = HessianAccumulator()
-        head = skeleton.get_submodule(streamer.model, arch.lm_head_path)
-        handle = head.register_forward_pre_hook(acc.pre_hook)
-        try:
-            for _ in streamer.head_logits():
-                pass
-        finally:
-            handle.remove()
-        H = acc.H if acc.H is not None and acc.n else torch.eye(W.shape[1], device=W.device)
+        H = streamer.head_hessian()
+        if H is None:
+            H = torch.eye(W.shape[1], device=W.device)
         r = exl2_quantize(W, self.head, H, damp=self.damp, name=arch.lm_head_path)
         ref = weighted_error(W, torch.zeros_like(W), H)
         metrics = {"rel_error": weighted_error(W, r.W_hat, H) / ref if ref > 0 else 0.0, "option": self.head.desc,

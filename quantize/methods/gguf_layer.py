@@ -163,7 +163,6 @@ class GGUFMethod:
         """An untied head, Hessian-aware on the final-norm outputs of the quantized model (after the
         last layer), as for the decoder linears; a tied head is the embedding (rounded as llama.cpp
         rounds it, at compile time), and without calibration the compile step rounds it too."""
-        from ..executor import skeleton
         from ..executor.context import LayerResult
 
         arch = streamer.arch
@@ -173,17 +172,10 @@ class GGUFMethod:
         qtype = tensor_type("output.weight", W.shape[1], self.ftype, self.shape)
         if qtype in FLOAT:
             return LayerResult({}, {})
-        acc = HessianAccumulator()
-        head = skeleton.get_submodule(streamer.model, arch.lm_head_path)
-        handle = head.register_forward_pre_hook(acc.pre_hook)
-        try:
-            for _ in streamer.head_logits():
-                pass
-        finally:
-            handle.remove()
-        if acc.H is None or not acc.n:
+        H = streamer.head_hessian()
+        if H is None:
             return LayerResult({}, {})
-        H = acc.H.to(torch.float32).cpu()
+        H = H.to(torch.float32).cpu()
         r = quantize_tensor(W, qtype, H, damp=self.damp, name=arch.lm_head_path)
         ref = quantize_tensor(W, qtype, name=arch.lm_head_path).W_hat
         errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
