@@ -31,6 +31,7 @@ COMMANDS: dict[str, str | None] = {
     "run": "run",
     "inspect": "inspect",
     "verify": "inspect",
+    "check": "check",
 }
 
 

@@ -65,6 +65,29 @@ class Environment(_Strict):
     platform: str
 
 
+Verdict = Literal["pass", "fail", "not installed", "loaded, forward not run"]
+
+
+class CheckFigures(_Strict):
+    """An engine's next-token logits against our read-back's (``quantize check``)."""
+
+    kl: float  # mean over positions of KL(ours || engine), nats
+    top1: float  # fraction of positions with the same argmax
+    max_abs_diff: float  # max |engine - ours|
+    rel: float  # max_abs_diff / (max - min of our logits)
+
+
+class CheckRecord(_Strict):
+    """One ``quantize check`` verdict: did the engine that serves this output load it and agree?"""
+
+    engine: str
+    engine_version: str | None = None
+    verdict: Verdict
+    figures: CheckFigures | None = None
+    reason: str = ""
+    created: str | None = None
+
+
 class Manifest(_Strict):
     schema_version: int
     stage: Stage
@@ -76,6 +99,9 @@ class Manifest(_Strict):
     outputs: list[FileRecord] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     environment: Environment
+    # verdicts of `quantize check` (optional, schema v1): appended after the stage completed; the
+    # manifest is not among its own outputs, so `quantize verify` still holds
+    checks: list[CheckRecord] = Field(default_factory=list)
 
     @field_validator("schema_version")
     @classmethod
@@ -155,7 +181,10 @@ def load_manifest(directory: Path, *, required: bool = False) -> Manifest | None
 
 
 def dump_manifest(m: Manifest) -> bytes:
-    return (json.dumps(m.model_dump(mode="json"), indent=2, sort_keys=False) + "\n").encode()
+    data = m.model_dump(mode="json")
+    if not data.get("checks"):  # no checks yet: the bytes manifests had before the field existed
+        data.pop("checks", None)
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
 
 def write_manifest(directory: Path, m: Manifest) -> Path:
@@ -168,6 +197,15 @@ def write_manifest(directory: Path, m: Manifest) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def append_checks(directory: Path, records: list[CheckRecord]) -> Manifest:
+    """Append ``records`` to ``directory``'s manifest ``checks`` (atomic rewrite; outputs untouched)."""
+    m = load_manifest(Path(directory), required=True)
+    done = m.model_copy(update={"checks": [*m.checks, *records]})
+    done = Manifest.model_validate(done.model_dump())
+    write_manifest(Path(directory), done)
+    return done
 
 
 def manifest_sha256(directory: Path) -> str | None:

@@ -40,6 +40,14 @@ def summarize(m: mf.Manifest) -> str:
             v = json.dumps(v, default=str)
             v = v if len(v) < 200 else v[:197] + "..."
         lines.append(f"metric       {k}: {v}")
+    for c in m.checks:  # `quantize check` verdicts
+        figs = ""
+        if c.figures is not None:
+            f = c.figures
+            figs = f"  KL {f.kl:.3g}, top-1 {f.top1:.3f}, max|diff| {f.max_abs_diff:.3g} (rel {f.rel:.2e})"
+        ver = f" {c.engine_version}" if c.engine_version else ""
+        when = f" [{c.created}]" if c.created else ""
+        lines.append(f"check        {c.engine}{ver}: {c.verdict}{figs}{' -- ' + c.reason if c.reason else ''}{when}")
     return "\n".join(lines)
 
 

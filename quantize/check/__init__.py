@@ -1,0 +1,230 @@
+"""``quantize check DIR``: every output is loaded by the engine that serves it, and its logits are ours.
+
+For each engine that serves the output's format (``engines.engines_for``), a subprocess in that
+engine's interpreter (``python -m quantize.check.runner``) loads DIR and returns the next-token
+logits at every position of a few fixed prompts (tokenized here with DIR's own tokenizer). They are
+compared with our read-back (``load_dequantized_model(DIR)``, fp32; FP8 W8A8 with the engine's
+activation quantization on every decoder linear input, as ``quantize eval`` does):
+
+* ``kl``: mean over positions of KL(ours || engine), nats; ``top1``: fraction of positions with the
+  same argmax; ``max_abs_diff``: max |engine - ours|; ``rel``: that over the range of our logits.
+
+Gates (``TOLERANCES``):
+
+* transformers on dense, compressed-tensors and GGUF: ``rel <= 1e-4``. Loaded with ``dtype=float32``
+  it holds the same dense weights (compressed-tensors decompresses with the scales cast to fp32, and
+  gguf-py dequantizes, to exactly what our reader gives: measured bit-equal) and runs the same fp32
+  transformers forward: the logits agree to float rounding (measured: 0 to 1e-6 of the range); a
+  misread code, scale, zero point or tensor moves them by orders of magnitude more.
+* llama.cpp on GGUF: ``rel <= 0.02``. llama.cpp rounds every matmul's activations to the weight
+  type's ``vec_dot_type`` (Q8_K / Q8_0 blocks; fp16 for F16 weights), which our fp32 read-back does
+  not: tests/test_interop_llamacpp.py measured <= 1.2% (Q4_K_M), 3e-4 (F16). For a quantized type,
+  when the unquantized source model of the manifest is still on disk (one more forward of the
+  prompts, cheap against loading the output twice), also ``KL(ours || llama.cpp) <= 0.2 *
+  KL(source || ours)``: the engine's own rounding must be small against the quantization effect
+  (measured 0.008-0.07 of it on Q4_K_M); a misplaced block or row order is far above 1x. Not for
+  Q8_0: llama.cpp rounds its activations to Q8_0 as well, the weights' own grid, so its rounding is
+  as large as the weights' (measured 0.5x on the tiny llama); nor for F16/BF16/F32 (no effect to
+  compare with). Those rest on the ``rel`` gate alone.
+* GPTQ/AWQ through gptqmodel kernels (transformers or gptqmodel): fp16 activations and kernel
+  accumulation order, so ``rel <= 0.02`` like llama.cpp (not measured here: needs .venv-interop).
+
+A verdict is "pass", "fail", "not installed" (the engine's interpreter or library is missing: never
+"pass") or "loaded, forward not run" (e.g. a GPU-only kernel on this machine).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engines import REPO_ROOT, detect_format, engines_for, interpreter, model_type, select
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1997 the committee met 42 times; most of its members, however, didn't agree.",
+    "def add(a, b):\n    return a + b\n",
+)
+TRANSFORMERS_REL = 1e-4
+LLAMACPP_REL = 0.02
+KERNEL_REL = 0.02
+LLAMACPP_KL_FRACTION = 0.2
+FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
+NO_KL_RATIO_TYPES = FLOAT_GGUF_TYPES | {"Q8_0"}  # see the module docstring
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel: float
+    kl_fraction: float | None = None  # KL(ours||engine) <= kl_fraction * KL(source||ours), when computable
+
+
+def tolerance(engine: str, fmt: str) -> Tolerance:
+    if engine == "llama.cpp":
+        return Tolerance(LLAMACPP_REL, LLAMACPP_KL_FRACTION)
+    if fmt in ("gptq", "awq"):
+        return Tolerance(KERNEL_REL)
+    return Tolerance(TRANSFORMERS_REL)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def tokenize(directory: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    return [list(tok(p)["input_ids"]) for p in PROMPTS]
+
+
+def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
+    """Our read-back's logits (fp32) for every prompt: a list of [len, vocab] tensors."""
+    import torch
+
+    from ..arch import get_arch
+    from ..io.quantized import load_dequantized_model, open_model
+
+    model = load_dequantized_model(directory, dtype=torch.float32).eval()
+    reader = open_model(directory)
+    fmt_obj = getattr(reader, "fmt", None)
+    arch = get_arch(reader.config)
+    quantizer = getattr(fmt_obj, "input_quantizer", None)
+    if quantizer is not None:  # FP8 W8A8: the engine quantizes every decoder linear's input
+        for i in range(int(reader.config["num_hidden_layers"])):
+            for name in arch.linear_names():
+                q = quantizer(reader.inner, arch.layer_prefix(i) + name)
+                model.get_submodule(arch.layer_prefix(i) + name).register_forward_pre_hook(
+                    lambda _m, args, q=q: (q(args[0]), *args[1:]))
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+
+
+def source_logits(directory: Path, prompts: list[list[int]]):
+    """The unquantized source model's logits (the manifest's ``model`` input), or None when gone."""
+    import torch
+
+    from .. import manifest as mf
+
+    m = mf.load_manifest(directory)
+    src = next((Path(i.path) for i in (m.inputs if m else []) if i.role == "model"), None)
+    if src is None or not src.is_dir() or detect_format(src) != "dense":
+        return None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+
+
+def kl_mean(p_logits, q_logits) -> float:
+    """Mean over positions of KL(p || q), nats."""
+    lp, lq = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def compare(ours: list, got: list):
+    """``CheckFigures`` of an engine's logits against ours (all prompts' positions together)."""
+    import torch
+
+    from ..manifest import CheckFigures
+
+    a, b = torch.cat(ours), torch.cat(got)
+    if a.shape != b.shape:
+        raise ValueError(f"logits shape {tuple(b.shape)}, ours {tuple(a.shape)}")
+    diff = float((b - a).abs().max()) if torch.isfinite(b).all() else float("inf")
+    rng = float(a.max() - a.min())
+    return CheckFigures(kl=kl_mean(a, b) if torch.isfinite(b).all() else float("inf"),
+                        top1=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                        max_abs_diff=diff, rel=diff / max(rng, 1e-30))
+
+
+def run_engine(engine: str, python: str, directory: Path, prompts: list[list[int]]) -> dict:
+    """The runner's result dict (see runner.py), its logits loaded as tensors under ``"logits"``."""
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="quantize-check-") as tmp:
+        p_json, o_json = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
+        p_json.write_text(json.dumps(prompts))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        r = subprocess.run([python, "-m", "quantize.check.runner", engine, str(Path(directory).resolve()),
+                            str(p_json), str(o_json)], capture_output=True, text=True, env=env)
+        if r.returncode != 0 or not o_json.is_file():
+            last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            return {"engine": engine, "engine_version": None, "status": "error",
+                    "reason": f"runner failed: {last}", "logits": None}
+        res = json.loads(o_json.read_text())
+        if res.get("logits"):
+            with np.load(res["logits"]) as z:
+                res["logits"] = [torch.from_numpy(z[f"p{i}"].copy()) for i in range(len(prompts))]
+        return res
+
+
+def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=None, gguf_type: str | None = None):
+    """One ``CheckRecord`` for ``engine`` on ``directory``."""
+    from ..manifest import CheckRecord
+
+    interp = interpreter(engine, fmt)
+    if interp.python is None:
+        return CheckRecord(engine=engine, verdict="not installed", reason=interp.reason, created=_now())
+    res = run_engine(engine, interp.python, directory, prompts)
+    base = dict(engine=engine, engine_version=res.get("engine_version"), created=_now())
+    status, reason = res.get("status"), res.get("reason") or ""
+    if status == "loaded":
+        return CheckRecord(**base, verdict="loaded, forward not run", reason=reason)
+    if status != "ok":
+        what = "does not serve this output" if status == "unsupported" else "failed to load or run it"
+        return CheckRecord(**base, verdict="fail", reason=f"{what}: {reason}")
+    try:
+        fig = compare(ours, res["logits"])
+    except ValueError as e:
+        return CheckRecord(**base, verdict="fail", reason=str(e))
+    tol = tolerance(engine, fmt)
+    problems, notes = [], [reason] if reason else []
+    if not fig.rel <= tol.rel:
+        problems.append(f"max |logit diff| {fig.max_abs_diff:.3g} = {fig.rel:.2e} of the logit range "
+                        f"(tolerance {tol.rel:g}), KL {fig.kl:.3g}, top-1 agreement {fig.top1:.3f}")
+    if tol.kl_fraction is not None:
+        if gguf_type in NO_KL_RATIO_TYPES:
+            notes.append(f"{gguf_type}: KL not compared with the quantization effect (rel gate only)")
+        elif source is None:
+            notes.append("source model not on disk: KL not compared with the quantization effect")
+        else:
+            kl_q = kl_mean(__import__("torch").cat(source), __import__("torch").cat(ours))
+            notes.append(f"KL(source||ours) {kl_q:.3g}")
+            if not fig.kl <= tol.kl_fraction * kl_q:
+                problems.append(f"KL(ours||engine) {fig.kl:.3g} > {tol.kl_fraction:g} x the quantization effect "
+                                f"KL(source||ours) {kl_q:.3g}")
+    if problems:
+        return CheckRecord(**base, verdict="fail", figures=fig, reason="; ".join(problems))
+    return CheckRecord(**base, verdict="pass", figures=fig, reason="; ".join(notes))
+
+
+def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str], list]:
+    """``(format, engines, records)``: every selected engine's verdict on ``directory``."""
+    from .. import manifest as mf
+
+    directory = Path(directory)
+    fmt, mtype = detect_format(directory), model_type(directory)
+    engines = select(choice, fmt, mtype)
+    prompts = tokenize(directory)
+    ours = reference_logits(directory, prompts, fmt)
+    source = None
+    gguf_type = None
+    if "llama.cpp" in engines and fmt == "gguf":
+        m = mf.load_manifest(directory)
+        gguf_type = str(m.params.get("type")) if m is not None and m.params.get("type") else None
+        if gguf_type not in NO_KL_RATIO_TYPES:
+            source = source_logits(directory, prompts)
+    records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type) for e in engines]
+    return fmt, engines, records
+
+
+__all__ = ["check_output", "check_engine", "compare", "engines_for", "detect_format", "PROMPTS"]

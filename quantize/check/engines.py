@@ -1,0 +1,112 @@
+"""Which engine serves which output, and where each engine's Python lives.
+
+An output's format is read from the directory itself: ``model.gguf`` -> ``gguf``; else
+``config.json``'s ``quantization_config.quant_method`` (``gptq``, ``awq``, ``compressed-tensors``);
+no quantization_config -> ``dense``.
+
+Engines (each runs in its own interpreter, ``python -m quantize.check.runner``):
+
+* ``transformers`` -- the current interpreter (the project's own .venv). Dense checkpoints,
+  compressed-tensors (asymmetric ones with ``CompressedTensorsConfig(dequantize=True)``: the default
+  compressed-module path of compressed-tensors 0.20 rejects every packed asymmetric zero point,
+  upstream llm-compressor#1618), GGUF (transformers' GGUF loader, through gguf-py; not for the gemma
+  family, whose GGUF transformers 5 does not map back). GPTQ/AWQ need gptqmodel, which lives in
+  the interop virtualenv: ``$QUANTIZE_INTEROP_PYTHON`` or ``<repo>/.venv-interop/bin/python``.
+* ``llama.cpp`` -- llama-cpp-python, for GGUF: ``$QUANTIZE_LLAMACPP_PYTHON`` or
+  ``<repo>/.venv-llamacpp/bin/python`` (scripts/setup_llamacpp.sh).
+* ``gptqmodel`` -- gptqmodel's own loader for GPTQ/AWQ, in the interop virtualenv.
+
+An engine whose interpreter is absent, or cannot import its library, is "not installed".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ENGINES = ("transformers", "llama.cpp", "gptqmodel")
+CHOICES = ("auto", *ENGINES, "all")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF loader cannot load back
+
+# the import that proves an interpreter holds the engine
+_PROBE = {"transformers": "import transformers as m", "llama.cpp": "import llama_cpp as m",
+          "gptqmodel": "import gptqmodel as m"}
+
+
+def detect_format(directory: Path) -> str:
+    """``gguf``, ``gptq``, ``awq``, ``compressed-tensors``, ``dense`` (or another quant_method, lowercased)."""
+    directory = Path(directory)
+    if (directory / "model.gguf").is_file():
+        return "gguf"
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "dense"
+    qc = cfg.get("quantization_config") or {}
+    return str(qc.get("quant_method", "dense")).lower() if qc else "dense"
+
+
+def model_type(directory: Path) -> str:
+    try:
+        return str(json.loads((Path(directory) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def engines_for(fmt: str, mtype: str = "") -> list[str]:
+    """Every engine that serves ``fmt`` (in the order they are run)."""
+    if fmt == "gguf":
+        return ["llama.cpp"] if mtype in NO_TRANSFORMERS_GGUF else ["transformers", "llama.cpp"]
+    if fmt in ("gptq", "awq"):
+        return ["transformers", "gptqmodel"]
+    if fmt in ("dense", "compressed-tensors"):
+        return ["transformers"]
+    return []
+
+
+def select(choice: str, fmt: str, mtype: str = "") -> list[str]:
+    """The engines ``--engine choice`` names for this output. ``auto``/``all``: every engine that
+    serves the format; a named one: just it (even if it does not serve the format: the runner says so)."""
+    if choice in ("auto", "all"):
+        return engines_for(fmt, mtype)
+    return [choice]
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    engine: str
+    python: str | None  # None: not installed
+    reason: str = ""  # why not installed
+
+
+def _venv_python(env_var: str, default: Path) -> tuple[str, str]:
+    val = os.environ.get(env_var)
+    return (val, env_var) if val else (str(default), str(default.relative_to(REPO_ROOT)) if default.is_relative_to(REPO_ROOT) else str(default))
+
+
+def interpreter(engine: str, fmt: str) -> Interpreter:
+    """The Python that runs ``engine`` on a ``fmt`` output, or why there is none."""
+    if engine == "transformers" and fmt not in ("gptq", "awq"):
+        return Interpreter(engine, sys.executable)
+    if engine == "llama.cpp":
+        python, where = _venv_python("QUANTIZE_LLAMACPP_PYTHON", REPO_ROOT / ".venv-llamacpp" / "bin" / "python")
+        hint = "scripts/setup_llamacpp.sh builds .venv-llamacpp, or set QUANTIZE_LLAMACPP_PYTHON"
+    else:  # gptqmodel, or transformers on GPTQ/AWQ (needs gptqmodel)
+        python, where = _venv_python("QUANTIZE_INTEROP_PYTHON", REPO_ROOT / ".venv-interop" / "bin" / "python")
+        hint = "create .venv-interop with gptqmodel, or set QUANTIZE_INTEROP_PYTHON"
+    if not Path(python).is_file():
+        return Interpreter(engine, None, f"no interpreter at {python} ({where}); {hint}")
+    probe = _PROBE["gptqmodel" if engine != "llama.cpp" else "llama.cpp"]
+    try:
+        r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Interpreter(engine, None, f"{python}: {type(e).__name__}: {e}")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["import failed"])[-1]
+        return Interpreter(engine, None, f"{python}: {last}")
+    return Interpreter(engine, python)
