@@ -1,0 +1,159 @@
+"""`quantize check`: the engine that serves an output loads it, and its logits are our read-back's.
+
+transformers (the project's own interpreter) must pass on compressed-tensors W4A16 and on GGUF
+Q8_0; the verdicts land in manifest.json `checks`, `inspect` shows them and `verify` still holds.
+A checkpoint whose lm_head tensor was renamed (transformers initializes a fresh head, our reader
+falls back to the embedding) fails with one line naming transformers; a missing engine
+interpreter is "not installed", never "pass". With .venv-llamacpp, llama.cpp passes a GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import CPU
+from quantize import manifest as mf
+from quantize.check import compare, detect_format, engines_for
+from quantize.check.engines import REPO_ROOT
+from quantize.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ct(model: Path, cal: Path, out: Path) -> Path:
+    from quantize.commands.gptq import quantize_gptq
+
+    quantize_gptq(model_dir=model, calibration=cal, out=out, bits=4, group_size=32, act_order=False, sym=True,
+                  damp=0.01, static_groups=None, block_size=128, rtn=True, exec_cfg=CPU, format="compressed-tensors")
+    return out
+
+
+def _gguf(model: Path, out: Path, ftype: str = "Q8_0") -> Path:
+    from quantize.commands.gguf import quantize_gguf
+
+    quantize_gguf(model_dir=model, out=out, exec_cfg=CPU, ftype=ftype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_model_dir, calib_for, tmp_path_factory) -> dict[str, Path]:
+    model = tiny_model_dir("llama", dtype=torch.bfloat16)
+    root = tmp_path_factory.mktemp("check")
+    return {"src": model, "ct": _ct(model, calib_for(model), root / "ct"), "gguf": _gguf(model, root / "gguf")}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _err_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_formats_and_engines(outputs):
+    assert detect_format(outputs["src"]) == "dense"
+    assert detect_format(outputs["ct"]) == "compressed-tensors"
+    assert detect_format(outputs["gguf"]) == "gguf"
+    assert engines_for("gguf", "llama") == ["transformers", "llama.cpp"]
+    assert engines_for("gguf", "gemma") == ["llama.cpp"]  # transformers' GGUF loader does not map gemma back
+    assert engines_for("gptq") == ["transformers", "gptqmodel"]
+
+
+def test_compare_figures():
+    a = [torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 1.0]])]
+    f = compare(a, [a[0].clone()])
+    assert (f.kl, f.top1, f.max_abs_diff, f.rel) == (0.0, 1.0, 0.0, 0.0)
+    f = compare(a, [torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 1.0]])])
+    assert f.top1 == 0.5 and f.max_abs_diff == 3.0 and f.rel == 1.0 and f.kl > 0
+
+
+@pytest.mark.parametrize("kind", ["ct", "gguf"])
+def test_transformers_passes_and_the_verdict_is_recorded(kind, outputs, tmp_path, capsys):
+    out = _copy(outputs[kind], tmp_path / kind)
+    before = (out / mf.MANIFEST_NAME).read_bytes()
+    assert b'"checks"' not in before  # an unchecked manifest keeps its old bytes
+    capsys.readouterr()
+    assert main(["check", str(out), "--engine", "transformers", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["format"] == detect_format(out)
+    m = mf.load_manifest(out)
+    assert [c.engine for c in m.checks] == ["transformers"]
+    c = m.checks[0]
+    assert c.verdict == "pass" and c.engine_version and c.figures is not None
+    assert c.figures.rel <= 1e-4 and c.figures.top1 > 0.99
+    assert printed["checks"][0]["verdict"] == "pass"
+    # inspect shows it; verify still holds (the manifest is not among its own outputs)
+    assert main(["inspect", str(out)]) == 0
+    shown = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("check")]
+    assert len(shown) == 1 and "transformers" in shown[0] and "pass" in shown[0]
+    assert main(["verify", str(out)]) == 0
+    # a second check appends
+    assert main(["check", str(out), "--engine", "transformers"]) == 0
+    assert [c.verdict for c in mf.load_manifest(out).checks] == ["pass", "pass"]
+
+
+def test_a_broken_checkpoint_fails_naming_transformers(outputs, tmp_path, capsys):
+    """lm_head.weight renamed inside model.safetensors: transformers initializes a fresh head (our
+    read-back falls back to the embedding), so the logits disagree; exit 1, one line."""
+    from safetensors.torch import load_file, save_file
+
+    out = _copy(outputs["ct"], tmp_path / "broken")
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    sd["lm_head_renamed.weight"] = sd.pop("lm_head.weight")
+    save_file(sd, f, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["check", str(out), "--engine", "all"]) == 1
+    err = _err_lines(capsys)
+    assert len(err) == 1, err
+    assert "transformers" in err[0] and "logit" in err[0] and "Traceback" not in err[0], err
+    c = mf.load_manifest(out).checks[-1]
+    assert c.engine == "transformers" and c.verdict == "fail" and c.figures.rel > 1e-4
+
+
+def test_a_missing_engine_is_not_installed_never_pass(outputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QUANTIZE_LLAMACPP_PYTHON", str(tmp_path / "nonexistent" / "python"))
+    out = _copy(outputs["gguf"], tmp_path / "gguf")
+    capsys.readouterr()
+    assert main(["check", str(out), "--engine", "all"]) == 0  # transformers passes; llama.cpp is only absent
+    by = {c.engine: c for c in mf.load_manifest(out).checks}
+    assert by["transformers"].verdict == "pass"
+    assert by["llama.cpp"].verdict == "not installed" and by["llama.cpp"].figures is None
+    assert "QUANTIZE_LLAMACPP_PYTHON" in by["llama.cpp"].reason
+    capsys.readouterr()
+    assert main(["check", str(out), "--engine", "llama.cpp"]) == 1  # named explicitly: it could not check
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "llama.cpp" in err[0] and "not installed" in err[0], err
+
+
+def test_an_engine_that_does_not_serve_the_format_is_bad_usage(outputs, capsys):
+    capsys.readouterr()
+    assert main(["check", str(outputs["ct"]), "--engine", "llama.cpp"]) == 2
+    err = _err_lines(capsys)
+    assert len(err) == 1 and "llama.cpp" in err[0] and "compressed-tensors" in err[0], err
+
+
+LLAMACPP_PYTHON = REPO_ROOT / ".venv-llamacpp" / "bin" / "python"
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(not LLAMACPP_PYTHON.is_file(), reason="needs .venv-llamacpp (scripts/setup_llamacpp.sh)")
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
+def test_llama_cpp_passes_our_gguf(ftype, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Q4_K_M (widths of 256) also exercises the KL-against-the-quantization-effect gate."""
+    monkeypatch.delenv("QUANTIZE_LLAMACPP_PYTHON", raising=False)
+    model = tiny_model_dir("llama", hidden=256, dtype=torch.bfloat16)
+    out = _gguf(model, tmp_path / ftype, ftype)
+    capsys.readouterr()
+    assert main(["check", str(out), "--engine", "llama.cpp"]) == 0, capsys.readouterr().err
+    c = mf.load_manifest(out).checks[-1]
+    assert c.engine == "llama.cpp" and c.verdict == "pass" and c.engine_version
+    assert c.figures.rel <= 0.02
+    if ftype == "Q4_K_M":
+        assert "KL(source||ours)" in c.reason  # the ratio gate ran
