@@ -167,11 +167,12 @@ def run_engine(engine: str, python: str, directory: Path, prompts: list[list[int
         return res
 
 
-def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=None, gguf_type: str | None = None):
+def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=None, gguf_type: str | None = None,
+                 interp=None):
     """One ``CheckRecord`` for ``engine`` on ``directory``."""
     from ..manifest import CheckRecord
 
-    interp = interpreter(engine, fmt)
+    interp = interp or interpreter(engine, fmt)
     if interp.python is None:
         return CheckRecord(engine=engine, verdict="not installed", reason=interp.reason, created=_now())
     res = run_engine(engine, interp.python, directory, prompts)
@@ -214,6 +215,9 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
     directory = Path(directory)
     fmt, mtype = detect_format(directory), model_type(directory)
     engines = select(choice, fmt, mtype)
+    interps = {e: interpreter(e, fmt) for e in engines}
+    if all(i.python is None for i in interps.values()):  # nothing to run: no need for our read-back
+        return fmt, engines, [check_engine(e, directory, fmt, [], [], interp=interps[e]) for e in engines]
     prompts = tokenize(directory)
     ours = reference_logits(directory, prompts, fmt)
     source = None
@@ -223,7 +227,7 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
         gguf_type = str(m.params.get("type")) if m is not None and m.params.get("type") else None
         if gguf_type not in NO_KL_RATIO_TYPES:
             source = source_logits(directory, prompts)
-    records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type) for e in engines]
+    records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type, interps[e]) for e in engines]
     return fmt, engines, records
 
 
