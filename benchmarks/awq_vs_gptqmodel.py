@@ -55,7 +55,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -176,15 +175,7 @@ CHILDREN = {
 }
 
 
-def failure_reason(err: BaseException) -> str:
-    """One line for a failed child: the last exception line of its output, else the error itself."""
-    if isinstance(err, subprocess.TimeoutExpired):
-        return f"timed out after {err.timeout:.0f}s"
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", ln):
-            return ln[:200]
-    return (lines[-1] if lines else type(err).__name__)[:200]
+failure_reason = c.failure_reason
 
 
 def saved_config(out: Path) -> dict:

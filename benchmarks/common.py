@@ -395,3 +395,19 @@ def eval_windows(model_dir: Path, dataset: str, seq_len: int, n: int):
 
     windows, _ = eval_windows_from_dataset(Path(model_dir), dataset, seq_len, n)
     return windows
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for a failed peer child: the last exception (or ``error:``) line of its output, else
+    its last line (a timeout says so)."""
+    import re
+    import subprocess
+
+    if isinstance(err, subprocess.TimeoutExpired):
+        return f"timed out after {err.timeout:.0f}s"
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^([\w.]*(Error|Exception|Interrupt|Exit)\b|error:)", ln):
+            return ln[:200]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+

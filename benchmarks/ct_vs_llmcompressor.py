@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -123,15 +122,7 @@ CHILDREN = {
 }
 
 
-def failure_reason(err: BaseException) -> str:
-    """One line for a failed child: the last exception (or ``error:``) line of its output, else the last line."""
-    if isinstance(err, subprocess.TimeoutExpired):
-        return f"timed out after {err.timeout:.0f}s"
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^([\w.]*(Error|Exception|Interrupt|Exit)\b|error:)", ln):
-            return ln[:200]
-    return (lines[-1] if lines else type(err).__name__)[:200]
+failure_reason = c.failure_reason
 
 
 def saved_config(out: Path) -> dict:

@@ -51,6 +51,7 @@ import torch
 
 from ..arch import Arch, get_arch
 from ..errors import InputError
+from ..io.reader import Closing
 
 log = logging.getLogger(__name__)
 
@@ -1009,7 +1010,7 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> dic
     return cfg
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(Closing):
     """A GGUF file (or a directory holding ``model.gguf``) as dense HF tensors, read one at a time.
 
     Quacks like :class:`quantize.io.reader.CheckpointReader` for the streaming executor and eval:
@@ -1145,17 +1146,6 @@ class GGUFCheckpoint:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> GGUFCheckpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, {len(self._names)} tensors)"

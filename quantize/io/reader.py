@@ -155,7 +155,26 @@ def read_safetensors_header(path: Path, label: str | None = None) -> tuple[dict[
     return infos, {str(k): str(v) for k, v in meta.items()}
 
 
-class CheckpointReader:
+class Closing:
+    """``with`` support and close-on-collect for readers holding file descriptors (``close()``)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class CheckpointReader(Closing):
     """Read-only view of a checkpoint directory (or one weights file), loading one tensor at a time.
 
     >>> with CheckpointReader(Path("models/llama")) as ckpt:
@@ -417,17 +436,6 @@ class CheckpointReader:
         self._fds.clear()
         self._torch_cache = None
 
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self._names)} tensors, {len(self.shards)} shards)"
