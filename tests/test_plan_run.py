@@ -92,3 +92,20 @@ def test_run_bad_input_exit_2(argv, needle, capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_checks_the_output_when_the_recipe_asks(tiny_llama, tmp_path, monkeypatch):
+    """recipe `check: all`: after quantizing, the engine verdicts land in the model's manifest
+    (transformers on a compressed-tensors output runs in this interpreter); a rerun skips."""
+    monkeypatch.setenv("QUANTIZE_LLAMACPP_PYTHON", str(tmp_path / "none" / "python"))
+    recipe = _recipe(tmp_path, tiny_llama)
+    args = ["run", str(recipe), "--out", str(tmp_path / "run"), "--set", f"source.model={tiny_llama}",
+            "--set", "calibration.samples=8", "--set", "calibration.seq_len=64", "--set", "eval.seq_len=64",
+            "--set", "eval.max_windows=4", "--set", "group_size=32", "--set", "eval.max_ppl_increase=null",
+            "--set", "check=all", "--format", "compressed-tensors"]
+    assert main(args) == 0
+    checks = mf.load_manifest(tmp_path / "run" / "model").checks
+    assert [(c.engine, c.verdict) for c in checks] == [("transformers", "pass")]
+    assert not mf.verify(tmp_path / "run" / "model")
+    assert main(args) == 0  # skipped: no second check appended
+    assert len(mf.load_manifest(tmp_path / "run" / "model").checks) == 1

@@ -84,6 +84,9 @@ class Recipe(_Strict):
     fp8_scheme: Literal["dynamic", "static"] = "dynamic"
     # gguf: the file type; None: from bits (4 -> Q4_K_M, 5 -> Q5_K_M, 6 -> Q6_K, 8 -> Q8_0, 16 -> BF16)
     gguf_type: str | None = None
+    # after quantizing, `quantize check` the output: off, auto (the engines that serve the format and
+    # are installed), all. Off by default: the reference holds the whole dequantized model in fp32
+    check: Literal["off", "auto", "all"] = "off"
     bits: int = 4
     group_size: int = 128
     bpw: float | None = None

@@ -144,6 +144,8 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
         qparams = {"method": "exl2", "bpw": recipe.bpw}
     else:
         raise InputError(f"{recipe_path}: method {recipe.method!r} is not available in this version (gptq, rtn, awq, exl2, fp8, gguf)")
+    if recipe.check != "off":
+        do_quantize = _then_check(do_quantize, qdir, recipe.check)
     plans.append(StagePlan(recipe.method, qdir, qparams, do_quantize, (model_dir, calib_dir)))
 
     ev = recipe.eval
@@ -207,3 +209,24 @@ def _print_summary(summary, metrics, out: Path) -> None:
         click.echo(f"perplexity {e.get('perplexity', float('nan')):.3f} (baseline {e.get('baseline_perplexity', float('nan')):.3f}), "
                    f"KL {e.get('kl', float('nan')):.5f}, top-1 agreement {e.get('top1_agreement', float('nan')):.4f}")
     click.echo(f"complete: {out} (check with `quantize verify {out}`)")
+
+
+def _then_check(quantize: Callable[[], Any], qdir: Path, engines: str) -> Callable[[], Any]:
+    """The quantize stage followed by `quantize check` on its output (recipe key ``check``): the
+    verdicts land in the output's manifest before eval records it as a parent; a failing engine
+    fails the run (GateFailed, exit 1), an engine that is not installed is reported, not passed."""
+    def run():
+        from ..check import check_output
+        from ..errors import GateFailed
+
+        quantize()
+        _, _, records = check_output(qdir, engines)
+        mf.append_checks(qdir, records)
+        for r in records:
+            log.info(f"check {r.engine}: {r.verdict}" + (f" ({r.reason})" if r.reason else ""))
+        failed = [r for r in records if r.verdict == "fail"]
+        if failed:
+            raise GateFailed("; ".join(f"{r.engine}: {r.reason}" for r in failed))
+        return mf.load_manifest(qdir)
+    return run
+
