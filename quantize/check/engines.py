@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io.quantized import detect_format  # noqa: F401  (re-exported: the check reads outputs as our reader does)
+
 ENGINES = ("transformers", "llama.cpp", "gptqmodel")
 CHOICES = ("auto", *ENGINES, "all")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,19 +38,6 @@ NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF load
 # the import that proves an interpreter holds the engine
 _PROBE = {"transformers": "import transformers as m", "llama.cpp": "import llama_cpp as m",
           "gptqmodel": "import gptqmodel as m"}
-
-
-def detect_format(directory: Path) -> str:
-    """``gguf``, ``gptq``, ``awq``, ``compressed-tensors``, ``dense`` (or another quant_method, lowercased)."""
-    directory = Path(directory)
-    if (directory / "model.gguf").is_file():
-        return "gguf"
-    try:
-        cfg = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "dense"
-    qc = cfg.get("quantization_config") or {}
-    return str(qc.get("quant_method", "dense")).lower() if qc else "dense"
 
 
 def model_type(directory: Path) -> str:

@@ -10,7 +10,7 @@ import click
 from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
 
 
-def resolve_static_groups(static_groups: bool | None, format: str, act_order: bool, rtn: bool) -> bool:
+def resolve_static_groups(static_groups: bool | None, act_order: bool, rtn: bool) -> bool:
     """``None`` (the default): on with act-order -- static activation ordering, groups on the
     original columns, which every loader takes (vLLM refuses GPTQ ``desc_act: true``, and
     compressed-tensors stores no other act-order); off for RTN (no column order)."""
@@ -26,8 +26,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     """Library entry point (the CLI and `quantize run` call this).
 
     ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
-    (pack-quantized). ``static_groups=None``: on for compressed-tensors with act-order (the only
-    act-order it stores), off for GPTQ. ``scale_dtype``: see ``formats.registry.resolve_scale_dtype``."""
+    (pack-quantized). ``static_groups=None``: see :func:`resolve_static_groups`. ``scale_dtype``: see
+    ``formats.registry.resolve_scale_dtype``."""
     import torch
 
     from ..errors import InputError
@@ -39,7 +39,7 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     if format not in ("gptq", "compressed-tensors"):
         raise InputError(f"--format {format!r}: `quantize gptq` writes gptq or compressed-tensors")
     ct = format == "compressed-tensors"
-    static_groups = resolve_static_groups(static_groups, format, act_order, rtn)
+    static_groups = resolve_static_groups(static_groups, act_order, rtn)
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
                      damp=damp, block_size=block_size, scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),

@@ -32,7 +32,7 @@ from ..errors import InputError, RuntimeFault
 from ..formats.base import Format
 from ..formats.card import write_model_card
 from ..io.atomic import StagedOutput
-from ..io.quantized import open_model
+from ..io.quantized import detect_format, open_model
 from ..io.reader import read_safetensors_header
 from ..io.writer import ShardedWriter, copy_aux_files
 from .context import LayerContext, LayerMethod
@@ -132,8 +132,8 @@ def run_quantize_stage(
         method.preflight(arch, reader.config)
     if hasattr(fmt, "preflight"):  # what the output format can store (shapes, bits, group sizes)
         fmt.preflight(arch, reader.config)
-    source = _source_quantization(reader)
-    if source:
+    source = detect_format(model_dir)  # what the input is quantized with already, if anything
+    if source != "dense":
         params = {**params, "requantized_from": source}
         log.warning(f"{model_dir} is already quantized ({source}): its dequantized weights are quantized again, "
                     "which adds the second rounding to the first; quantize the original weights where you have them")
@@ -226,14 +226,6 @@ def run_quantize_stage(
         done = mf.complete(staging, mf.load_manifest(staging), metrics=metrics)
     log.event("stage_end", f"{stage}: wrote {out} in {metrics['seconds']:.1f}s", stage=stage, out=str(out))
     return done
-
-
-def _source_quantization(reader) -> str | None:
-    """What the input checkpoint is quantized with (None for plain weights)."""
-    if (Path(reader.directory) / "model.gguf").is_file():
-        return "gguf"
-    qc = reader.config.get("quantization_config")
-    return str(qc.get("quant_method", "quantized")) if isinstance(qc, dict) and qc else None
 
 
 def _head_part(method: LayerMethod, streamer: LayerStreamer, fmt: Format, parts: Path) -> dict[str, Any]:

@@ -274,8 +274,8 @@ class CompressedTensorsIntFormat:
         width = K // result.scales.shape[0]
         if not torch.equal(result.g_idx.to(torch.int64), torch.arange(K, device=result.g_idx.device) // width):
             raise InputError("compressed-tensors stores contiguous groups only; quantize with --static-groups or --no-act-order")
-        dtype = self.dtype if self.dtype != torch.float32 else torch.float32
-        return pack_int(result.codes, result.scales, result.zeros, bits=result.bits, sym=self.spec.sym, scale_dtype=dtype)
+        return pack_int(result.codes, result.scales, result.zeros, bits=result.bits, sym=self.spec.sym,
+                        scale_dtype=self.dtype)
 
     def dequantize(self, tensors: dict[str, Tensor]) -> Tensor:
         return dequantize_int(tensors, bits=self.spec.bits, sym=self.spec.sym, group_size=self.spec.group_size)

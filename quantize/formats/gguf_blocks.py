@@ -26,16 +26,11 @@ import torch
 from torch import Tensor
 
 from ..methods import kquants
-from ..methods.kquants import QK_K, Grid
+from ..methods.kquants import Grid
+from .gguf_mix import type_size
 
 # qtype -> (values per block, bytes per block), as gguf.GGML_QUANT_SIZES
-TYPE_SIZES = {
-    "Q8_0": (32, 34),
-    "Q4_0": (32, 18),
-    "Q4_K": (QK_K, 144),
-    "Q5_K": (QK_K, 176),
-    "Q6_K": (QK_K, 210),
-}
+TYPE_SIZES = {t: type_size(t) for t in kquants.QTYPES}
 
 
 def _check(qtype: str, k: int) -> tuple[int, int]:

@@ -31,9 +31,18 @@ FILE_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 FLOAT_FILE_TYPES = ("F16", "BF16")
 DEFAULT_TYPE = {"F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q6_K": "Q6_K",
                 "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
-BLOCK = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
-         "F16": 1, "BF16": 1, "F32": 1}
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def type_size(qtype: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a ggml type, from gguf-py's table."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
+
+
+def _block(qtype: str) -> int:
+    return type_size(qtype)[0]
 
 
 def check_file_type(ftype: str) -> str:
@@ -65,10 +74,10 @@ class ModelShape:
 
 
 def _fallback(qtype: str, ncols: int) -> str:
-    if ncols % BLOCK[qtype] == 0:
+    if ncols % _block(qtype) == 0:
         return qtype
     alt = FALLBACK.get(qtype)
-    if alt is None or ncols % BLOCK[alt]:
+    if alt is None or ncols % _block(alt):
         return "F16"
     return alt
 
@@ -84,7 +93,7 @@ def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: i
     new = base
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight" or (shape.tied and name == "token_embd.weight"):
-        if ncols % BLOCK[base]:
+        if ncols % _block(base):
             new = "Q8_0"
         elif base != "Q8_0":
             new = "Q6_K"
@@ -110,10 +119,6 @@ def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: i
     return _fallback(new, ncols)
 
 
-# bytes per block of each type (ggml's type sizes)
-TYPE_BYTES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20),
-              "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
-
 # our architecture table's linear names -> GGUF tensor stems (phi3's fused gate_up is ffn_up there)
 GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_proj": "ffn_gate",
@@ -121,16 +126,15 @@ GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
 
 
 def tensor_bytes(qtype: str, rows: int, cols: int) -> int:
-    block, size = TYPE_BYTES[qtype]
+    block, size = type_size(qtype)
     return rows * (cols // block) * size
 
 
 def model_shape(config, arch) -> ModelShape:
-    d = arch.dims(config)
     return ModelShape(n_layers=arch.num_layers(config), n_head=int(config["num_attention_heads"]),
                       n_head_kv=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
                       tied=arch.is_tied(config), arch="llama" if arch.name in ("llama", "mistral") else arch.name,
-                      n_expert=int(config.get("num_local_experts") or 1)) if d else None
+                      n_expert=int(config.get("num_local_experts") or 1))
 
 
 def gguf_weight_bytes(config, ftype: str, arch) -> dict[str, int]:

@@ -36,7 +36,6 @@ def format_from_config(qc: dict[str, Any], source: str = "config.json") -> Forma
     )
 
 
-OUTPUT_FORMATS = ("gptq", "awq", "compressed-tensors")
 SCALE_DTYPES = ("auto", "float16", "bfloat16")
 
 

@@ -70,8 +70,7 @@ def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=
         return GGUFTensor(qtype, gguf_blocks.pack(codes, grid, qtype), kquants.dequantize(codes, grid), "reference")
     if H is None:
         raise ValueError(f"{name}: the Hessian-aware path needs H (its diagonal is the importance)")
-    if prepared is None:
-        prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=damp), name=name)
+    prepared = prepared or prepare(H, damp, name)
     grid = kquants.block_grid(W32, qtype, importance(H))
 
     def column(w: Tensor, k: int):
@@ -85,8 +84,7 @@ def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=
 
 def _legacy_on_grid(W32: Tensor, qtype: str, H: Tensor | None, prepared, damp: float, name: str) -> GGUFTensor:
     """Q5_0/Q5_1/Q4_1 (llama.cpp's shape fallbacks): GPTQ on the grid of the reference bytes."""
-    if prepared is None:
-        prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=damp), name=name)
+    prepared = prepared or prepare(H, damp, name)
     N, K = W32.shape
     ref = gguf_legacy.reference(W32, qtype)
     d, m = gguf_legacy.grid(ref, qtype, N, K)
@@ -97,6 +95,12 @@ def _legacy_on_grid(W32: Tensor, qtype: str, H: Tensor | None, prepared, damp: f
     codes, _, _ = gptq_on_fixed_grid(W32, prepared, column, name=name)
     raw = gguf_legacy.repack(ref, codes, qtype)
     return GGUFTensor(qtype, torch.from_numpy(raw), gguf_legacy.dequantize(raw, qtype), "gptq")
+
+
+def prepare(H: Tensor, damp: float, name: str):
+    """The inverse Hessian factor GPTQ rounds on a fixed grid with: act-order (the grid does not
+    depend on the order), static groups (the grid is the format's)."""
+    return prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=damp), name=name)
 
 
 def importance(H: Tensor) -> Tensor:
@@ -129,15 +133,11 @@ class GGUFMethod:
 
         def solve(first: str, acc: HessianAccumulator | None) -> None:
             H = acc.H if acc is not None and acc.n > 0 else None
-            prepared = None
-            if H is not None:
-                prepared = prepare_hessian_inverse(H, QuantSpec(act_order=True, static_groups=True, damp=self.damp),
-                                                   name=f"{ctx.prefix}{first} Hessian")
+            prepared = prepare(H, self.damp, f"{ctx.prefix}{first} Hessian") if H is not None else None
             for name in groups[first]:
                 W = ctx.weight(name)
                 qtype = tensor_type(f"blk.{ctx.index}.{GGUF_LINEAR[name]}.weight", W.shape[1], self.ftype, self.shape)
-                r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name) if H is not None \
-                    else quantize_tensor(W, qtype, name=ctx.prefix + name)
+                r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
                 metrics["types"][name] = qtype

@@ -133,7 +133,7 @@ class QuantResult:
         return out
 
 
-_SCALE_FLOOR = {"float16": _FP16_MIN_SUBNORMAL, "bfloat16": 2.0**-133}  # smallest positive value of each
+_BF16_MIN_SUBNORMAL = 2.0**-133
 
 
 def fp16_exact(scale: Tensor) -> Tensor:
@@ -146,7 +146,9 @@ def dtype_exact(scale: Tensor, scale_dtype: str = "float16") -> Tensor:
     fp32 and never zero: the scales a checkpoint storing them in that dtype reproduces exactly."""
     if scale_dtype == "float16":
         return fp16_exact(scale)
-    return scale.to(torch.bfloat16).to(torch.float32).clamp_min_(_SCALE_FLOOR[scale_dtype])
+    if scale_dtype != "bfloat16":
+        raise ValueError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype!r}")
+    return scale.to(torch.bfloat16).to(torch.float32).clamp_min_(_BF16_MIN_SUBNORMAL)
 
 
 def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:

@@ -114,7 +114,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
         from ..commands.gptq import resolve_static_groups
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
-                   "static_groups": resolve_static_groups(g.static_groups, recipe.format or "gptq", g.act_order,
+                   "static_groups": resolve_static_groups(g.static_groups, g.act_order,
                                                           recipe.method == "rtn")}
     elif recipe.method == "awq":
         def do_quantize():
