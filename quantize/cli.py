@@ -32,6 +32,7 @@ COMMANDS: dict[str, str | None] = {
     "inspect": "inspect",
     "verify": "inspect",
     "check": "check",
+    "sweep": "sweep",
 }
 
 
