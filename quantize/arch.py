@@ -15,21 +15,29 @@ shape or an applicability condition is data too, e.g. v_proj -> o_proj applies o
 ``num_key_value_heads * head_dim == num_attention_heads * head_dim`` (see :meth:`Arch.pair_applies`).
 
 Never quantized: embeddings, every norm, and lm_head (``Arch.is_quantizable`` is true only for the
-weight of a layer linear).
+weight of a layer linear), nor an MoE router or shared-expert gate.
+
+Mixture-of-Experts families carry an :class:`MoE` value: where the experts module is, how its fused
+3D parameters map to the per-expert 2D linears on disk, the shared experts, the router, and which
+layers stay dense. A sparse layer's groups are the dense groups with the MLP ones replaced by
+``MoE.groups``, where the experts module stands as one group (``Arch.layer_groups``); per-expert
+linears are named as on disk (``mlp.experts.7.gate_proj``), so every format writes the names vLLM's
+``FusedMoE`` maps. ``MemoryView`` serves the in-memory (transformers) parameter names from them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import InputError
 
-Dim = Literal["hidden", "q", "kv", "intermediate"]
+Dim = str
 """Symbolic widths: ``hidden`` = hidden_size, ``q`` = num_attention_heads * head_dim,
-``kv`` = num_key_value_heads * head_dim, ``intermediate`` = intermediate_size."""
+``kv`` = num_key_value_heads * head_dim, ``intermediate`` = intermediate_size, plus a family's own
+(``Arch.extra_dims``: an MoE expert's ``moe_intermediate``, DeepSeek's MLA ranks)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,50 @@ class ScalePair:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """The routed experts of a sparse layer (MOE.md §1).
+
+    In memory (transformers 5.x) they are one module ``module`` whose forward is
+    ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` and which holds two 3D
+    parameters: ``fused[0]`` [E, 2I, H] (expert e's gate rows, then its up rows) and ``fused[1]``
+    [E, H, I]. On disk, and in every output we write, expert e's linears are 2D:
+    ``{disk}.{e}.{gate|up|down}`` with the names in ``linears`` (Mixtral ``w1/w3/w2``).
+    """
+
+    module: str = "mlp.experts"
+    disk: str = "mlp.experts"
+    linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    fused: tuple[str, str] = ("gate_up_proj", "down_proj")
+    num_keys: tuple[str, ...] = ("num_experts", "num_local_experts")  # first present wins (transformers 5.x saves aliases)
+    top_k_key: str = "num_experts_per_tok"
+    intermediate: Dim = "moe_intermediate"  # an expert's intermediate width
+
+
+@dataclass(frozen=True)
+class MoE:
+    """What makes a family Mixture-of-Experts, as data.
+
+    ``groups``: the MLP part of a sparse layer in execution order; the experts are the one-linear
+    group named ``experts.module`` (shared experts are plain linears). ``dense_linears``: the dense
+    MLP linears that a sparse layer lacks and a dense layer keeps. Which layers are dense:
+    ``first_dense_key`` (DeepSeek ``first_k_dense_replace``), ``dense_list_key`` (Qwen
+    ``mlp_only_layers``), ``sparse_step_key`` (Qwen ``decoder_sparse_step``). ``never_quantized``:
+    in-memory module names of routers and shared-expert gates (excluded in every config).
+    ``renames``: (in-memory prefix, on-disk prefix) of a layer's modules (Mixtral's
+    ``block_sparse_moe`` is ``mlp`` in transformers 5.x).
+    """
+
+    experts: Experts
+    groups: tuple[tuple[Linear, ...], ...]
+    never_quantized: tuple[str, ...] = ("mlp.gate",)
+    dense_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    renames: tuple[tuple[str, str], ...] = ()
+    first_dense_key: str | None = None
+    dense_list_key: str | None = None
+    sparse_step_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Arch:
     """One decoder family. Fields are data; methods only derive names and widths from them."""
 
@@ -77,6 +129,11 @@ class Arch:
     scales_embeddings: bool = False  # embeddings are multiplied by sqrt(hidden_size) before layer 0
     always_biased: tuple[str, ...] = ()  # linears that carry a bias whatever the config says
     bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (config key, linears it adds a bias to)
+    bias_defaults: tuple[tuple[str, bool], ...] = ()  # a bias_flags key's value when config.json omits it
+    moe: MoE | None = None  # Mixture-of-Experts layout; None: a dense family
+    # family-specific widths: (name, function of config.json) -> int; "requires" keys must be non-null
+    extra_dims: tuple[tuple[str, Callable[[Mapping[str, Any]], int]], ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()  # (config key, why) that must be set for the table to hold
     layers_path: str = "model.layers"
     num_layers_key: str = "num_hidden_layers"
     embed_path: str = "model.embed_tokens"
@@ -98,26 +155,126 @@ class Arch:
         return [[lin.name for lin in group] for group in self.groups]
 
     def linear(self, name: str) -> Linear:
-        """The :class:`Linear` with relative name ``name``."""
-        for group in self.groups:
+        """The :class:`Linear` with relative name ``name`` (dense and MoE groups; an expert's linear
+        ``mlp.experts.3.up_proj`` resolves to its template)."""
+        for group in self.groups + (self.moe.groups if self.moe else ()):
             for lin in group:
                 if lin.name == name:
                     return lin
+        slot = self.expert_slot(name)
+        if slot is not None:
+            j, d = slot[1], self.moe.experts.intermediate
+            return Linear(name, ("hidden",) if j == 2 else (d,), d if j == 2 else "hidden")
         raise KeyError(f"{self.name}: no linear named {name!r}; layer linears are {self.linear_names()}")
+
+    # -- Mixture-of-Experts ----------------------------------------------------------------------
+
+    def is_sparse_layer(self, config: Mapping[str, Any], i: int) -> bool:
+        """Whether decoder layer ``i`` of ``config`` holds routed experts (transformers' own rule)."""
+        m = self.moe
+        if m is None or self.num_experts(config) <= 0:
+            return False
+        if m.first_dense_key and i < int(config.get(m.first_dense_key) or 0):
+            return False
+        if m.dense_list_key and i in (config.get(m.dense_list_key) or ()):
+            return False
+        if m.sparse_step_key and (i + 1) % int(config.get(m.sparse_step_key) or 1) != 0:
+            return False
+        return True
+
+    def num_experts(self, config: Mapping[str, Any]) -> int:
+        """Routed experts per sparse layer (0 for a dense family)."""
+        if self.moe is None:
+            return 0
+        for key in self.moe.experts.num_keys:
+            if config.get(key) is not None:
+                return int(config[key])
+        return 0
+
+    def experts_per_token(self, config: Mapping[str, Any]) -> int:
+        return int(config.get(self.moe.experts.top_k_key) or 0) if self.moe else 0
+
+    def expert_linear(self, e: int, j: int) -> str:
+        """On-disk relative name of expert ``e``'s linear ``j`` (0 gate, 1 up, 2 down)."""
+        ex = self.moe.experts
+        return f"{ex.disk}.{e}.{ex.linears[j]}"
+
+    def expert_slot(self, name: str) -> tuple[int, int] | None:
+        """``(expert, j)`` for an expert linear's relative on-disk name, else None."""
+        if self.moe is None:
+            return None
+        ex = self.moe.experts
+        m = re.fullmatch(re.escape(ex.disk) + r"\.(\d+)\.(\w+)", name)
+        if m is None or m.group(2) not in ex.linears:
+            return None
+        return int(m.group(1)), ex.linears.index(m.group(2))
+
+    def layer_groups(self, config: Mapping[str, Any], i: int) -> list[list[str]]:
+        """Sequential groups of layer ``i`` (relative names, execution order). In a sparse layer the
+        dense MLP groups are replaced by ``MoE.groups``; the experts are the group ``[experts.module]``."""
+        if not self.is_sparse_layer(config, i):
+            return self.group_names()
+        dense = set(self.moe.dense_linears)
+        out, placed = [], False
+        for group in self.groups:
+            if any(lin.name in dense for lin in group):
+                if not placed:
+                    out += [[lin.name for lin in g] for g in self.moe.groups]
+                    placed = True
+                continue
+            out.append([lin.name for lin in group])
+        if not placed:
+            out += [[lin.name for lin in g] for g in self.moe.groups]
+        return out
+
+    def layer_linears(self, config: Mapping[str, Any], i: int) -> list[str]:
+        """Every quantizable linear of layer ``i`` (relative on-disk names; experts expanded)."""
+        out = []
+        for group in self.layer_groups(config, i):
+            for name in group:
+                if self.moe is not None and name == self.moe.experts.module:
+                    out += [self.expert_linear(e, j) for e in range(self.num_experts(config)) for j in range(3)]
+                else:
+                    out.append(name)
+        return out
+
+    def linear_kinds(self, config: Mapping[str, Any]) -> list[str]:
+        """One representative name per distinct linear of the model (dense layers' and sparse
+        layers'; expert 0 stands for every expert): for preflights of shapes and group sizes."""
+        seen: dict[str, None] = {}
+        kinds = {self.is_sparse_layer(config, i) for i in range(self.num_layers(config))}
+        for sparse in sorted(kinds):
+            i = next(i for i in range(self.num_layers(config)) if self.is_sparse_layer(config, i) == sparse)
+            for name in self.layer_linears(config, i):
+                slot = self.expert_slot(name)
+                if slot is None or slot[0] == 0:
+                    seen.setdefault(name)
+        return list(seen)
+
+    def disk_name(self, local: str) -> str:
+        """The on-disk relative name of an in-memory relative name (``renames``)."""
+        for mem, disk in (self.moe.renames if self.moe else ()):
+            if local.startswith(mem):
+                return disk + local[len(mem):]
+        return local
 
     def has_bias(self, linear: str, config: Mapping[str, Any]) -> bool:
         """Whether ``linear`` carries a bias in a model built from ``config``."""
         if linear in self.always_biased:
             return True
-        return any(bool(config.get(key, False)) and linear in names for key, names in self.bias_flags)
+        defaults = dict(self.bias_defaults)
+        return any(bool(config.get(key, defaults.get(key, False))) and linear in names for key, names in self.bias_flags)
 
-    def layer_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
-        """Relative tensor names one layer holds in a checkpoint (``self_attn.q_proj.weight``, ...)."""
+    def layer_tensor_names(self, config: Mapping[str, Any], i: int = 0) -> list[str]:
+        """Relative tensor names layer ``i`` holds in a checkpoint (``self_attn.q_proj.weight``, ...);
+        a sparse layer adds its router (and shared-expert gate) weights."""
         names = []
-        for lin in self.linear_names():
+        for lin in self.layer_linears(config, i):
             names.append(f"{lin}.weight")
             if self.has_bias(lin, config):
                 names.append(f"{lin}.bias")
+        if self.is_sparse_layer(config, i):
+            names += [f"{self.disk_name(m)}.weight" for m in self.moe.never_quantized]
         names += [f"{norm}.weight" for norm in self.layer_norms]
         return names
 
@@ -130,8 +287,8 @@ class Arch:
 
     def expected_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
         """Every tensor name a complete checkpoint of ``config`` holds (a tied lm_head is omitted)."""
-        rel = self.layer_tensor_names(config)
-        per_layer = [self.layer_prefix(i) + r for i in range(self.num_layers(config)) for r in rel]
+        per_layer = [self.layer_prefix(i) + r for i in range(self.num_layers(config))
+                     for r in self.layer_tensor_names(config, i)]
         return self.non_layer_tensor_names(config) + per_layer
 
     def layer_index(self, tensor_name: str) -> int | None:
@@ -152,12 +309,16 @@ class Arch:
         return dict(sorted(per_layer.items())), other
 
     def is_quantizable(self, tensor_name: str) -> bool:
-        """True only for the weight of a layer linear (embeddings, norms, lm_head and biases stay)."""
+        """True only for the weight of a layer linear (embeddings, norms, lm_head, biases, routers
+        and shared-expert gates stay)."""
         i = self.layer_index(tensor_name)
         if i is None or not tensor_name.endswith(".weight"):
             return False
         rel = tensor_name[len(self.layer_prefix(i)) : -len(".weight")]
-        return rel in self.linear_names()
+        if self.expert_slot(rel) is not None:
+            return True
+        return rel in self.linear_names() or any(rel == lin.name for g in (self.moe.groups if self.moe else ())
+                                                  for lin in g if lin.name != self.moe.experts.module)
 
     # -- config --------------------------------------------------------------------------------
 
@@ -188,13 +349,22 @@ class Arch:
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = config.get("head_dim") or self.head_dim_default or hidden // heads
         head_dim = int(head_dim)
-        return {
+        for key, why in self.requires:
+            if config.get(key) is None:
+                raise InputError(f"config.json: {key} is not set; {self.name} {why}")
+        out = {
             "hidden": hidden,
             "q": heads * head_dim,
             "kv": kv_heads * head_dim,
             "intermediate": intermediate,
             "head_dim": head_dim,
         }
+        for name, fn in self.extra_dims:
+            try:
+                out[name] = int(fn(config))
+            except (KeyError, TypeError, ValueError) as e:
+                raise InputError(f"config.json: missing or invalid {e} for {self.name} ({name} width)") from None
+        return out
 
     def linear_shape(self, name: str, config: Mapping[str, Any]) -> tuple[int, int]:
         """``(out_features, in_features)`` of a layer linear under ``config``."""
@@ -341,6 +511,115 @@ _TABLE: tuple[Arch, ...] = (
     ),
 )
 
+# -- Mixture-of-Experts families (MOE.md) ----------------------------------------------------------
+
+EXPERTS = Linear("mlp.experts", ("hidden",), "hidden")  # the experts module, one group of its own
+
+
+def _shared(prefix: str) -> tuple[tuple[Linear, ...], ...]:
+    """A shared expert's two groups (gate/up read the MoE input; down reads their product)."""
+    return ((Linear(f"{prefix}.gate_proj", ("shared",), "hidden"), Linear(f"{prefix}.up_proj", ("shared",), "hidden")),
+            (Linear(f"{prefix}.down_proj", ("hidden",), "shared"),))
+
+
+def _moe_intermediate(c: Mapping[str, Any]) -> int:
+    return c["moe_intermediate_size"]
+
+
+_MLA_ATTN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+
+_MOE_TABLE: tuple[Arch, ...] = (
+    Arch(
+        name="mixtral",
+        architectures=("MixtralForCausalLM",),
+        model_type="mixtral",
+        groups=LLAMA_GROUPS,  # dense MLP groups never occur: every Mixtral layer is sparse
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS,
+        moe=MoE(
+            experts=Experts(disk="block_sparse_moe.experts", linears=("w1", "w3", "w2"),
+                            num_keys=("num_local_experts",), intermediate="intermediate"),
+            groups=((EXPERTS,),),
+            renames=(("mlp.", "block_sparse_moe."),),
+        ),
+    ),
+    Arch(
+        name="qwen2_moe",
+        architectures=("Qwen2MoeForCausalLM",),
+        model_type="qwen2_moe",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS,
+        bias_flags=(("qkv_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+        bias_defaults=(("qkv_bias", True),),
+        # the shared expert runs before the router in transformers' forward
+        moe=MoE(
+            experts=Experts(),
+            groups=_shared("mlp.shared_expert") + ((EXPERTS,),),
+            never_quantized=("mlp.gate", "mlp.shared_expert_gate"),
+            dense_list_key="mlp_only_layers",
+            sparse_step_key="decoder_sparse_step",
+        ),
+        extra_dims=(("moe_intermediate", _moe_intermediate),
+                    ("shared", lambda c: c["shared_expert_intermediate_size"])),
+    ),
+    Arch(
+        name="qwen3_moe",
+        architectures=("Qwen3MoeForCausalLM",),
+        model_type="qwen3_moe",
+        groups=LLAMA_GROUPS,
+        scale_pairs=llama_pairs(),
+        layer_norms=LLAMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
+        head_dim_default=128,
+        bias_flags=(("attention_bias", ATTN_LINEARS),),
+        moe=MoE(
+            experts=Experts(num_keys=("num_experts", "num_local_experts")),
+            groups=((EXPERTS,),),
+            dense_list_key="mlp_only_layers",
+            sparse_step_key="decoder_sparse_step",
+        ),
+        extra_dims=(("moe_intermediate", _moe_intermediate),),
+    ),
+    Arch(
+        name="deepseek_v3",
+        architectures=("DeepseekV3ForCausalLM",),
+        model_type="deepseek_v3",
+        # MLA: q_a and kv_a read the layer input (one group), q_b reads the normalised q_a output,
+        # kv_b the normalised kv_a latent; forward order q_a, q_b, kv_a, kv_b, o
+        groups=(
+            (Linear("self_attn.q_a_proj", ("q_lora",), "hidden"),
+             Linear("self_attn.kv_a_proj_with_mqa", ("kv_a",), "hidden")),
+            (Linear("self_attn.q_b_proj", ("q_mla",), "q_lora"),),
+            (Linear("self_attn.kv_b_proj", ("kv_b",), "kv_lora"),),
+            (Linear("self_attn.o_proj", ("hidden",), "o_mla"),),
+            (GATE, UP),
+            (DOWN,),
+        ),
+        scale_pairs=(),  # AWQ refuses MoE families for now
+        layer_norms=LLAMA_NORMS + ("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"),
+        bias_flags=(("attention_bias", _MLA_ATTN),),
+        moe=MoE(
+            experts=Experts(num_keys=("n_routed_experts",)),
+            groups=((EXPERTS,),) + _shared("mlp.shared_experts"),  # shared experts run after the routed ones
+            first_dense_key="first_k_dense_replace",
+        ),
+        extra_dims=(
+            ("moe_intermediate", _moe_intermediate),
+            ("shared", lambda c: c["moe_intermediate_size"] * c["n_shared_experts"]),
+            ("q_lora", lambda c: c["q_lora_rank"]),
+            ("kv_lora", lambda c: c["kv_lora_rank"]),
+            ("kv_a", lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"]),
+            ("q_mla", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])),
+            ("kv_b", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"])),
+            ("o_mla", lambda c: c["num_attention_heads"] * c["v_head_dim"]),
+        ),
+        requires=(("q_lora_rank", "checkpoints without a q_lora_rank (a plain q_proj, DeepSeek-V2-Lite style) "
+                   "are not in the architecture table yet"),),
+    ),
+)
+
+_TABLE = _TABLE + _MOE_TABLE
+
 _BY_NAME = {a.name: a for a in _TABLE}
 _BY_ARCHITECTURE = {cls: a for a in _TABLE for cls in a.architectures}
 _BY_MODEL_TYPE = {a.model_type: a for a in _TABLE}
@@ -349,6 +628,16 @@ _BY_MODEL_TYPE = {a.model_type: a for a in _TABLE}
 def supported() -> list[str]:
     """Short names of the supported families, in table order."""
     return [a.name for a in _TABLE]
+
+
+def dense_families() -> list[str]:
+    """The families without experts."""
+    return [a.name for a in _TABLE if a.moe is None]
+
+
+def moe_families() -> list[str]:
+    """The Mixture-of-Experts families."""
+    return [a.name for a in _TABLE if a.moe is not None]
 
 
 def by_name(name: str) -> Arch:

@@ -86,6 +86,20 @@ def quantize_output_options(f):
     return f
 
 
+def moe_options(f):
+    """Mixture-of-Experts statistics (executor/moe.py); dense models ignore them."""
+    f = click.option("--moe-fallback", default="all", show_default=True, type=click.Choice(["all", "rtn"]),
+                     help="MoE: how an expert that saw fewer than --moe-min-tokens is solved: from the all-token "
+                          "Hessian, or RTN on its weights. Either way it is listed in the manifest.")(f)
+    f = click.option("--moe-min-tokens", default=0.005, show_default=True, type=float,
+                     help="MoE: fraction of the calibration tokens an expert must be routed to for a Hessian of its "
+                          "own (GPTQModel's 0.5%%).")(f)
+    f = click.option("--moe-calibration", default="routed", show_default=True, type=click.Choice(["routed", "all"]),
+                     help="MoE: each expert's statistics from the tokens routed to it, or from all tokens (the "
+                          "forward stays the model's own routing either way).")(f)
+    return f
+
+
 def format_options(formats: list[str]):
     """--format (the first is the default) and --scale-dtype, shared by the quantization commands."""
     def deco(f):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
+from .common import (exec_options, format_options, make_exec_config, moe_options, out_option, quantize_output_options,
+                     stage_options)
 
 
 def resolve_static_groups(static_groups: bool | None, act_order: bool, rtn: bool) -> bool:
@@ -22,15 +23,19 @@ def resolve_static_groups(static_groups: bool | None, act_order: bool, rtn: bool
 def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, group_size: int, act_order: bool,
                   sym: bool, damp: float, static_groups: bool | None, block_size: int, rtn: bool, exec_cfg,
                   seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
-                  max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto"):
+                  max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto",
+                  moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all"):
     """Library entry point (the CLI and `quantize run` call this).
 
     ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
     (pack-quantized). ``static_groups=None``: see :func:`resolve_static_groups`. ``scale_dtype``: see
-    ``formats.registry.resolve_scale_dtype``."""
+    ``formats.registry.resolve_scale_dtype``. ``moe_*``: where a Mixture-of-Experts model's experts
+    take their statistics from (executor/moe.py); recorded only for MoE models."""
     import torch
 
     from ..errors import InputError
+    from ..arch import get_arch
+    from ..executor.moe import MoEOptions
     from ..executor.stage import run_quantize_stage
     from ..formats.registry import model_config, resolve_scale_dtype
     from ..methods.grid import QuantSpec
@@ -45,7 +50,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                      damp=damp, block_size=block_size, scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
                      # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 and CT use the full grid
                      v1_safe_zeros=not ct and checkpoint_format == "gptq")
-    method = RTNMethod(spec) if rtn else GPTQMethod(spec)
+    moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
+    method = RTNMethod(spec, moe) if rtn else GPTQMethod(spec, moe)
     if ct:
         from ..formats.compressed_tensors import CompressedTensorsIntFormat
 
@@ -61,6 +67,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
               "format": format, "scale_dtype": spec.scale_dtype}
     if not ct:
         params["checkpoint_format"] = checkpoint_format
+    if get_arch(model_config(model_dir)).moe is not None:
+        params.update(moe.params())
     return run_quantize_stage(stage=method.name, model_dir=model_dir, calibration_dir=calibration, out=out,
                               method=method, fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite,
                               resume=resume, max_shard_bytes=max_shard_bytes)
@@ -81,8 +89,8 @@ def _shared_options(calibration_help: str):
             click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
             click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
                          help="Zero-point convention of the written qzeros (--format gptq)."),
-            format_options(["gptq", "compressed-tensors"]), quantize_output_options, out_option(), exec_options,
-            stage_options,
+            format_options(["gptq", "compressed-tensors"]), quantize_output_options, moe_options, out_option(),
+            exec_options, stage_options,
         ]):
             f = option(f)
         return f

@@ -43,6 +43,13 @@ class LayerContext:
         self.device = streamer.cfg.device
         self.forward_passes = 0
         self.propagated = False  # the layer's outputs were already stored as the next layer's inputs
+        # this layer's sequential groups (relative names, execution order); in a sparse layer the
+        # experts module is one group (``experts_module``), its linears named per expert as on disk
+        self.groups: list[list[str]] = self.arch.layer_groups(streamer.reader.config, index)
+        self.experts_module: str | None = (self.arch.moe.experts.module
+                                           if self.arch.is_sparse_layer(streamer.reader.config, index) else None)
+        self.extra_metrics: dict[str, Any] = {}  # the context's own (MoE coverage), beside the method's
+        self._expert_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def prefix(self) -> str:
@@ -51,11 +58,35 @@ class LayerContext:
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 
+    def _expert_rows(self, name: str) -> tuple[torch.Tensor, int, slice] | None:
+        """For an expert's linear (``mlp.experts.3.up_proj``): its fused 3D parameter, the expert
+        and the row slice holding it (gate rows, then up rows, of ``gate_up_proj``)."""
+        slot = self.arch.expert_slot(name) if self.experts_module else None
+        if slot is None:
+            return None
+        e, j = slot
+        ex = self.arch.moe.experts
+        fused = getattr(self.module(ex.module), ex.fused[0 if j < 2 else 1])
+        if j == 2:
+            return fused, e, slice(None)
+        inter = fused.shape[1] // 2
+        return fused, e, slice(0, inter) if j == 0 else slice(inter, 2 * inter)
+
     def weight(self, name: str) -> torch.Tensor:
-        """fp32 copy of a linear's weight as currently in place."""
+        """fp32 copy of a linear's weight as currently in place (an expert's: its slice)."""
+        rows = self._expert_rows(name)
+        if rows is not None:
+            fused, e, sl = rows
+            return fused.detach()[e, sl].float().clone()
         return self.module(name).weight.detach().float().clone()
 
     def set_weight(self, name: str, W: torch.Tensor) -> None:
+        rows = self._expert_rows(name)
+        if rows is not None:
+            fused, e, sl = rows
+            target = fused.data[e, sl]
+            target.copy_(W.to(device=target.device, dtype=target.dtype).reshape(target.shape))
+            return
         mod = self.module(name)
         mod.weight.data = W.to(device=mod.weight.device, dtype=mod.weight.dtype).reshape(mod.weight.shape)
 
@@ -69,9 +100,18 @@ class LayerContext:
 
     @contextmanager
     def _feeding(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-        """Inside the block, each named module's input goes to ``fn(name, x [tokens, in_features])``."""
+        """Inside the block, each named module's input goes to ``fn(name, x [tokens, in_features])``;
+        the experts module's inputs (tokens and their routing) are kept by the context instead."""
         handles = []
         for name in names:
+            if name == self.experts_module:
+                def keep(_mod, args, kwargs):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                    self._expert_inputs.append((x.reshape(-1, x.shape[-1]), idx.reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)))
+                handles.append(self.module(name).register_forward_pre_hook(keep, with_kwargs=True))
+                continue
+
             def hook(_mod, args, _name=name):
                 x = args[0]
                 fn(_name, x.reshape(-1, x.shape[-1]))
@@ -83,7 +123,8 @@ class LayerContext:
                 h.remove()
 
     def sequential(self, names: list[str], collect: Callable[[str, torch.Tensor], None],
-                   solve: Callable[[str], None]) -> None:
+                   solve: Callable[[str], None], *, experts: Callable[[list[str], torch.Tensor | None], None] | None = None,
+                   moe=None) -> None:
         """True-sequential statistics and solving over the modules ``names`` (execution order).
 
         For each name: ``collect(name, x)`` sees every batch's input to it ([tokens, in_features]),
@@ -91,8 +132,19 @@ class LayerContext:
         later modules see the outputs of the ones already solved. With the streamer's lock-step
         mode this is ONE forward per batch, and the layer's outputs are propagated on the way
         (``propagated``); otherwise one stopped pass per name. The results are identical.
+
+        In a sparse layer ``names`` holds the experts module: its tokens and their routing are kept
+        here, and the experts are solved expert by expert (``executor/moe.py``, options ``moe``),
+        calling ``experts(linear names, Hessian or None)`` for each group of an expert's linears
+        that share an input (None: too few tokens, the declared RTN fallback).
         """
         names = sorted(names, key=self._execution_rank)
+        if self.experts_module in names:
+            if experts is None:
+                from ..errors import InputError
+
+                raise InputError(f"layer {self.index} holds Mixture-of-Experts experts, which this method cannot solve")
+            solve = self._with_experts(solve, experts, moe)
         if not self.streamer.lockstep_fits():
             for name in names:
                 self.observe([name], collect)
@@ -138,6 +190,16 @@ class LayerContext:
         self.observe(names, lambda n, x: chunks[n].append(x.to(dtype)))
         return {n: torch.cat(c) for n, c in chunks.items()}
 
+    def _with_experts(self, solve: Callable[[str], None], experts, moe) -> Callable[[str], None]:
+        from .moe import MoEOptions, solve_experts
+
+        def wrapped(name: str) -> None:
+            if name != self.experts_module:
+                return solve(name)
+            inputs, self._expert_inputs = self._expert_inputs, []
+            self.extra_metrics["moe"] = solve_experts(self, inputs, experts, moe or MoEOptions())
+        return wrapped
+
     def _execution_rank(self, name: str) -> int:
-        order = self.arch.linear_names()
+        order = [n for group in self.groups for n in group]
         return order.index(name) if name in order else len(order)

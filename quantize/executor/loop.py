@@ -141,7 +141,9 @@ class LayerStreamer:
 
     def __init__(self, model_dir: Path, reader, arch, cfg: ExecConfig):
         self.model_dir = Path(model_dir)
-        self.reader = reader
+        # Mixture-of-Experts: the skeleton's fused expert parameters are assembled from the
+        # checkpoint's per-expert tensors
+        self.reader = skeleton.MemoryView(reader, arch) if arch.moe is not None else reader
         self.arch = arch
         self.cfg = cfg
         self.config = skeleton.load_config(model_dir)

@@ -89,9 +89,95 @@ def materialize(module: nn.Module, prefix: str, reader, *, device: str, dtype: t
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         _set_parameter(module, local, t)
     for local, buf in list(module.named_buffers(recurse=True)):
-        if buf.device != torch.device(device):
-            owner, leaf = _owner(module, local)
+        owner, leaf = _owner(module, local)
+        if prefix + local in reader and leaf not in owner._non_persistent_buffers_set:
+            # a persistent buffer the checkpoint carries (DeepSeek's e_score_correction_bias)
+            owner._buffers[leaf] = reader.get(prefix + local).to(device=device, dtype=buf.dtype)
+        elif buf.device != torch.device(device):
             owner._buffers[leaf] = buf.to(device)
+
+
+class MemoryView:
+    """A checkpoint reader seen through transformers' in-memory names (Mixture-of-Experts).
+
+    transformers 5.x holds a sparse layer's experts as 3D parameters (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) and may rename modules (Mixtral's
+    ``block_sparse_moe`` is ``mlp``); checkpoints keep per-expert 2D linears. ``get`` assembles a
+    fused parameter from its experts' tensors (``Arch.moe``), everything else passes through. Quacks
+    like the reader for ``materialize`` and the prefetcher."""
+
+    def __init__(self, reader, arch):
+        self.reader = reader
+        self.arch = arch
+        self.path = reader.path
+
+    def _resolve(self, name: str):
+        """``(kind, data)``: ("plain", disk name) or ("fused", (layer prefix, j)), or None."""
+        if name in self.reader:
+            return "plain", name
+        i = self.arch.layer_index(name)
+        if i is None:
+            return None
+        prefix = self.arch.layer_prefix(i)
+        rel = name[len(prefix):]
+        ex = self.arch.moe.experts
+        for j, fused in enumerate(ex.fused):
+            if rel == f"{ex.module}.{fused}":
+                return "fused", (prefix, j)
+        disk = prefix + self.arch.disk_name(rel)
+        return ("plain", disk) if disk in self.reader else None
+
+    def _parts(self, prefix: str, j: int) -> list[list[str]]:
+        """Per expert, the disk tensors stacked into fused parameter ``j`` (gate + up rows, or down)."""
+        E = self.arch.num_experts(self.reader.config)
+        lin = [0, 1] if j == 0 else [2]
+        return [[f"{prefix}{self.arch.expert_linear(e, k)}.weight" for k in lin] for e in range(E)]
+
+    def __contains__(self, name: object) -> bool:
+        r = self._resolve(str(name))
+        if r is None:
+            return False
+        if r[0] == "fused":
+            return all(n in self.reader for part in self._parts(*r[1]) for n in part)
+        return True
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        kind, data = self._resolve(name)
+        if kind == "plain":
+            return tuple(self.reader.shape(data))
+        parts = self._parts(*data)
+        first = [self.reader.shape(n) for n in parts[0]]
+        return (len(parts), sum(s[0] for s in first), first[0][1])
+
+    def nbytes(self, name: str) -> int:
+        kind, data = self._resolve(name)
+        if kind == "plain":
+            return self.reader.nbytes(data)
+        return sum(self.reader.nbytes(n) for part in self._parts(*data) for n in part)
+
+    def dtype(self, name: str) -> torch.dtype:
+        kind, data = self._resolve(name)
+        return self.reader.dtype(data if kind == "plain" else self._parts(*data)[0][0])
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor; ``out``: a byte buffer of ``nbytes(name)`` to fill (the prefetcher's)."""
+        kind, data = self._resolve(name)
+        if kind == "plain":
+            return self.reader.get(data) if out is None else self.reader.get(data, out=out)
+        parts = self._parts(*data)
+        shape, dtype = self.shape(name), self.dtype(name)
+        full = (torch.empty(shape, dtype=dtype) if out is None
+                else out[:self.nbytes(name)].view(dtype).view(shape))
+        for e, names in enumerate(parts):
+            row = 0
+            for n in names:  # one expert's gate rows, then its up rows (or its down)
+                rows = self.reader.shape(n)[0]
+                full[e, row:row + rows] = self.reader.get(n)
+                row += rows
+        return full
+
+    def __getattr__(self, attr: str):  # config, names, dtype, ...: the reader's
+        return getattr(self.reader, attr)
 
 
 def release(module: nn.Module) -> None:

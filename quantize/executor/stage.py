@@ -128,6 +128,11 @@ def run_quantize_stage(
     host_heap("flat")  # until the layer loop picks its policy (LayerStreamer.apply_host_heap)
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
+    if arch.moe is not None and not getattr(method, "solves_experts", False):
+        raise InputError(
+            f"{model_dir}: {arch.name} is a Mixture-of-Experts model and `quantize {stage}` does not solve experts yet; "
+            "use `quantize gptq` or `quantize rtn` (--format gptq or compressed-tensors)"
+        )
     if hasattr(method, "preflight"):
         method.preflight(arch, reader.config)
     if hasattr(fmt, "preflight"):  # what the output format can store (shapes, bits, group sizes)
@@ -189,7 +194,7 @@ def run_quantize_stage(
             save_file(tensors, str(parts / f"layer-{i:05d}.safetensors"), metadata=_ST_META)
             streamer.release_layer(i)
             m = {"layer": i, "seconds": round(time.time() - t0, 3), "forward_passes": ctx.forward_passes,
-                 "load_seconds": round(load_s, 3), **res.metrics}
+                 "load_seconds": round(load_s, 3), **res.metrics, **ctx.extra_metrics}
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
             point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)

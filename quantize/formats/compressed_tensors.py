@@ -28,6 +28,8 @@ Pure tensor functions and config objects: no files, no model.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -207,8 +209,14 @@ def parse_config(qc: Mapping[str, Any], source: str) -> tuple[str, Any]:
 
 
 def _ignore(arch) -> list[str]:
-    """Linear modules left dense: the head (tied or not, transformers builds it as a Linear)."""
-    return [arch.lm_head_path] if arch is not None else ["lm_head"]
+    """Linear modules left dense: the head (tied or not, transformers builds it as a Linear), and an
+    MoE model's routers and shared-expert gates (on-disk names, as vLLM's modules are named)."""
+    if arch is None:
+        return ["lm_head"]
+    out = [arch.lm_head_path]
+    if arch.moe is not None:
+        out += ["re:.*" + re.escape(arch.disk_name(m)) + "$" for m in arch.moe.never_quantized]
+    return out
 
 
 class CompressedTensorsIntFormat:
@@ -262,7 +270,7 @@ class CompressedTensorsIntFormat:
     def preflight(self, arch, config: Mapping[str, Any]) -> None:
         self.arch = arch
         per_word = 32 // self.spec.bits
-        for name in arch.linear_names():
+        for name in arch.linear_kinds(config):
             N, K = arch.linear_shape(name, config)
             self.spec.group_width(K, name=f"{arch.layer_prefix(0)}{name}")
             if K % per_word:

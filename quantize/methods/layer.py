@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..executor.context import LayerContext, LayerResult
+from ..executor.moe import MoEOptions
 from .gptq import gptq_quantize_shared, prepare_hessian_inverse
 from .grid import QuantSpec
 from .hessian import HessianAccumulator
@@ -44,16 +45,20 @@ def relative_errors(W: torch.Tensor, H: torch.Tensor, **W_hats) -> dict[str, flo
 
 def check_group_sizes(arch, config, spec: QuantSpec) -> None:
     """Preflight: every linear's in_features must be a multiple of the group size (InputError)."""
-    for name in arch.linear_names():
+    for name in arch.linear_kinds(config):
         _, K = arch.linear_shape(name, config)
         spec.group_width(K, name=f"{arch.layer_prefix(0)}{name}")
 
 
 class _GridMethod:
-    """A plug-in quantizing every layer linear on a ``QuantSpec`` grid."""
+    """A plug-in quantizing every layer linear on a ``QuantSpec`` grid (experts included: ``moe``
+    says where each expert's statistics come from, executor/moe.py)."""
 
-    def __init__(self, spec: QuantSpec):
+    solves_experts = True  # sparse layers: ctx.sequential hands each expert's linears to ``quantize``
+
+    def __init__(self, spec: QuantSpec, moe: MoEOptions | None = None):
         self.spec = spec
+        self.moe = moe or MoEOptions()
 
     def preflight(self, arch, config) -> None:
         check_group_sizes(arch, config, self.spec)
@@ -65,18 +70,16 @@ class GPTQMethod(_GridMethod):
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"damp_used": {}, "healed": {}, "rel_error": {}, "rtn_rel_error": {}}
-        groups = {g[0]: g for g in ctx.arch.group_names()}
+        groups = {g[0]: g for g in ctx.groups}
         accs = {first: HessianAccumulator() for first in groups}
 
-        def solve(first: str) -> None:
-            acc = accs.pop(first)
-            H = acc.H
-            if H is None or not torch.isfinite(H).all():
-                raise_nonfinite(ctx, first)
+        def quantize(names: list[str], H: torch.Tensor | None) -> None:
+            """GPTQ on linears sharing the input Hessian ``H``; RTN where no signal reached them."""
+            if H is not None and not torch.isfinite(H).all():
+                raise_nonfinite(ctx, names[0])
             # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
-            unseen = acc.n == 0 or not bool((torch.diagonal(H) > 0).any())
+            unseen = H is None or not bool((torch.diagonal(H) > 0).any())
             prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
-            names = groups[first]
             Ws = [ctx.weight(name) for name in names]
             fulls = [ctx.prefix + name for name in names]
             rs = ([rtn_quantize(W, self.spec, name=full) for W, full in zip(Ws, fulls)] if unseen
@@ -88,10 +91,17 @@ class GPTQMethod(_GridMethod):
                 results[name] = r
                 m["damp_used"][name] = float(r.damp_used)
                 m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
-                errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
-                m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
+                if H is not None:
+                    errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
+                    m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
 
-        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
+        def solve(first: str) -> None:
+            acc = accs.pop(first)
+            if acc.H is None:
+                raise_nonfinite(ctx, first)
+            quantize(groups[first], acc.H if acc.n else None)
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve, experts=quantize, moe=self.moe)
         return LayerResult(results, m)
 
 
@@ -104,19 +114,22 @@ class RTNMethod(_GridMethod):
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"rel_error": {}}
-        groups = {g[0]: g for g in ctx.arch.group_names()}
+        groups = {g[0]: g for g in ctx.groups}
         accs = {first: HessianAccumulator() for first in groups}
 
-        def solve(first: str) -> None:
-            H = accs.pop(first).H
-            for name in groups[first]:
+        def quantize(names: list[str], H: torch.Tensor | None) -> None:
+            for name in names:
                 W = ctx.weight(name)
                 r = rtn_quantize(W, self.spec)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
-                m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
+                if H is not None:
+                    m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
 
-        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
+        def solve(first: str) -> None:
+            quantize(groups[first], accs.pop(first).H)
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve, experts=quantize, moe=self.moe)
         return LayerResult(results, m)
 
 

@@ -31,10 +31,30 @@ def _config_classes() -> dict[str, type]:
         "gemma": T.GemmaConfig,
         "gemma2": T.Gemma2Config,
         "phi3": T.Phi3Config,
+        "mixtral": T.MixtralConfig,
+        "qwen2_moe": T.Qwen2MoeConfig,
+        "qwen3_moe": T.Qwen3MoeConfig,
+        "deepseek_v3": T.DeepseekV3Config,
     }
 
 
-FAMILIES: list[str] = arch_table.supported()
+FAMILIES: list[str] = arch_table.dense_families()
+"""The dense families (every method and format supports them)."""
+MOE_FAMILIES: list[str] = arch_table.moe_families()
+"""The Mixture-of-Experts families: 4 experts, 2 per token, expert width hidden / 2."""
+
+# Tiny MoE shapes: every width a multiple of 32 so that group size 32 applies to every linear.
+_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, intermediate_size=128),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128),
+    # layer 0 dense (first_k_dense_replace), MLA attention with small ranks, one shared expert
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+                        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4,
+                        intermediate_size=128),
+}
 
 
 def tokenizer_dir() -> Path:
@@ -61,6 +81,7 @@ def tiny_config(family: str, *, num_layers: int = 2, hidden: int = 64, **overrid
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
+    kwargs.update(_MOE_DEFAULTS.get(family, {}))
     kwargs.update(overrides)
     return classes[family](**kwargs)
 

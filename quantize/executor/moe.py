@@ -1,0 +1,139 @@
+"""Mixture-of-Experts statistics: each expert's Hessians from the tokens it sees, and honest coverage.
+
+The experts module of a sparse layer has no ``nn.Linear`` children; its forward receives the
+layer's tokens and their routing (``hidden [T, H]``, ``top_k_index [T, k]``), which the layer
+context keeps (``LayerContext._feeding``) while the calibration batches reach it. Here, expert by
+expert (only one expert's Hessians resident at a time):
+
+* ``routed`` (the default): gate/up's Hessian from exactly the tokens routed to the expert; the
+  down projection's from ``act(X_e Ŵ_gate^T) * (X_e Ŵ_up^T)`` with the expert's already-quantized
+  gate/up (true-sequential inside the expert), computed as the experts' forward computes it;
+* ``all``: every expert's statistics from all tokens (the forward itself stays the model's: only
+  the routed outputs are summed), llm-compressor's ``moe_calibrate_all_experts``;
+* an expert that saw fewer than ``min_tokens`` (a fraction of the layer's tokens, GPTQModel's
+  0.5% by default) is solved by the declared ``fallback``: the all-token Hessian (default) or RTN
+  on its weights. It is listed in the coverage record; nothing is left unquantized, no NaN.
+
+Once the experts are solved the layer's forward goes on with them in place, so the next layer's
+inputs come from the model's own routing through the quantized experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from ..errors import InputError
+from ..methods.hessian import HessianAccumulator
+
+MODES = ("routed", "all")
+FALLBACKS = ("all", "rtn")
+# Token rows per Hessian update: bounds the fp32 copy of an expert's inputs.
+CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    mode: str = "routed"  # routed | all: which tokens an expert's statistics come from
+    min_tokens: float = 0.005  # fraction of the layer's calibration tokens an expert must see
+    fallback: str = "all"  # all | rtn: how an expert below min_tokens is solved
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--moe-calibration {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.fallback not in FALLBACKS:
+            raise InputError(f"--moe-fallback {self.fallback!r}: expected one of {', '.join(FALLBACKS)}")
+        if not 0.0 <= self.min_tokens < 1.0:
+            raise InputError(f"--moe-min-tokens {self.min_tokens}: expected a fraction of the calibration tokens in [0, 1)")
+
+    def params(self) -> dict[str, Any]:
+        return {"moe_calibration": self.mode, "moe_min_tokens": self.min_tokens, "moe_fallback": self.fallback}
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """``2/n XᵀX`` in fp32 over the rows of ``x``, accumulated in chunks of ``CHUNK`` rows."""
+    acc = HessianAccumulator()
+    for chunk in x.split(CHUNK):
+        acc.add(chunk)
+    return acc.H
+
+
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert ([E] int64) from ``top_k_index [T, k]`` (a token counts once)."""
+    hit = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.bool, device=index.device)
+    hit.scatter_(1, index.long().clamp(0, num_experts), True)  # out-of-range ids (padding) go to E
+    return hit[:, :num_experts].sum(0).cpu()
+
+
+def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                  solve: Callable[[list[str], torch.Tensor | None], None], opts: MoEOptions) -> dict[str, Any]:
+    """Solve every expert of ``ctx``'s layer from the kept ``inputs`` (per batch: tokens, routing).
+
+    ``solve(names, H)`` quantizes the named linears (one expert's gate+up, or its down) given their
+    shared input Hessian, or by RTN when ``H`` is None. Returns the layer's coverage record."""
+    arch, cfg = ctx.arch, ctx.streamer.reader.config
+    E, top_k = arch.num_experts(cfg), arch.experts_per_token(cfg)
+    module = ctx.module(arch.moe.experts.module)
+    gate_up = getattr(module, arch.moe.experts.fused[0])
+    act = module.act_fn
+    if not inputs:
+        X = torch.empty(0, gate_up.shape[-1], device=gate_up.device, dtype=gate_up.dtype)
+        index = torch.empty(0, max(top_k, 1), dtype=torch.long, device=gate_up.device)
+    else:
+        X = torch.cat([x for x, _ in inputs])
+        index = torch.cat([i for _, i in inputs])
+    inputs.clear()
+    T = X.shape[0]
+    counts = expert_counts(index, E)
+    need = max(1, math.ceil(opts.min_tokens * T))
+    H_all: torch.Tensor | None = None
+    solved = {"routed": 0, "all": 0, "rtn": 0}
+    how_by_expert: list[str] = []
+    below: list[int] = []
+    for e in range(E):
+        n_e = int(counts[e])
+        if n_e < need:
+            below.append(e)
+        how = "all" if opts.mode == "all" else ("routed" if n_e >= need else opts.fallback)
+        if how == "all" and T == 0:
+            how = "rtn"
+        gu = [arch.expert_linear(e, 0), arch.expert_linear(e, 1)]
+        down = [arch.expert_linear(e, 2)]
+        if how == "rtn":
+            solve(gu, None)
+            solve(down, None)
+        else:
+            Xe = X if how == "all" else X[(index == e).any(-1)]
+            if how == "all":
+                H_all = hessian_of(Xe) if H_all is None else H_all  # one Hessian shared by every expert
+                H = H_all
+            else:
+                H = hessian_of(Xe)
+            solve(gu, H)
+            del H
+            acc = HessianAccumulator()
+            with torch.no_grad():
+                for chunk in Xe.split(CHUNK):  # the expert's own forward, with its quantized gate/up
+                    g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+                    acc.add(act(g) * u)
+            solve(down, acc.H)
+            del Xe, acc
+        solved[how] += 1
+        how_by_expert.append(how)
+    fallback_experts = [e for e in below if how_by_expert[e] != "routed"] if opts.mode == "routed" else []
+    return {
+        "experts": E,
+        "top_k": top_k,
+        "tokens": T,
+        "mode": opts.mode,
+        "min_tokens": need,
+        "fallback": opts.fallback,
+        "seen": [int(c) for c in counts],
+        "solved": solved,
+        "below_min": below,
+        "fallback_experts": fallback_experts,
+    }
