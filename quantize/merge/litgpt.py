@@ -42,7 +42,9 @@ from ..io.atomic import StagedOutput
 from ..io.reader import CheckpointReader
 from ..io.torchfile import TORCH_SUFFIXES, load_torch_file
 from ..io.writer import AUX_FILES, DEFAULT_MAX_SHARD_BYTES
+from .bnb4 import Bnb4RoundTrip, Bnb4Setting
 from .output import parse_dtype, patch_config, refuse_quantized, write_output
+from .qlora import BaseQuant, litgpt_record, resolve
 from .stream import (
     Arena,
     FusedQkvLora,
@@ -81,6 +83,9 @@ _SPLIT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _FUSED_QKV = "self_attn.qkv_proj"
 _FUSED_GATE_UP = "mlp.gate_up_proj"
 _MLP = {"mlp.fc_1": "mlp.gate_proj", "mlp.fc_2": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+
+# Lit-GPT linear modules (bitsandbytes-quantized under --quantize bnb.*, with lm_head).
+_LIT_LINEARS = (".attn.qkv", ".attn.attn", ".attn.proj", ".mlp.fc_1", ".mlp.fc_2", ".mlp.proj", ".mlp.fc")
 
 # Lit-GPT LoRA hyperparameters and their defaults (litgpt finetune_lora).
 LORA_DEFAULTS: dict[str, Any] = {
@@ -393,6 +398,7 @@ class LitPlan:
     tied_job: TiedEmbeddingJob | None
     modules_merged: int
     tie: dict[str, Any]  # the tied-embedding decision and its evidence (final once the jobs ran)
+    base_quant_tensors: int = 0  # Lit weights replaced by their bitsandbytes 4-bit round trip
 
 
 def _shares_storage(reader: CheckpointReader, a: str, b: str) -> bool:
@@ -425,13 +431,17 @@ def compare_head(reader: CheckpointReader, wte: str, head: str, dtype: torch.dty
 
 def plan_litgpt(
     reader: CheckpointReader, cfg: LitConfig, arch: Arch, tie_hint: bool | None, dtype: torch.dtype | None,
-    lora: LitLora | None,
+    lora: LitLora | None, base_quant: Bnb4Setting | None = None,
 ) -> LitPlan:
     """Map every Lit tensor to its HF name(s) and attach the LoRA updates; refuse anything unknown.
 
     ``tie_hint``: ``tie_word_embeddings`` of the original HF config.json, None when there is none or
     it does not say. False keeps the head untied; otherwise the checkpoint decides (a head equal to
     the embedding is tied; one that differs is written, and a config that said true is overruled).
+
+    ``base_quant``: every Lit linear weight (Lightning's ``BitsandbytesPrecision`` converts every
+    ``nn.Linear``, ``lm_head`` included) is first replaced by its bitsandbytes 4-bit round trip, on
+    the Lit tensor as trained (the fused ``attn.qkv`` whole, before the split).
     """
     keys = {_normalize(k): k for k in reader.names()}
     if len(keys) != len(reader.names()):
@@ -504,6 +514,14 @@ def plan_litgpt(
             merged += 1
         _check_lora_flags(lora, n_layer)
 
+    n_base_quant = 0
+    if base_quant is not None:
+        for name in sorted(keys):
+            stem, _, param = name.rpartition(".")
+            if param == "weight" and (stem == "lm_head" or stem.endswith(_LIT_LINEARS)):
+                updates[name] = [Bnb4RoundTrip(base_quant), *updates.get(name, [])]
+                n_base_quant += 1
+
     # tied embeddings: decided before any job runs (cheap: shared storage or a chunked compare)
     wte, head = "transformer.wte.weight", "lm_head.weight"
     if head not in keys:
@@ -565,7 +583,7 @@ def plan_litgpt(
             )
         consumed.add(name)
     _check_complete(jobs, arch, cfg, reader, tied)
-    return LitPlan(jobs, next((j for j in jobs if isinstance(j, TiedEmbeddingJob)), None), merged, tie)
+    return LitPlan(jobs, next((j for j in jobs if isinstance(j, TiedEmbeddingJob)), None), merged, tie, n_base_quant)
 
 
 def _layer_order(name: str) -> tuple:
@@ -635,6 +653,15 @@ def _hf_config(checkpoint: Path, lora: Path | None) -> tuple[dict[str, Any] | No
     return None, None
 
 
+def _lit_base_quant(lora_dir: Path | None, requested: str | None, requested_dtype: str | None,
+                    base_dtype: torch.dtype) -> BaseQuant:
+    """The base-quantization decision for a Lit-GPT LoRA (its hyperparameters.yaml is the record)."""
+    records = []
+    if lora_dir is not None and (lora_dir / HPARAMS).is_file():
+        records.append(litgpt_record(_read_yaml(lora_dir / HPARAMS), lora_dir / HPARAMS))
+    return resolve(requested, requested_dtype, records, base_dtype, lm_head_quantized=True)
+
+
 def merge_litgpt(
     checkpoint: Path,
     out: Path,
@@ -642,10 +669,15 @@ def merge_litgpt(
     dtype: str = "auto",
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    base_quant: str | None = None,
+    base_quant_dtype: str | None = None,
 ) -> mf.Manifest:
     """Convert a Lit-GPT checkpoint (plus an optional Lit-GPT LoRA, merged on the fly) to HF safetensors.
 
     ``dtype``: ``auto`` keeps the checkpoint's dtypes (not the LoRA's, which is usually fp32).
+    ``base_quant`` / ``base_quant_dtype``: as for :func:`~quantize.merge.merge_lora`; by default the
+    LoRA's ``hyperparameters.yaml`` decides (``quantize: bnb.nf4[-dq]``, ``precision``). Only a LoRA
+    can take it: a full checkpoint holds the trained weights themselves.
     Returns the complete ``merge`` manifest.
     """
     checkpoint, out = Path(checkpoint), Path(out)
@@ -690,8 +722,19 @@ def merge_litgpt(
     tie_hint = None if hf_config is None else hf_config.get("tie_word_embeddings")
     if tie_hint is not None and not isinstance(tie_hint, bool):
         raise InputError(f"{hf_source}: tie_word_embeddings={tie_hint!r} is not true or false; fix config.json")
+    if lora_dir is None and base_quant not in (None, "none"):
+        raise InputError(
+            f"{checkpoint}: --base-quant {base_quant} applies to a LoRA trained on a 4-bit base, but this is a full "
+            "Lit-GPT checkpoint (no --lora): its weights are the trained ones; drop --base-quant or pass --lora DIR"
+        )
     lit_lora = load_lit_lora(lora_dir) if lora_dir is not None else None
-    plan = plan_litgpt(reader, cfg, arch, tie_hint, out_dtype, lit_lora)
+    bq = _lit_base_quant(lora_dir, base_quant, base_quant_dtype, reader.dtype(wte))
+    plan = plan_litgpt(reader, cfg, arch, tie_hint, out_dtype, lit_lora, bq.setting)
+    if bq.setting is not None:
+        n = plan.base_quant_tensors
+        bq = BaseQuant(bq.setting, bq.record.model_copy(update={"tensors": n}))
+        log.info(f"base: {bq.setting.describe()} round trip of {n} Lit-GPT linear weights (lm_head included, as "
+                 f"Lightning quantizes it; {bq.record.source}: {bq.record.reason})")
     log.info(f"converting {len(reader)} Lit-GPT tensors to {arch.name} "
              f"({plan.modules_merged} LoRA modules merged{', legacy QKV layout' if any(isinstance(j, QkvJob) and j.legacy_perm is not None for j in plan.jobs) else ''})")
 
@@ -716,6 +759,7 @@ def merge_litgpt(
     params: dict[str, Any] = {"mode": "litgpt", "dtype": dtype, "arch": arch.name, "lit_name": cfg.get("name")}
     if lit_lora is not None:
         params["lora"] = dict(lit_lora.hparams)
+    params["base_quant"] = bq.record.model_dump(mode="json")
 
     def inputs():
         recs = [mf.describe_input("model", checkpoint, [WEIGHTS, MODEL_CONFIG] + [

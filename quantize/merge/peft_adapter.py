@@ -513,6 +513,9 @@ def merge_lora(
     dtype: str = "auto",
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    base_quant: str | None = None,
+    base_quant_dtype: str | None = None,
+    axolotl_config: Path | None = None,
 ):
     """Merge a PEFT LoRA adapter into its base model and write a plain HF safetensors directory.
 
@@ -520,6 +523,12 @@ def merge_lora(
     floating tensors. Deltas are applied in float32 and each tensor is rounded once. Returns the
     complete manifest (stage ``merge``), which lists every modified tensor with the variant and
     scale used and the tied-embedding decision.
+
+    ``base_quant`` (``nf4``, ``nf4-dq``, ``fp4``, ``fp4-dq``, ``none``; None: as the training run
+    recorded it, else ``none``): merge onto the bitsandbytes 4-bit round trip of the base's linear
+    weights, the base a QLoRA adapter was trained against (:mod:`qlora`, :mod:`bnb4`);
+    ``base_quant_dtype`` the weights' dtype when quantized. ``axolotl_config``: the Axolotl YAML
+    the adapter was trained with (one of the records). The decision is in ``params.base_quant``.
     """
     from .. import log
     from .. import manifest as mf
@@ -527,6 +536,7 @@ def merge_lora(
     from ..io.atomic import StagedOutput
     from ..io.writer import AUX_FILES, DEFAULT_MAX_SHARD_BYTES
     from .output import checkpoint_files, parse_dtype, patch_config, refuse_quantized, write_output
+    from .qlora import apply_to_jobs, axolotl_record, peft_records, resolve, skipped
 
     base, adapter_dir, out = Path(base), Path(adapter), Path(out)
     out_dtype = parse_dtype(dtype)
@@ -542,6 +552,17 @@ def merge_lora(
     if recorded and Path(recorded).name != base.name and config.get("_name_or_path") != recorded:
         log.warning(f"{adapter_dir / CONFIG_NAME}: adapter was trained on {recorded!r}; merging into {base}")
     plan = plan_adapter(ad, reader, arch, config, out_dtype)
+    records = peft_records(adapter_dir) + ([axolotl_record(axolotl_config)] if axolotl_config is not None else [])
+    embed = f"{arch.embed_path}.weight"
+    bq = resolve(base_quant, base_quant_dtype, records, reader.dtype(embed), lm_head_quantized=False)
+    bq = apply_to_jobs(plan.jobs, bq, lambda name: arch.is_quantizable(name)
+                       and not skipped(name.removesuffix(".weight"), bq.skip_modules))
+    if bq.setting is not None:
+        if not bq.record.tensors:
+            raise InputError(f"{base}: no linear weight of this {arch.name} checkpoint is left to quantize "
+                             f"(llm_int8_skip_modules={list(bq.skip_modules)}); check the training config")
+        log.info(f"base: {bq.setting.describe()} round trip of {bq.record.tensors} linear weights "
+                 f"({bq.record.source}: {bq.record.reason})")
     log.info(f"merging {len(ad.modules)} LoRA modules and {len(ad.replacements)} replacement tensors into "
              f"{len(reader)} base tensors ({arch.name})")
 
@@ -560,7 +581,7 @@ def merge_lora(
         return metrics
 
     adapter_files = [CONFIG_NAME, *[n for n in ad.reader.shards], *([ad.reader.index_file] if ad.reader.index_file else []),
-                     *ad.tokenizer_files()]
+                     *ad.tokenizer_files(), *[n for n in ("config.json", "README.md") if (adapter_dir / n).is_file()]]
     return write_output(
         out,
         overwrite=overwrite,
@@ -569,8 +590,10 @@ def merge_lora(
         aux_files=[(base, AUX_FILES), (adapter_dir, TOKENIZER_FILES)],
         make_config=make_config,
         inputs=lambda: [mf.describe_input("model", base, checkpoint_files(reader)),
-                        mf.describe_input("adapter", adapter_dir, sorted(set(adapter_files)))],
-        params={"mode": "lora", "dtype": dtype, "arch": arch.name, "adapter": ad.settings.summary()},
+                        mf.describe_input("adapter", adapter_dir, sorted(set(adapter_files))),
+                        *([mf.describe_input("training_config", Path(axolotl_config))] if axolotl_config else [])],
+        params={"mode": "lora", "dtype": dtype, "arch": arch.name, "adapter": ad.settings.summary(),
+                "base_quant": bq.record.model_dump(mode="json")},
         make_metrics=make_metrics,
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
     )
