@@ -36,6 +36,7 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
     elif params.get("act_order") and params.get("static_groups") and params.get("method") == "gptq":
         lines.append("| activation ordering | static (solved in act-order, groups on the original columns): "
                      "every loader takes it |")
+    lines += merge_rows(model_dir)
     lines += [
         *([f"| re-quantized | from a {params['requantized_from']} checkpoint: its dequantized weights were quantized "
            f"again (two roundings) |"] if params.get("requantized_from") else []),
@@ -57,6 +58,28 @@ def write_model_card(directory: Path, *, stage: str, model_dir: Path, calibratio
     path = Path(directory) / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def merge_rows(model_dir: Path) -> list[str]:
+    """Card rows from the merge that produced ``model_dir`` (its manifest), when it says something a
+    reader of the quantized model must know: a QLoRA adapter merged onto the 4-bit round trip of its base."""
+    from .. import manifest as mf
+
+    try:
+        m = mf.load_manifest(Path(model_dir))
+    except Exception:  # a plain or foreign directory: nothing to say
+        return []
+    if m is None or m.stage != "merge":
+        return []
+    bq = m.params.get("base_quant") or {}
+    if bq.get("method", "none") == "none":
+        return []
+    qt, dq = str(bq["method"]).partition("-")[::2]
+    head = "lm_head included" if bq.get("lm_head_quantized") else "not embeddings, norms or lm_head"
+    return [f"| merged base | {qt.upper()}-dequantized: the adapter was merged onto the bitsandbytes {qt.upper()} "
+            f"round trip of the base's linear weights ({bq.get('tensors')} tensors, {head}; blocksize "
+            f"{bq.get('blocksize')}{', double quantization' if dq else ''}, {bq.get('dtype')}), the base it was "
+            f"trained against (from {bq.get('source')}) |"]
 
 
 def _setting(stage: str, params: dict[str, Any]) -> str:

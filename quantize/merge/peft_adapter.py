@@ -548,15 +548,15 @@ def merge_lora(
     refuse_quantized(config, base)
     arch = get_arch(config, source=str(base / "config.json"))
     ad = load_adapter(adapter_dir)
-    recorded = ad.settings.base_model_name_or_path
-    if recorded and Path(recorded).name != base.name and config.get("_name_or_path") != recorded:
-        log.warning(f"{adapter_dir / CONFIG_NAME}: adapter was trained on {recorded!r}; merging into {base}")
     plan = plan_adapter(ad, reader, arch, config, out_dtype)
     records = peft_records(adapter_dir) + ([axolotl_record(axolotl_config)] if axolotl_config is not None else [])
     embed = f"{arch.embed_path}.weight"
     bq = resolve(base_quant, base_quant_dtype, records, reader.dtype(embed), lm_head_quantized=False)
     bq = apply_to_jobs(plan.jobs, bq, lambda name: arch.is_quantizable(name)
                        and not skipped(name.removesuffix(".weight"), bq.skip_modules))
+    recorded = ad.settings.base_model_name_or_path  # warned only once the plan holds (an error is one line)
+    if recorded and Path(recorded).name != base.name and config.get("_name_or_path") != recorded:
+        log.warning(f"{adapter_dir / CONFIG_NAME}: adapter was trained on {recorded!r}; merging into {base}")
     if bq.setting is not None:
         if not bq.record.tensors:
             raise InputError(f"{base}: no linear weight of this {arch.name} checkpoint is left to quantize "
@@ -593,7 +593,8 @@ def merge_lora(
                         mf.describe_input("adapter", adapter_dir, sorted(set(adapter_files))),
                         *([mf.describe_input("training_config", Path(axolotl_config))] if axolotl_config else [])],
         params={"mode": "lora", "dtype": dtype, "arch": arch.name, "adapter": ad.settings.summary(),
-                "base_quant": bq.record.model_dump(mode="json")},
+                "base_quant": bq.record.model_dump(mode="json"),
+                "base_quant_request": {"base_quant": base_quant, "base_quant_dtype": base_quant_dtype}},
         make_metrics=make_metrics,
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
     )

@@ -43,6 +43,19 @@ class Source(_Strict):
         return self.model is None
 
 
+class Merge(_Strict):
+    """The merge stage (sources base+adapter or litgpt+lora): which base a QLoRA adapter trained on."""
+
+    # QLoRA-exact merge: the LoRA goes onto the bitsandbytes 4-bit round trip of the base's linears;
+    # None: as the training run recorded it (hyperparameters.yaml, axolotl_config, the adapter's files)
+    base_quant: Literal["none", "nf4", "nf4-dq", "fp4", "fp4-dq"] | None = None
+    base_quant_dtype: Literal["bf16", "fp16", "fp32"] | None = None  # None: the record's, else the base's
+    axolotl_config: str | None = None  # the Axolotl YAML the adapter was trained with (base+adapter only)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"base_quant": self.base_quant, "base_quant_dtype": self.base_quant_dtype}
+
+
 class GPTQParams(_Strict):
     act_order: bool = True
     sym: bool = True
@@ -87,6 +100,7 @@ class Recipe(_Strict):
     # after quantizing, `quantize check` the output: off, auto (the engines that serve the format and
     # are installed), all. Off by default: the reference holds the whole dequantized model in fp32
     check: Literal["off", "auto", "all"] = "off"
+    merge: Merge = Merge()
     bits: int = 4
     group_size: int = 128
     bpw: float | None = None
@@ -97,6 +111,19 @@ class Recipe(_Strict):
     device: str = "auto"
     batch_size: int = Field(8, ge=1)
     resources: Resources
+
+    @model_validator(mode="after")
+    def _merge_source(self):
+        m = self.merge
+        if (m.base_quant, m.base_quant_dtype, m.axolotl_config) != (None, None, None) and not self.source.needs_merge:
+            raise ValueError("merge settings need a source to merge (base+adapter or litgpt+lora), not source.model")
+        if m.axolotl_config is not None and self.source.litgpt is not None:
+            raise ValueError("merge.axolotl_config is for a PEFT adapter (source.base+adapter); Lit-GPT's "
+                             "hyperparameters.yaml is read from source.lora")
+        if m.base_quant not in (None, "none") and self.source.litgpt is not None and self.source.lora is None:
+            raise ValueError("merge.base_quant applies to a LoRA trained on a 4-bit base; source.litgpt without "
+                             "source.lora is a full checkpoint")
+        return self
 
     @model_validator(mode="after")
     def _method_bits(self):

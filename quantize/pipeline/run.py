@@ -76,16 +76,21 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
 
     if src.needs_merge:
         merged = out / "merged"
+        mk = recipe.merge.kwargs()
         if src.litgpt is not None:
             def do_merge():
                 from ..merge import merge_litgpt
-                return merge_litgpt(Path(src.litgpt), merged, lora=Path(src.lora) if src.lora else None, overwrite=True)
-            plans.append(StagePlan("merge", merged, {}, do_merge, (Path(src.litgpt),)))
+                return merge_litgpt(Path(src.litgpt), merged, lora=Path(src.lora) if src.lora else None, overwrite=True,
+                                    **mk)
+            plans.append(StagePlan("merge", merged, {"base_quant_request": mk}, do_merge, (Path(src.litgpt),)))
         else:
+            ax = recipe.merge.axolotl_config
+
             def do_merge():
                 from ..merge import merge_lora
-                return merge_lora(Path(src.base), Path(src.adapter), merged, overwrite=True)
-            plans.append(StagePlan("merge", merged, {}, do_merge, (Path(src.base), Path(src.adapter))))
+                return merge_lora(Path(src.base), Path(src.adapter), merged, overwrite=True, **mk,
+                                  axolotl_config=Path(ax) if ax else None)
+            plans.append(StagePlan("merge", merged, {"base_quant_request": mk}, do_merge, (Path(src.base), Path(src.adapter))))
         model_dir = merged
     else:
         model_dir = Path(src.model)
