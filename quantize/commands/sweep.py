@@ -163,6 +163,7 @@ def sweep_command(sweep_file, address, max_parallel, out, dry_run, emit_commands
                         seconds=(res or {}).get("seconds"), error=(res or {}).get("error"),
                         exit_code=(res or {}).get("exit_code"), attempts=(res or {}).get("attempt"),
                         resumed_layers=(res or {}).get("resumed_layers") or [],
+                        threads=resources[r.name].cpus if res is not None else None,
                         resources=resources[r.name].as_dict())
         records.append(fill_from_manifests(rec))
     report = SweepReport(sweep=sweep.name, file=str(sweep_file), file_sha256=sha256_file(sweep_file), ray=where,

@@ -196,7 +196,7 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
             j.log.unlink(missing_ok=True)
             j.pid_file.unlink(missing_ok=True)
             job = {"name": j.run.name, "argv": j.run.argv(), "command": j.run.command(), "out": str(j.run.out),
-                   "log": str(j.log), "cwd": cwd, "env": j.run.env, "sweep": sweep_name,
+                   "log": str(j.log), "cwd": cwd, "env": j.run.env, "sweep": sweep_name, "threads": opts["num_cpus"],
                    "shared_calibration": str(j.run.shared_calibration) if j.run.shared_calibration else None,
                    "pause_after_layer": pause[1] if pause and pause[0] == j.run.name else None,
                    "pid_file": str(j.pid_file)}

@@ -36,6 +36,7 @@ class RunRecord(_Strict):
     error: str | None = None  # the one line a failed run ended with
     exit_code: int | None = None
     attempts: int | None = None
+    threads: int | None = None  # CPU threads of the run (torch on CPU rounds by its thread count)
     resumed_layers: list[int] = Field(default_factory=list)
     manifest_sha256: str | None = None  # the run's manifest.json
     calibration_manifest_sha256: str | None = None  # the calibration set the quantize stage used

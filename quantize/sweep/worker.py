@@ -107,8 +107,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Make one run. ``job``: name, argv (of ``quantize``), out, log, cwd, env, shared_calibration,
-    pause_after_layer, pid_file. Returns its status, exit code, error line, seconds, attempt, pid,
+    """Make one run. ``job``: name, argv (of ``quantize``), out, log, cwd, env, threads,
+    shared_calibration, pause_after_layer, pid_file. Returns its status, exit code, error line, seconds, attempt, pid,
     node, the quantize stage's layers computed here and those resumed."""
     t0 = time.time()
     info: dict[str, Any] = {"name": job["name"], "pid": os.getpid(), "node": socket.gethostname()}
@@ -147,6 +147,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             try:
                 if job.get("shared_calibration"):
                     _link_calibration(Path(job["out"]), Path(job["shared_calibration"]))
+                if job.get("threads"):  # what the task asked for; torch on CPU rounds by its thread count
+                    import torch
+
+                    torch.set_num_threads(int(job["threads"]))
                 from ..cli import main
 
                 sink = _EventSink(log, on_event)
