@@ -105,7 +105,8 @@ class MoE:
 
     experts: Experts
     groups: tuple[tuple[Linear, ...], ...]
-    never_quantized: tuple[str, ...] = ("mlp.gate",)
+    # routers and shared-expert gates: Linear-shaped ([experts or 1, hidden]) but never quantized
+    never_quantized: tuple[Linear, ...] = (Linear("mlp.gate", ("experts",), "hidden"),)
     dense_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     renames: tuple[tuple[str, str], ...] = ()
     first_dense_key: str | None = None
@@ -274,7 +275,7 @@ class Arch:
             if self.has_bias(lin, config):
                 names.append(f"{lin}.bias")
         if self.is_sparse_layer(config, i):
-            names += [f"{self.disk_name(m)}.weight" for m in self.moe.never_quantized]
+            names += [f"{self.disk_name(m.name)}.weight" for m in self.moe.never_quantized]
         names += [f"{norm}.weight" for norm in self.layer_norms]
         return names
 
@@ -359,6 +360,8 @@ class Arch:
             "intermediate": intermediate,
             "head_dim": head_dim,
         }
+        if self.moe is not None:
+            out["experts"], out["one"] = self.num_experts(config), 1
         for name, fn in self.extra_dims:
             try:
                 out[name] = int(fn(config))
@@ -556,7 +559,7 @@ _MOE_TABLE: tuple[Arch, ...] = (
         moe=MoE(
             experts=Experts(),
             groups=_shared("mlp.shared_expert") + ((EXPERTS,),),
-            never_quantized=("mlp.gate", "mlp.shared_expert_gate"),
+            never_quantized=(Linear("mlp.gate", ("experts",), "hidden"), Linear("mlp.shared_expert_gate", ("one",), "hidden")),
             dense_list_key="mlp_only_layers",
             sparse_step_key="decoder_sparse_step",
         ),

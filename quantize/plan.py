@@ -100,10 +100,7 @@ def weight_bytes(config: Mapping[str, Any], s: Setting, arch: Arch | None = None
     n_layers = arch.num_layers(config)
     dt = _source_dtype_bytes(config)
     vocab = int(config["vocab_size"])
-    per_layer_linears = sum(
-        linear_bytes(*arch.linear_shape(n, config), s, arch.has_bias(n, config), dt) for n in arch.linear_names()
-    )
-    norm_bytes = sum((d["head_dim"] if re.search(r"[qk]_norm$", n) else d["hidden"]) * dt for n in arch.layer_norms)
+    layers = sum(n * _layer_bytes(arch, config, i, s, dt) for i, n in _layer_kinds(arch, config))
     embed = vocab * d["hidden"] * dt
     head = 0
     if not arch.is_tied(config):
@@ -112,12 +109,88 @@ def weight_bytes(config: Mapping[str, Any], s: Setting, arch: Arch | None = None
         else:
             head = vocab * d["hidden"] * dt
     return {
-        "layers": n_layers * (per_layer_linears + norm_bytes),
+        "layers": layers,
         "embeddings": embed,
         "lm_head": head,
         "final_norm": d["hidden"] * dt,
-        "total": n_layers * (per_layer_linears + norm_bytes) + embed + head + d["hidden"] * dt,
+        "total": layers + embed + head + d["hidden"] * dt,
     }
+
+
+def _layer_kinds(arch: Arch, config: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """``(representative layer, count)`` per kind of layer (dense, sparse): layers of a kind are alike."""
+    kinds: dict[bool, list[int]] = {}
+    for i in range(arch.num_layers(config)):
+        kinds.setdefault(arch.is_sparse_layer(config, i), []).append(i)
+    return [(idx[0], len(idx)) for idx in kinds.values()]
+
+
+def _norm_width(name: str, d: Mapping[str, int]) -> int:
+    if re.search(r"[qk]_norm$", name):
+        return d["head_dim"]
+    if name.endswith("q_a_layernorm"):
+        return d["q_lora"]
+    if name.endswith("kv_a_layernorm"):
+        return d["kv_lora"]
+    return d["hidden"]
+
+
+def _layer_bytes(arch: Arch, config: Mapping[str, Any], i: int, s: Setting, dt: int) -> int:
+    """Bytes of decoder layer ``i``: its linears as the format stores them, routers and norms dense."""
+    d = arch.dims(config)
+    total = sum(linear_bytes(*arch.linear_shape(n, config), s, arch.has_bias(n, config), dt)
+                for n in arch.layer_linears(config, i))
+    if arch.is_sparse_layer(config, i):
+        total += sum(math.prod(_shape(arch, lin, d)) * dt for lin in arch.moe.never_quantized)
+    return total + sum(_norm_width(n, d) * dt for n in arch.layer_norms)
+
+
+def _shape(arch: Arch, lin, d: Mapping[str, int]) -> tuple[int, int]:
+    return sum(d[p] for p in lin.out), d[lin.inp]
+
+
+def parameter_counts(config: Mapping[str, Any], arch: Arch | None = None) -> dict[str, int]:
+    """Total parameters, and those active for one token (a Mixture-of-Experts model runs
+    ``experts_per_token`` of its routed experts per layer; a dense model runs them all)."""
+    arch = arch or get_arch(config)
+    d = arch.dims(config)
+    vocab = int(config["vocab_size"])
+    total = active = vocab * d["hidden"] * (1 if arch.is_tied(config) else 2) + d["hidden"]
+    E, k = arch.num_experts(config), arch.experts_per_token(config)
+    for i, n in _layer_kinds(arch, config):
+        layer = expert = 0
+        for name in arch.layer_linears(config, i):
+            N, K = arch.linear_shape(name, config)
+            numel = N * K + (N if arch.has_bias(name, config) else 0)
+            layer += numel
+            expert += numel if arch.expert_slot(name) is not None else 0
+        if arch.is_sparse_layer(config, i):
+            layer += sum(math.prod(_shape(arch, lin, d)) for lin in arch.moe.never_quantized)
+        layer += sum(_norm_width(nm, d) for nm in arch.layer_norms)
+        total += n * layer
+        active += n * (layer - expert + (expert * k // E if E else 0))
+    return {"total": total, "active": active}
+
+
+def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_bytes: int = 2) -> dict[str, int]:
+    """What one quantization run holds per layer (besides activations): the largest decoder layer
+    in the compute dtype (one layer resident; the next one prefetched on the host) and the largest
+    set of Hessians alive at once (fp32: one group's, and in a sparse layer one expert's: gate/up
+    and down)."""
+    arch = arch or get_arch(config)
+    layer_max = hess_max = 0
+    for i, _ in _layer_kinds(arch, config):
+        names = arch.layer_linears(config, i)
+        layer_max = max(layer_max, sum(math.prod(arch.linear_shape(n, config)) for n in names) * compute_bytes)
+        for group in arch.layer_groups(config, i):
+            if arch.moe is not None and group == [arch.moe.experts.module]:
+                _, K = arch.linear_shape(arch.expert_linear(0, 0), config)
+                _, I = arch.linear_shape(arch.expert_linear(0, 2), config)
+                hess_max = max(hess_max, 4 * (K * K + I * I))
+            else:
+                K = arch.linear_shape(group[0], config)[1]
+                hess_max = max(hess_max, 4 * K * K)
+    return {"layer_bytes_max": layer_max, "hessian_bytes_max": hess_max}
 
 
 def kv_cache_bytes(config: Mapping[str, Any], context: int, batch: int, kv_dtype: str = "fp16",
@@ -139,13 +212,18 @@ DEFAULT_SETTINGS = [
 ]
 
 
+MOE_METHODS = ("bf16", "fp16", "gptq", "ct")  # gptq / rtn into the GPTQ or compressed-tensors format
+
+
 def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
     """Bits per quantized weight, overheads included (the quality ordering used for --vram)."""
-    n_params = sum(math.prod(arch.linear_shape(n, config)) for n in arch.linear_names())
+    kinds = _layer_kinds(arch, config)
+    n_params = sum(n * math.prod(arch.linear_shape(nm, config)) for i, n in kinds for nm in arch.layer_linears(config, i))
     if s.method == "gguf":
-        return 8 * weight_bytes(config, s, arch)["layers"] / (n_params * arch.num_layers(config))
+        return 8 * weight_bytes(config, s, arch)["layers"] / n_params
     dt = _source_dtype_bytes(config)
-    b = sum(linear_bytes(*arch.linear_shape(n, config), s, False, dt) for n in arch.linear_names())
+    b = sum(n * linear_bytes(*arch.linear_shape(nm, config), s, False, dt) for i, n in kinds
+            for nm in arch.layer_linears(config, i))
     return 8 * b / n_params
 
 
@@ -155,7 +233,10 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
     arch = get_arch(config)
     kv = kv_cache_bytes(config, context, batch, kv_dtype, arch)
     rows = []
-    for s in settings or DEFAULT_SETTINGS:
+    settings = settings or DEFAULT_SETTINGS
+    if arch.moe is not None:  # what `quantize` writes for Mixture-of-Experts models today
+        settings = [s for s in settings if s.method in MOE_METHODS]
+    for s in settings:
         w = weight_bytes(config, s, arch, head_bits=head_bits)
         total = w["total"] + kv + overhead
         rows.append({"setting": s.label, "method": s.method, "bits": s.bits, "group_size": s.group_size,
@@ -167,4 +248,5 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
         fitting = [r for r in rows if r["fits"]]
         best = max(fitting, key=lambda r: r["effective_bits"], default=None)
     return {"family": arch.name, "layers": arch.num_layers(config), "context": context, "batch": batch,
-            "kv_dtype": kv_dtype, "vram": vram, "rows": rows, "best": best}
+            "kv_dtype": kv_dtype, "vram": vram, "rows": rows, "best": best,
+            "parameters": parameter_counts(config, arch), "run": run_memory(config, arch)}

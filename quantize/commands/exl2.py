@@ -31,7 +31,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
     from .. import log
     from .. import manifest as mf
     from ..errors import InputError
-    from ..executor.stage import fingerprint, preflight, run_quantize_stage
+    from ..executor.stage import fingerprint, preflight, refuse_experts, run_quantize_stage
     from ..formats.exl2 import EXL2Format, achieved_bpw, measurement_bytes
     from ..io.atomic import StagedOutput, staging_path
     from ..methods.exl2 import EXL2_DAMP, HEAD_OPTIONS, PAD_COLUMNS
@@ -56,6 +56,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
     torch.manual_seed(seed)
     model_dir, calibration, out = Path(model_dir), Path(calibration), Path(out)
     reader, arch, input_ids, calib = preflight(model_dir, calibration, StagedOutput(out, overwrite=overwrite))
+    refuse_experts(arch, model_dir, "exl2")  # exllamav2's MoE kernels are not targeted yet
     config = reader.config
     for lin in arch.linear_names():
         N, _ = arch.linear_shape(lin, config)

@@ -35,7 +35,13 @@ def summarize(m: mf.Manifest) -> str:
     lines.append(f"outputs      {len(m.outputs)} files, {_human_bytes(total)}")
     for o in m.outputs:
         lines.append(f"  {o.sha256[:12]}  {_human_bytes(o.bytes):>10}  {o.path}")
+    if isinstance(m.metrics.get("moe"), dict):  # Mixture-of-Experts coverage
+        from ..executor.moe import coverage_lines
+
+        lines += coverage_lines(m.metrics["moe"])
     for k, v in m.metrics.items():
+        if k == "moe":
+            continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, default=str)
             v = v if len(v) < 200 else v[:197] + "..."

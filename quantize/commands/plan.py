@@ -84,6 +84,11 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
         click.echo(json.dumps({"config": source, **p}, indent=2))
         return
     click.echo(f"{source}: {p['family']}, {p['layers']} layers; KV cache for {batch} x {context} tokens in {kv_dtype}")
+    n, r = p["parameters"], p["run"]
+    click.echo(f"parameters: {n['total'] / 1e9:.2f} B total, {n['active'] / 1e9:.2f} B active per token; a run holds "
+               f"one layer ({_gib(r['layer_bytes_max']).strip()} GiB in bf16) and at most "
+               f"{_gib(r['hessian_bytes_max']).strip()} GiB "
+               "of Hessians at once")
     click.echo(f"{'setting':<18} {'bits/w':>7} {'weights GiB':>12} {'KV GiB':>8} {'total GiB':>10}" + ("  fits" if budget else ""))
     for r in p["rows"]:
         fits = ("  yes" if r["fits"] else "  no") if budget else ""

@@ -137,3 +137,46 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
         "below_min": below,
         "fallback_experts": fallback_experts,
     }
+
+
+def coverage_summary(layer_metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's expert coverage from its per-layer records (None for a dense model): token counts
+    over every (layer, expert), and the experts solved by the fallback, by layer."""
+    records = [(m["layer"], m["moe"]) for m in layer_metrics if "moe" in m]
+    if not records:
+        return None
+    seen = sorted((c, layer, e) for layer, r in records for e, c in enumerate(r["seen"]))
+    first = records[0][1]
+    return {
+        "sparse_layers": len(records),
+        "experts": first["experts"],
+        "top_k": first["top_k"],
+        "mode": first["mode"],
+        "fallback": first["fallback"],
+        "min_tokens": min(r["min_tokens"] for _, r in records),
+        "seen_min": {"tokens": seen[0][0], "layer": seen[0][1], "expert": seen[0][2]},
+        "seen_median": seen[len(seen) // 2][0],
+        "seen_max": seen[-1][0],
+        "solved": {k: sum(r["solved"][k] for _, r in records) for k in first["solved"]},
+        "fallback_experts": {str(layer): r["fallback_experts"] for layer, r in records if r["fallback_experts"]},
+    }
+
+
+def coverage_lines(summary: dict[str, Any]) -> list[str]:
+    """``quantize inspect``'s lines for :func:`coverage_summary`."""
+    s = summary
+    lo = s["seen_min"]
+    lines = [
+        f"experts      {s['sparse_layers']} sparse layers x {s['experts']} experts (top-{s['top_k']}); statistics from "
+        f"{s['mode']} tokens; below {s['min_tokens']} tokens: fallback {s['fallback']}",
+        f"  tokens/expert  min {lo['tokens']} (layer {lo['layer']} expert {lo['expert']}), "
+        f"median {s['seen_median']}, max {s['seen_max']}",
+        "  solved       " + ", ".join(f"{k} {v}" for k, v in s["solved"].items()),
+    ]
+    fb = s["fallback_experts"]
+    if fb:
+        n = sum(len(v) for v in fb.values())
+        lines.append(f"  fallback     {n} experts: " + "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in fb.items()))
+    else:
+        lines.append("  fallback     none: every expert saw enough tokens")
+    return lines

@@ -82,6 +82,15 @@ def preflight(model_dir: Path, calibration_dir: Path | None, staged: StagedOutpu
     return reader, arch, input_ids, calib
 
 
+def refuse_experts(arch, model_dir: Path, stage: str) -> None:
+    """InputError for a Mixture-of-Experts model given to a method that does not solve experts."""
+    if arch.moe is not None:
+        raise InputError(
+            f"{model_dir}: {arch.name} is a Mixture-of-Experts model and `quantize {stage}` does not solve experts yet; "
+            "use `quantize gptq` or `quantize rtn` (--format gptq or compressed-tensors)"
+        )
+
+
 def _check_disk(staged: StagedOutput, reader) -> None:
     parent = staged.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -128,11 +137,8 @@ def run_quantize_stage(
     host_heap("flat")  # until the layer loop picks its policy (LayerStreamer.apply_host_heap)
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
-    if arch.moe is not None and not getattr(method, "solves_experts", False):
-        raise InputError(
-            f"{model_dir}: {arch.name} is a Mixture-of-Experts model and `quantize {stage}` does not solve experts yet; "
-            "use `quantize gptq` or `quantize rtn` (--format gptq or compressed-tensors)"
-        )
+    if not getattr(method, "solves_experts", False):
+        refuse_experts(arch, model_dir, stage)
     if hasattr(method, "preflight"):
         method.preflight(arch, reader.config)
     if hasattr(fmt, "preflight"):  # what the output format can store (shapes, bits, group sizes)
@@ -324,6 +330,11 @@ def _summary(layer_metrics: list[dict]) -> dict[str, Any]:
     if errs:
         out["mean_rel_error"] = sum(errs) / len(errs)
         out["max_rel_error"] = max(errs)
+    from .moe import coverage_summary
+
+    coverage = coverage_summary(layer_metrics)
+    if coverage is not None:  # Mixture-of-Experts: what each expert saw, what fell back
+        out["moe"] = coverage
     weights = sum(m.get("quantized_weights", 0) for m in layer_metrics)
     if weights:  # methods that report the exact storage of what they quantized
         out["bpw"] = sum(m.get("storage_bits", 0) for m in layer_metrics) / weights

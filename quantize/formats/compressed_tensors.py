@@ -215,7 +215,7 @@ def _ignore(arch) -> list[str]:
         return ["lm_head"]
     out = [arch.lm_head_path]
     if arch.moe is not None:
-        out += ["re:.*" + re.escape(arch.disk_name(m)) + "$" for m in arch.moe.never_quantized]
+        out += ["re:.*" + re.escape(arch.disk_name(m.name)) + "$" for m in arch.moe.never_quantized]
     return out
 
 

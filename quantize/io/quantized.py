@@ -111,7 +111,8 @@ def load_dequantized_model(directory: Path, dtype: torch.dtype = torch.float32):
     model = skeleton.build_skeleton(cfg)
     arch = get_arch(reader.config)
     aliases = {arch.lm_head_path + ".weight": arch.embed_path + ".weight"}
-    skeleton.materialize(model, "", reader, device="cpu", dtype=dtype, aliases=aliases)
+    source = skeleton.MemoryView(reader, arch) if arch.moe is not None else reader  # fused experts
+    skeleton.materialize(model, "", source, device="cpu", dtype=dtype, aliases=aliases)
     if arch.is_tied(reader.config):
         model.tie_weights()
     return model

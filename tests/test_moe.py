@@ -1,0 +1,307 @@
+"""Mixture-of-Experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) through the one layer loop.
+
+Oracles: transformers itself (its in-memory fused experts and its forward), compressed-tensors' own
+decompressor, and our RTN on the original weights for experts that fall back to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantize.arch import by_name, get_arch
+from quantize.cli import cli, main
+from quantize.executor import skeleton
+from quantize.executor.moe import MoEOptions, expert_counts
+from quantize.io.quantized import load_dequantized_model, open_model
+from quantize.io.reader import CheckpointReader
+from quantize.methods.grid import QuantSpec
+from quantize.methods.rtn import rtn_quantize
+from quantize.plan import parameter_counts, plan
+from quantize.testing import MOE_FAMILIES, build_tiny_model
+
+from helpers import CPU, assert_same_files, output_files, run_gptq
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOCK = dataclasses.replace(CPU, lockstep=True)
+MULTI = dataclasses.replace(CPU, lockstep=False)
+IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11]])
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def deepseek_with_bias(tmp_path_factory):
+    """A tiny DeepSeek-V3 whose router correction bias (a buffer on disk) is not zero."""
+    d = build_tiny_model("deepseek_v3", tmp_path_factory.mktemp("ds"))
+    sd = load_file(d / "model.safetensors")
+    for k in sd:
+        if k.endswith("e_score_correction_bias"):
+            sd[k] = torch.tensor([0.3, -0.2, 0.1, 0.05])
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def _model(family, tiny_model_dir, deepseek_with_bias):
+    return deepseek_with_bias if family == "deepseek_v3" else tiny_model_dir(family)
+
+
+# -- the architecture table ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_table_names_every_tensor_of_the_checkpoint(family, tiny_model_dir):
+    model = tiny_model_dir(family)
+    r = CheckpointReader(model)
+    arch = get_arch(r.config)
+    assert set(arch.expected_tensor_names(r.config)) - {n for n in r.names() if "e_score" in n} == \
+        {n for n in r.names() if "e_score" not in n}
+    # quantizable: attention, dense MLP, shared and routed experts; never routers or gates
+    for n in r.names():
+        q = arch.is_quantizable(n)
+        assert q == (n.endswith(".weight") and "norm" not in n and not n.endswith(("gate.weight", "embed_tokens.weight"))
+                     and "lm_head" not in n and not n.endswith("shared_expert_gate.weight")), n
+
+
+def test_dense_and_sparse_layers_follow_the_config():
+    ds = by_name("deepseek_v3")
+    cfg = {"n_routed_experts": 4, "first_k_dense_replace": 2}
+    assert [ds.is_sparse_layer(cfg, i) for i in range(4)] == [False, False, True, True]
+    q3 = by_name("qwen3_moe")
+    cfg = {"num_experts": 4, "mlp_only_layers": [0], "decoder_sparse_step": 2}
+    assert [q3.is_sparse_layer(cfg, i) for i in range(4)] == [False, True, False, True]
+    assert q3.layer_groups(cfg, 0)[-1] == ["mlp.down_proj"]
+    assert q3.layer_groups(cfg, 1)[-1] == ["mlp.experts"]
+    mx = by_name("mixtral")
+    assert mx.expert_linear(3, 1) == "block_sparse_moe.experts.3.w3"
+    assert mx.expert_slot("block_sparse_moe.experts.3.w2") == (3, 2)
+    assert mx.expert_slot("block_sparse_moe.gate") is None
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_memory_view_assembles_what_transformers_holds(family, tiny_model_dir):
+    """Every in-memory parameter (fused 3D experts, renamed modules) equals transformers' own load."""
+    model = tiny_model_dir(family)
+    hf = _hf(model)
+    r = CheckpointReader(model)
+    view = skeleton.MemoryView(r, get_arch(r.config))
+    for name, p in hf.named_parameters():
+        assert name in view, name
+        assert tuple(view.shape(name)) == tuple(p.shape), name
+        assert torch.equal(view.get(name), p.detach()), name
+        buf = torch.empty(view.nbytes(name), dtype=torch.uint8)
+        assert torch.equal(view.get(name, out=buf), p.detach()), name
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streamed_forward_equals_transformers(family, tiny_model_dir, deepseek_with_bias):
+    """The layer loop runs the model's own routing: streamed logits equal transformers' forward."""
+    from quantize.eval.perplexity import final_logits
+
+    model = _model(family, tiny_model_dir, deepseek_with_bias)
+    with torch.no_grad():
+        ref = _hf(model)(IDS).logits
+    ours = torch.cat(list(final_logits(model, IDS, CPU)))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# -- quantization --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_gptq_experts_into_both_formats(family, tiny_model_dir, deepseek_with_bias, calib_for, tmp_path):
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    model = _model(family, tiny_model_dir, deepseek_with_bias)
+    cal = calib_for(model)
+    arch = get_arch(CheckpointReader(model).config)
+    gp = run_gptq(model, cal, tmp_path / "gptq", static_groups=True)
+    ct = run_gptq(model, cal, tmp_path / "ct", static_groups=True, format="compressed-tensors")
+    # the same solve, two formats: identical dequantized weights; every expert linear quantized
+    a, b = open_model(tmp_path / "gptq"), open_model(tmp_path / "ct")
+    cfg = a.config
+    n_experts = 0
+    for i in range(arch.num_layers(cfg)):
+        for lin in arch.layer_linears(cfg, i):
+            name = arch.layer_prefix(i) + lin + ".weight"
+            assert torch.equal(a.get(name), b.get(name)), name
+            n_experts += arch.expert_slot(lin) is not None
+    assert n_experts == 3 * 4 * sum(arch.is_sparse_layer(cfg, i) for i in range(arch.num_layers(cfg)))
+    with safe_open(tmp_path / "gptq" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert f"model.layers.1.{arch.expert_linear(3, 2)}.qweight" in keys
+    assert f"model.layers.1.{arch.disk_name('mlp.gate')}.weight" in keys  # the router stays dense
+    # compressed-tensors' decompressor (the oracle) returns our read-back for an expert
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert any(g.startswith("re:") and g.endswith(arch.disk_name("mlp.gate").replace(".", r"\.") + "$")
+               for g in qc["ignore"])
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme(**{**qc["config_groups"]["group_0"]})
+    prefix = f"model.layers.1.{arch.expert_linear(2, 0)}"
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        tensors = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    lib = PackedQuantizationCompressor.decompress(tensors, scheme)["weight"].float()
+    assert torch.equal(lib, b.get(prefix + ".weight").float())
+    # coverage: each token is routed to exactly top_k distinct experts
+    for m in gp.metrics["layers"]:
+        if "moe" in m:
+            assert sum(m["moe"]["seen"]) == m["moe"]["tokens"] * m["moe"]["top_k"]
+            assert m["moe"]["solved"]["routed"] == 4
+    assert gp.metrics["moe"]["sparse_layers"] == sum(arch.is_sparse_layer(cfg, i) for i in range(arch.num_layers(cfg)))
+    assert gp.params["moe_calibration"] == "routed"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])  # shared experts before / after the routed ones
+def test_lockstep_equals_stopped_passes(family, tiny_model_dir, calib_for, tmp_path):
+    """One paused forward per layer and one stopped pass per group give the same bytes: the experts'
+    statistics and the propagation through the quantized experts do not depend on the schedule."""
+    model = tiny_model_dir(family)
+    cal = calib_for(model)
+    run_gptq(model, cal, tmp_path / "lock", exec_cfg=LOCK)
+    run_gptq(model, cal, tmp_path / "multi", exec_cfg=MULTI)
+    assert_same_files(tmp_path / "lock", tmp_path / "multi", output_files(tmp_path / "lock"))
+
+
+@pytest.fixture(scope="module")
+def starved(tmp_path_factory):
+    """A Qwen3-MoE whose layer-1 router is all zeros: every token ties, top-k keeps the same two
+    experts, and the other two are never routed to."""
+    d = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("starved"))
+    sd = load_file(d / "model.safetensors")
+    sd["model.layers.1.mlp.gate.weight"].zero_()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_unrouted_experts_fall_back_and_are_listed(starved, calib_for, tmp_path):
+    cal = calib_for(starved)
+    out = run_gptq(starved, cal, tmp_path / "all", group_size=32, static_groups=True)
+    moe = out.metrics["layers"][1]["moe"]
+    idle = [e for e, c in enumerate(moe["seen"]) if c == 0]
+    assert len(idle) == 2 and sorted(moe["seen"])[2:] == [moe["tokens"]] * 2
+    assert moe["below_min"] == idle and moe["fallback_experts"] == idle
+    assert moe["solved"] == {"routed": 2, "all": 2, "rtn": 0}
+    assert out.metrics["moe"]["fallback_experts"] == {"1": idle}
+    rtn = run_gptq(starved, cal, tmp_path / "rtn", group_size=32, static_groups=True, moe_fallback="rtn")
+    assert rtn.metrics["layers"][1]["moe"]["solved"] == {"routed": 2, "all": 0, "rtn": 2}
+    # the RTN fallback is exactly RTN of the original weights (scales stored in fp16); the
+    # all-token fallback is a GPTQ solve, finite and different
+    src, q_rtn, q_all = CheckpointReader(starved), open_model(tmp_path / "rtn"), open_model(tmp_path / "all")
+    spec = QuantSpec(bits=4, group_size=32, sym=True, scale_dtype="float16")
+    for e in idle:
+        for j in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.1.mlp.experts.{e}.{j}.weight"
+            ref = rtn_quantize(src.get(name).float(), spec).W_hat
+            assert torch.isfinite(q_all.get(name).float()).all()
+            assert torch.equal(q_rtn.get(name).float(), ref.float()), name
+            assert not torch.equal(q_all.get(name), q_rtn.get(name))
+    # the routed experts do not depend on the choice of fallback
+    busy = next(e for e in range(4) if e not in idle)
+    name = f"model.layers.1.mlp.experts.{busy}.gate_proj.weight"
+    assert torch.equal(q_all.get(name), q_rtn.get(name))
+
+
+def test_all_token_statistics(tiny_model_dir, calib_for, tmp_path):
+    model = tiny_model_dir("qwen3_moe")
+    cal = calib_for(model)
+    routed = run_gptq(model, cal, tmp_path / "routed")
+    every = run_gptq(model, cal, tmp_path / "all", moe_calibration="all")
+    assert every.metrics["layers"][1]["moe"]["solved"] == {"routed": 0, "all": 4, "rtn": 0}
+    name = "model.layers.1.mlp.experts.1.gate_proj.weight"
+    assert not torch.equal(open_model(tmp_path / "routed").get(name), open_model(tmp_path / "all").get(name))
+    assert routed.params["moe_calibration"] == "routed" and every.params["moe_calibration"] == "all"
+
+
+def test_expert_counts_ignore_padding_ids():
+    idx = torch.tensor([[0, 1], [1, 2], [2, 4]])  # 4: out of range (a padding id)
+    assert expert_counts(idx, 4).tolist() == [1, 2, 2, 0]
+
+
+def test_bad_moe_options_exit_2():
+    with pytest.raises(Exception, match="--moe-min-tokens"):
+        MoEOptions(min_tokens=1.5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["awq", "--calibration", "{cal}"], ["exl2", "--calibration", "{cal}", "--bpw", "4"],
+    ["gguf", "--type", "Q4_K_M"], ["fp8"],
+])
+def test_methods_without_experts_refuse_with_exit_2(argv, tiny_model_dir, calib_for, tmp_path, capsys):
+    model = tiny_model_dir("mixtral")
+    cal = calib_for(model)
+    out = tmp_path / "out"
+    args = [a.format(cal=cal) for a in argv] + ["--model", str(model), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [ln for ln in err if ln.startswith("!!")]
+    assert len(lines) == 1 and "Mixture-of-Experts" in lines[0] and "quantize gptq" in lines[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_inspect_shows_coverage(starved, calib_for, tmp_path):
+    cal = calib_for(starved)
+    run_gptq(starved, cal, tmp_path / "q", group_size=32)
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "q")])
+    assert res.exit_code == 0
+    assert "2 sparse layers x 4 experts (top-2)" in res.output
+    assert "min 0 (layer 1 expert " in res.output
+    assert "fallback     2 experts: layer 1: " in res.output
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def test_plan_counts_total_and_active_parameters(tiny_model_dir):
+    """The published totals of real MoE models (config.json only), and exact counts on tiny ones."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    published = {"qwen3-30b-a3b": (30.5e9, 3.3e9), "mixtral-8x7b": (46.7e9, 12.9e9), "deepseek-v3": (671e9, 37e9)}
+    for name, (total, active) in published.items():
+        n = parameter_counts(json.loads((configs / f"{name}.json").read_text()))
+        assert abs(n["total"] - total) / total < 0.01 and abs(n["active"] - active) / active < 0.02, (name, n)
+    for family in MOE_FAMILIES:
+        model = tiny_model_dir(family)
+        hf = _hf(model)
+        cfg = CheckpointReader(model).config
+        assert parameter_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters()), family
+        p = plan(cfg)
+        assert {r["method"] for r in p["rows"]} <= {"bf16", "gptq", "ct"}
+
+
+def test_plan_bytes_match_a_written_moe_checkpoint(tiny_model_dir, calib_for, tmp_path):
+    from quantize.plan import Setting, weight_bytes
+
+    model = tiny_model_dir("qwen2_moe")
+    run_gptq(model, calib_for(model), tmp_path / "ct", static_groups=True, format="compressed-tensors", group_size=32)
+    cfg = CheckpointReader(model).config
+    predicted = weight_bytes(cfg, Setting("ct", 4, 32), get_arch(cfg))["total"]
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        written = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert written == predicted
+
+
+def test_dequantized_moe_model_loads_whole(tiny_model_dir, calib_for, tmp_path):
+    model = tiny_model_dir("mixtral")
+    run_gptq(model, calib_for(model), tmp_path / "q")
+    q = load_dequantized_model(tmp_path / "q")
+    with torch.no_grad():
+        a, b = _hf(model)(IDS).logits, q(IDS).logits
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 0.05
+    shutil.rmtree(tmp_path / "q")
