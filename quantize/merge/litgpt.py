@@ -760,6 +760,7 @@ def merge_litgpt(
     if lit_lora is not None:
         params["lora"] = dict(lit_lora.hparams)
     params["base_quant"] = bq.record.model_dump(mode="json")
+    params["base_quant_request"] = {"base_quant": base_quant, "base_quant_dtype": base_quant_dtype}
 
     def inputs():
         recs = [mf.describe_input("model", checkpoint, [WEIGHTS, MODEL_CONFIG] + [
