@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"ref-llama ({model}); LoRA r={args.rank} alpha={2 * args.rank} on every linear, {args.steps} steps "
               f"x {args.train_batch} x {args.seq_len} tokens of WikiText-2 valid, lr {args.lr} "
-              f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}, {train_s:.0f}s); eval: {test_windows.shape[0]} x "
+              f"(mean batch loss of the first/last 5 steps {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}, "
+              f"{train_s:.0f}s); eval: {test_windows.shape[0]} x "
               f"{args.seq_len} WikiText-2 test tokens; GPTQ calibration {args.samples} x {args.seq_len}; "
               f"torch threads {threads_desc}; {c.cpu_model()}")
         print()

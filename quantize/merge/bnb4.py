@@ -138,7 +138,7 @@ def absmax_4bit(flat: Tensor, blocksize: int = BLOCKSIZE) -> Tensor:
 
 
 def quantize_values(x: Tensor, absmax: Tensor, quant_type: QuantType, blocksize: int, *, last_partial: bool) -> Tensor:
-    """4-bit codes (int64, one per value) of a float32 chunk of whole blocks; ``absmax`` per block.
+    """4-bit codes (integers, one per value) of a float32 chunk of whole blocks; ``absmax`` per block.
 
     ``last_partial``: the chunk ends with the tensor's short last block (scaled by division, as
     bitsandbytes does it; full blocks are multiplied by the reciprocal).
@@ -147,14 +147,18 @@ def quantize_values(x: Tensor, absmax: Tensor, quant_type: QuantType, blocksize:
     rem = n % blocksize if last_partial else 0
     full = n - rem
     blocks = full // blocksize
-    scaled = torch.empty(n, dtype=torch.float32)
     recip = 1.0 / absmax[:blocks].clamp(min=_ABSMAX_FLOOR).view(-1, 1)
-    torch.clamp(x[:full].view(blocks, blocksize) * recip, -1, 1, out=scaled[:full].view(blocks, blocksize))
+    scaled = (x[:full].view(blocks, blocksize) * recip).clamp_(-1, 1).view(-1)
     if rem:
-        scaled[full:] = torch.clamp(x[full:] / absmax[blocks], -1, 1)  # absmax[blocks] is clamped already
+        # absmax[blocks] is clamped already
+        scaled = torch.cat([scaled, torch.clamp(x[full:] / absmax[blocks], -1, 1)])
     midpoints, order = _bounds(quant_type)
-    q = torch.bucketize(scaled, midpoints)  # a value on a midpoint takes the lower code
-    return q if quant_type == "nf4" else order[q]
+    # bitsandbytes' bucketize(scaled, midpoints): the number of midpoints strictly below the value (a
+    # value on a midpoint takes the lower code), counted with 15 vectorised compares (5x faster here)
+    q = torch.zeros(scaled.shape, dtype=torch.uint8)
+    for m in midpoints:
+        q += scaled > m
+    return q if quant_type == "nf4" else order[q.long()]
 
 
 def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +188,7 @@ def dequantize_absmax(q: Tensor, absmax2: Tensor, offset: Tensor) -> Tensor:
 def dequantize_values(q: Tensor, absmax: Tensor, quant_type: QuantType, blocksize: int, dtype: torch.dtype) -> Tensor:
     """``code4[q] * absmax`` (float32) rounded to ``dtype``, for a chunk of whole blocks (1-d)."""
     n = q.numel()
-    vals = code_book(quant_type)[q]
+    vals = code_book(quant_type)[q.long()]
     full = n - n % blocksize
     out = torch.empty(n, dtype=dtype)
     blocks = full // blocksize

@@ -552,6 +552,11 @@ def merge_lora(
     records = peft_records(adapter_dir) + ([axolotl_record(axolotl_config)] if axolotl_config is not None else [])
     embed = f"{arch.embed_path}.weight"
     bq = resolve(base_quant, base_quant_dtype, records, reader.dtype(embed), lm_head_quantized=False)
+    if bq.setting is not None and getattr(arch, "moe", None) is not None:
+        raise InputError(
+            f"{base}: --base-quant {bq.method} on a mixture-of-experts model ({arch.name}) is not supported: which "
+            "expert/router tensors bitsandbytes quantized depends on the transformers version; use --base-quant none"
+        )
     bq = apply_to_jobs(plan.jobs, bq, lambda name: arch.is_quantizable(name)
                        and not skipped(name.removesuffix(".weight"), bq.skip_modules))
     recorded = ad.settings.base_model_name_or_path  # warned only once the plan holds (an error is one line)
