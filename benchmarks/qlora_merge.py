@@ -37,6 +37,7 @@ def train_qlora(model: Path, windows, adapter: Path, *, steps: int, lr: float, b
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, quantization_config=qc)
+    torch.manual_seed(0)  # PEFT draws lora_A's initial values from the global generator
     p = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
     opt = torch.optim.AdamW([t for t in p.parameters() if t.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(0)

@@ -138,7 +138,9 @@ def train_qlora(base: Path, adapter: Path, *, steps: int = 6):
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=qc)
-    p = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.random.fork_rng(devices=[]):  # PEFT draws lora_A's initial values from the global generator
+        torch.manual_seed(0)
+        p = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     opt = torch.optim.AdamW([t for t in p.parameters() if t.requires_grad], lr=2e-2)
     ids = torch.randint(3, 1024, (4, 24), generator=torch.Generator().manual_seed(0))
     p.train()
