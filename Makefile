@@ -10,7 +10,7 @@ FORMAT ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup test quantize bench peers interop clean tiny-model
+.PHONY: setup test quantize sweep bench peers interop clean tiny-model
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: setup
 
 quantize: setup
 	$(BIN)/quantize run recipes/$(MODEL).yaml $(if $(BITS),--bits $(BITS)) $(if $(METHOD),--method $(METHOD)) $(if $(FORMAT),--format $(FORMAT)) $(if $(OUT),--out $(OUT))
+
+# A matrix of `quantize run`s on Ray: a local instance by default, a cluster with ADDRESS=host:6379.
+SWEEP   ?= recipes/sweeps/tiny-2x2.yaml
+ADDRESS ?=
+sweep: setup
+	$(BIN)/quantize sweep $(SWEEP) $(if $(ADDRESS),--address $(ADDRESS))
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

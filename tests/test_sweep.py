@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,25 @@ def test_killed_worker_is_retried_and_resumes_bit_identical(grid, ray_address, t
     (rec,) = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
     assert rec["status"] == "done" and rec["attempts"] == 2 and rec["resumed_layers"] == [0]
     assert not (run / "model.partial").exists()
+
+
+def test_output_dir_a_worker_cannot_see_exits_2(ray_address, tmp_path):
+    """The driver's output directory on a disk the workers do not see (a tmpfs in the driver's own
+    mount namespace): the shared-storage check stops the sweep before any run, exit 2, one line."""
+    private = tmp_path / "private"
+    private.mkdir()
+    ns = ["unshare", "--mount", "--propagation", "private"]
+    if shutil.which("unshare") is None or subprocess.run([*ns, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare --mount` (root) to give the driver a disk the workers do not see")
+    sf = write_sweep(tmp_path / "hidden.yaml", "hidden", private / "out", {"method": ["rtn"], "bits": [4]})
+    script = f"mount -t tmpfs none {private} && exec {sys.executable} -m quantize sweep {sf} --address {ray_address}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"!! error: {private / 'out'}: {private / 'out'} is not visible from node ")
+    assert "shared storage mounted at the same path on every node" in line
+    assert not (private / "out").exists()  # the driver's private disk is gone with its namespace
 
 
 def test_broken_run_fails_in_the_table_while_the_others_complete(tmp_path):

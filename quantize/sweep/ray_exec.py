@@ -157,6 +157,7 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
     local_cpus = max(cpus, min(os.cpu_count() or 1, (max_parallel or 64) * cpus))
     ray, where, started = start(address, local_cpus)
     results: dict[str, dict[str, Any]] = {}
+    running: dict[Any, Job] = {}
     try:
         base = {"cwd": cwd, "env": {}}
         recipes = sorted({str(j.run.recipe_path) for j in jobs})
@@ -184,7 +185,11 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
                 for j in members:
                     on_state(j.run.name, "waiting", calibration=key)
 
-        running: dict[Any, Job] = {}
+        def announce(j: Job) -> None:  # the attempts the job's log records since the last look
+            for rec in _read_attempts(j):
+                j.attempts = rec.get("attempt", j.attempts + 1)
+                on_state(j.run.name, "running" if j.attempts == 1 else "retrying", attempt=j.attempts,
+                         node=rec.get("node"), pid=rec.get("pid"))
 
         def submit(j: Job) -> None:
             opts = j.resources.ray_options(cluster_gpus)
@@ -228,10 +233,7 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
             for j in running.values():
-                for rec in _read_attempts(j):
-                    j.attempts = rec.get("attempt", j.attempts + 1)
-                    on_state(j.run.name, "running" if j.attempts == 1 else "retrying", attempt=j.attempts,
-                             node=rec.get("node"), pid=rec.get("pid"))
+                announce(j)
             for ref in ready:
                 if ref in pending_cal:
                     key = pending_cal.pop(ref)
@@ -247,8 +249,7 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
                             on_state(j.run.name, "failed", error=res.get("error"))
                     continue
                 j = running.pop(ref)
-                for rec in _read_attempts(j):  # an attempt that started and ended between two polls
-                    j.attempts = rec.get("attempt", j.attempts + 1)
+                announce(j)  # an attempt that started and ended between two looks
                 res = _get(ray, ref, max_retries)
                 res.setdefault("attempt", j.attempts)
                 results[j.run.name] = res
@@ -258,7 +259,7 @@ def execute(jobs: list[Job], *, root: Path, address: str | None, max_parallel: i
                 else:
                     on_state(j.run.name, "failed", error=res.get("error"), exit_code=res.get("exit_code"))
     except KeyboardInterrupt:
-        for ref in list(locals().get("running", {})):
+        for ref in running:
             ray.cancel(ref, force=True)
         raise
     finally:

@@ -10,8 +10,8 @@ Estimate of the layer loop (``quantize/executor``), in its compute dtype (fp32 o
 GPU): one decoder layer's weights; every calibration batch's hidden states (kept between layers);
 lock-step's paused activations, tokens x (2 hidden + intermediate) (counted although the loop goes
 without them where they do not fit in a quarter of the free memory: the estimate errs high); one
-batch's MLP temporaries; for the Hessian methods the widest input's Hessian and its prepared
-inverse in fp32 (2 K^2 x 4 bytes); and the larger of the resident embedding (capture) and eval's
+batch's MLP temporaries; for the Hessian methods the largest set of Hessians alive at once and
+their prepared inverses (fp32); and the larger of the resident embedding (capture) and eval's
 logits of a window for the quantized model and its baseline. On a GPU that is the device's working
 set; the host then holds the prefetched next layer and the embedding.
 """
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from ..errors import InputError
 from ..pipeline.recipe import Recipe
-from ..plan import Setting, _source_dtype_bytes, weight_bytes
+from ..plan import Setting, _source_dtype_bytes, run_memory, weight_bytes
 from .spec import RunSpec
 
 GiB = 2**30
@@ -79,28 +79,30 @@ def parse_ram(text: str | None) -> int | None:
 
 
 def working_set(config: Mapping[str, Any], recipe: Recipe, on_gpu: bool) -> tuple[int, int | None]:
-    """(host bytes, device bytes or None) of one run's layer loop; see the module docstring."""
+    """(host bytes, device bytes or None) of one run's layer loop; see the module docstring. The
+    largest layer and Hessian set are ``quantize plan``'s (``plan.run_memory``: MoE layers too)."""
     from ..arch import get_arch
 
     arch = get_arch(config)
     d = arch.dims(config)
     cb = 2 if on_gpu else 4
     src = _source_dtype_bytes(config)
-    shapes = [arch.linear_shape(n, config) for n in arch.linear_names()]
-    layer_params = sum(N * K for N, K in shapes)
+    per_run = run_memory(config, arch, compute_bytes=cb)
+    layer = per_run["layer_bytes_max"]
     cal = recipe.calibration
     tokens = cal.samples * cal.seq_len if not (recipe.method == "fp8" and recipe.fp8_scheme == "dynamic") else 0
     hidden_states = tokens * d["hidden"] * cb
     lockstep = tokens * (2 * d["hidden"] + d["intermediate"]) * cb
     batch_tmp = recipe.batch_size * cal.seq_len * 3 * d["intermediate"] * cb
-    hessian = 2 * max(K for _, K in shapes) ** 2 * 4 if recipe.method in HESSIAN_METHODS and tokens else 0
+    hessian = 2 * per_run["hessian_bytes_max"] if recipe.method in HESSIAN_METHODS and tokens else 0
     vocab = int(config["vocab_size"])
     embed = vocab * d["hidden"] * cb
     eval_logits = 2 * recipe.eval.seq_len * vocab * 4 if recipe.eval.enabled else 0
-    work = layer_params * cb + hidden_states + lockstep + batch_tmp + hessian + max(embed, eval_logits)
+    work = layer + hidden_states + lockstep + batch_tmp + hessian + max(embed, eval_logits)
+    next_layer = layer // cb * src  # read ahead on the host, in the source dtype
     if not on_gpu:
-        return work + layer_params * src, None  # + the next layer, read ahead in the source dtype
-    return layer_params * src + vocab * d["hidden"] * src + hidden_states, work
+        return work + next_layer, None
+    return next_layer + vocab * d["hidden"] * src + hidden_states, work
 
 
 def run_resources(run: RunSpec, cpus: int = 1) -> RunResources:
