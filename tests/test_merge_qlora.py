@@ -302,29 +302,44 @@ def test_litgpt_and_peft_card_records(tmp_path):
 
 
 def test_recipe_merge_section_and_card(tmp_path, tiny_model_dir):
-    from quantize.formats.card import merge_rows
+    from quantize.formats.card import merge_rows, write_model_card
     from quantize.pipeline.recipe import load_recipe
+    from quantize.pipeline.run import plan_run
+    from test_merge_peft import make_adapter
 
+    base = tiny_model_dir("llama", dtype=torch.bfloat16)
+    make_adapter(base, tmp_path / "adapter", dtype=torch.bfloat16, r=2, lora_alpha=4, target_modules=["q_proj"])
     recipe = tmp_path / "r.yaml"
-    body = {"name": "t", "source": {"base": "b", "adapter": "a"}, "resources": {"ram": "1 GiB", "vram": "none"},
-            "merge": {"base_quant": "nf4-dq", "base_quant_dtype": "bf16"}}
+    body = {"name": "t", "source": {"base": str(base), "adapter": str(tmp_path / "adapter")},
+            "resources": {"ram": "1 GiB", "vram": "none"}, "merge": {"base_quant": "nf4-dq", "base_quant_dtype": "bf16"}}
     recipe.write_text(yaml.safe_dump(body))
     r = load_recipe(recipe)
     assert r.merge.base_quant == "nf4-dq" and r.merge.base_quant_dtype == "bf16"
-    recipe.write_text(yaml.safe_dump({**body, "merge": {"base_quant": "nf8"}}))
-    with pytest.raises(InputError, match="merge.base_quant"):
-        load_recipe(recipe)
-    recipe.write_text(yaml.safe_dump({**body, "merge": {"base_qaunt": "nf4"}}))
-    with pytest.raises(InputError, match="unknown key"):
+    for bad, needle in (({"base_quant": "nf8"}, "merge.base_quant"), ({"base_qaunt": "nf4"}, "unknown key")):
+        recipe.write_text(yaml.safe_dump({**body, "merge": bad}))
+        with pytest.raises(InputError, match=needle):
+            load_recipe(recipe)
+    recipe.write_text(yaml.safe_dump({**body, "source": {"model": str(base)}}))
+    with pytest.raises(InputError, match="merge settings need a source to merge"):
         load_recipe(recipe)
 
-    base = tiny_model_dir("llama", dtype=torch.bfloat16)
-    from test_merge_peft import make_adapter
+    # quantize run: the merge stage gets the setting (and a changed setting is not "done" already)
+    recipe.write_text(yaml.safe_dump(body))
+    _, plans = plan_run(r, recipe, out=tmp_path / "run")
+    merge = plans[0]
+    assert merge.name == "merge" and merge.params == {"base_quant_request": {"base_quant": "nf4-dq",
+                                                                             "base_quant_dtype": "bf16"}}
+    merge.run()
+    m = mf.load_manifest(tmp_path / "run" / "merged")
+    assert m.params["base_quant"]["method"] == "nf4-dq" and m.params["base_quant"]["tensors"] == 14
+    assert m.params["base_quant_request"] == merge.params["base_quant_request"]
 
-    make_adapter(base, tmp_path / "adapter", dtype=torch.bfloat16, r=2, lora_alpha=4, target_modules=["q_proj"])
-    merge_lora(base, tmp_path / "adapter", tmp_path / "merged", base_quant="nf4-dq")
-    rows = merge_rows(tmp_path / "merged")
+    # the model card of whatever is quantized from it says so
+    rows = merge_rows(tmp_path / "run" / "merged")
     assert len(rows) == 1 and "NF4-dequantized" in rows[0] and "double quantization" in rows[0]
+    card = write_model_card(tmp_path, stage="gptq", model_dir=tmp_path / "run" / "merged", calibration=None,
+                            params={"bits": 4, "group_size": 128}, metrics={})
+    assert rows[0] in card.read_text()
     merge_lora(base, tmp_path / "adapter", tmp_path / "plain")
     assert merge_rows(tmp_path / "plain") == [] and merge_rows(base) == []
 
