@@ -18,7 +18,7 @@ from torch import nn
 
 from quantize import arch as A
 from quantize.errors import InputError
-from quantize.testing import FAMILIES
+from quantize.testing import FAMILIES, MOE_FAMILIES
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
 NO_GQA = {"num_key_value_heads": 4}
@@ -55,7 +55,7 @@ def _logits(model, seed=0):
 
 def test_required_families_are_supported():
     assert REQUIRED <= set(A.supported())
-    assert FAMILIES == A.supported()
+    assert FAMILIES + MOE_FAMILIES == A.supported()  # MoE layouts: tests/test_moe.py
 
 
 @pytest.mark.parametrize("family", A.supported())
@@ -80,7 +80,7 @@ def test_table_entry_is_self_consistent(family):
 
 
 @pytest.mark.parametrize("wide_heads", [False, True], ids=["default", "head_dim32"])
-@pytest.mark.parametrize("family", A.supported())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_modules_shapes_and_groups_match_model(family, wide_heads, tiny_model_dir):
     # head_dim 32 makes num_attention_heads * head_dim (128) differ from hidden (64).
     config, model = _load(tiny_model_dir(family, head_dim=32) if wide_heads else tiny_model_dir(family))
@@ -109,7 +109,7 @@ def test_modules_shapes_and_groups_match_model(family, wide_heads, tiny_model_di
                 layer.get_submodule(pair.inspect)
 
 
-@pytest.mark.parametrize("family", A.supported())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_groups_share_input_and_run_in_declared_order(family, tiny_model_dir):
     config, model = _load(tiny_model_dir(family))
     arch = A.get_arch(config)
@@ -158,7 +158,7 @@ def _apply_pair(arch, config, layer, pair, s):
 
 
 @pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
-@pytest.mark.parametrize("family", A.supported())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_scale_pairs_are_exact_invariances(family, gqa, tiny_model_dir):
     path = tiny_model_dir(family) if gqa else tiny_model_dir(family, **NO_GQA)
     config, model = _load(path)
@@ -196,7 +196,7 @@ def test_scale_pairs_are_exact_invariances(family, gqa, tiny_model_dir):
 
 @pytest.mark.parametrize(
     "family,overrides",
-    [(f, {}) for f in A.supported()]
+    [(f, {}) for f in FAMILIES]
     + [
         ("llama", {"attention_bias": True, "mlp_bias": True}),
         ("qwen3", {"attention_bias": True}),

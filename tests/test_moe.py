@@ -155,6 +155,16 @@ def test_gptq_experts_into_both_formats(family, tiny_model_dir, deepseek_with_bi
         tensors = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
     lib = PackedQuantizationCompressor.decompress(tensors, scheme)["weight"].float()
     assert torch.equal(lib, b.get(prefix + ".weight").float())
+    # transformers + compressed-tensors load the checkpoint into their fused experts: the same
+    # weights as our read-back (quantized: not the source's), the same logits
+    lib_model, ours, src = _hf(tmp_path / "ct"), load_dequantized_model(tmp_path / "ct"), _hf(model)
+    sparse = next(i for i in range(arch.num_layers(cfg)) if arch.is_sparse_layer(cfg, i))
+    for fused in arch.moe.experts.fused:
+        got = getattr(lib_model.model.layers[sparse].mlp.experts, fused)
+        assert torch.equal(got, getattr(ours.model.layers[sparse].mlp.experts, fused)), fused
+        assert not torch.equal(got, getattr(src.model.layers[sparse].mlp.experts, fused)), fused
+    with torch.no_grad():
+        assert torch.equal(lib_model(IDS).logits, ours(IDS).logits)
     # coverage: each token is routed to exactly top_k distinct experts
     for m in gp.metrics["layers"]:
         if "moe" in m:
@@ -305,3 +315,47 @@ def test_dequantized_moe_model_loads_whole(tiny_model_dir, calib_for, tmp_path):
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl < 0.05
     shutil.rmtree(tmp_path / "q")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_layer_groups_match_the_model_and_its_execution_order(family, tiny_model_dir):
+    """Per layer: the table's linears are the model's nn.Linear modules (routers and shared-expert
+    gates aside), with their shapes and biases; the fused experts have the per-expert shapes; the
+    groups run in the declared order, and the linears of a group read one input."""
+    from torch import nn
+
+    model = tiny_model_dir(family)
+    hf = _hf(model)
+    cfg = CheckpointReader(model).config
+    arch = get_arch(cfg)
+    E = arch.num_experts(cfg)
+    for i, layer in enumerate(hf.model.layers):
+        table = [n for n in arch.layer_linears(cfg, i) if arch.expert_slot(n) is None]
+        gates = {m.name for m in arch.moe.never_quantized}
+        actual = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)} - gates
+        assert sorted(table) == sorted(actual), i
+        for n in table:
+            lin = layer.get_submodule(n)
+            assert tuple(lin.weight.shape) == arch.linear_shape(n, cfg) and (lin.bias is not None) == arch.has_bias(n, cfg)
+        if arch.is_sparse_layer(cfg, i):
+            ex = layer.get_submodule(arch.moe.experts.module)
+            (gN, gK), (dN, dK) = arch.linear_shape(arch.expert_linear(0, 0), cfg), arch.linear_shape(arch.expert_linear(0, 2), cfg)
+            assert tuple(getattr(ex, arch.moe.experts.fused[0]).shape) == (E, 2 * gN, gK)
+            assert tuple(getattr(ex, arch.moe.experts.fused[1]).shape) == (E, dN, dK)
+    # execution order of the groups' first modules (the pause points of the lock-step loop)
+    i = next(i for i in range(len(hf.model.layers)) if arch.is_sparse_layer(cfg, i))
+    layer, groups = hf.model.layers[i], arch.layer_groups(cfg, i)
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0])))
+             for g in groups for n in g]
+    with torch.no_grad():
+        hf(IDS)
+    for h in hooks:
+        h.remove()
+    order = [n for n, _ in seen]
+    firsts = [g[0] for g in groups]
+    assert [n for n in order if n in firsts] == firsts
+    inputs = dict(seen)
+    for g in groups:
+        for n in g[1:]:
+            assert torch.equal(inputs[g[0]], inputs[n]), n
