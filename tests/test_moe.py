@@ -359,3 +359,25 @@ def test_layer_groups_match_the_model_and_its_execution_order(family, tiny_model
     for g in groups:
         for n in g[1:]:
             assert torch.equal(inputs[g[0]], inputs[n]), n
+
+
+def test_recipe_runs_an_moe_model_with_its_settings(tiny_model_dir, tmp_path):
+    """`quantize run` with a recipe's `moe:` section: sample -> gptq (compressed-tensors) -> eval,
+    the settings recorded in the quantize stage's manifest; rerun skips every stage."""
+    from pathlib import Path
+
+    from quantize import manifest as mf
+
+    root = Path(__file__).resolve().parents[1]
+    model = tiny_model_dir("qwen3_moe")
+    args = ["run", str(root / "recipes/qwen3-30b-a3b.yaml"), "--out", str(tmp_path / "run"),
+            "--set", f"source.model={model}", "--set", "calibration.samples=4", "--set", "calibration.seq_len=64",
+            "--set", "eval.seq_len=64", "--set", "eval.max_windows=4", "--set", "group_size=32",
+            "--set", "moe.calibration=all", "--set", "device=cpu"]
+    assert main(args) == 0
+    q = mf.load_manifest(tmp_path / "run" / "model")
+    assert q.params["moe_calibration"] == "all" and q.params["format"] == "compressed-tensors"
+    assert q.metrics["moe"]["solved"]["all"] == 2 * 4
+    assert [s["stage"] for s in mf.load_manifest(tmp_path / "run").metrics["stages"]] == ["sample", "gptq", "eval"]
+    assert main(args) == 0  # everything done: skipped
+    assert mf.load_manifest(tmp_path / "run" / "model").created == q.created

@@ -64,6 +64,14 @@ class GPTQParams(_Strict):
     block_size: int = 128
 
 
+class MoESettings(_Strict):
+    """Mixture-of-Experts statistics (gptq/rtn; executor/moe.py); ignored by dense models."""
+
+    calibration: Literal["routed", "all"] = "routed"
+    min_tokens: float = Field(0.005, ge=0.0, lt=1.0)
+    fallback: Literal["all", "rtn"] = "all"
+
+
 class Calibration(_Strict):
     dataset: str = "wikitext2"
     samples: int = Field(128, ge=1)
@@ -105,6 +113,7 @@ class Recipe(_Strict):
     group_size: int = 128
     bpw: float | None = None
     gptq: GPTQParams = GPTQParams()
+    moe: MoESettings | None = None  # None: the defaults (routed, 0.5%, all-token fallback)
     calibration: Calibration = Calibration()
     eval: Eval = Eval()
     output_dir: str = "out/{name}-{method}-{bits}bit"

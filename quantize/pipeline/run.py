@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .. import log
 from .. import manifest as mf
 from ..errors import InputError
-from .recipe import Recipe
+from .recipe import MoESettings, Recipe
 
 
 @dataclass
@@ -109,18 +109,24 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
     exec_cfg = make_exec_config(device, recipe.batch_size, False, "auto")
     if recipe.method in ("gptq", "rtn"):
         g = recipe.gptq
+        moe = recipe.moe or MoESettings()
 
         def do_quantize():
             from ..commands.gptq import quantize_gptq
             return quantize_gptq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
                                  group_size=recipe.group_size, act_order=g.act_order, sym=g.sym, damp=g.damp,
                                  static_groups=g.static_groups, block_size=g.block_size, rtn=recipe.method == "rtn",
-                                 exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq")
+                                 exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq",
+                                 moe_calibration=moe.calibration, moe_min_tokens=moe.min_tokens,
+                                 moe_fallback=moe.fallback)
         from ..commands.gptq import resolve_static_groups
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
                    "static_groups": resolve_static_groups(g.static_groups, g.act_order,
                                                           recipe.method == "rtn")}
+        if recipe.moe is not None:  # recorded in the manifest of an MoE model's stage
+            qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
+                            "moe_fallback": moe.fallback})
     elif recipe.method == "awq":
         def do_quantize():
             from ..commands.awq import quantize_awq
