@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import InputError
+from ..io.yamlfile import load_yaml_mapping
 from .bnb4 import BASE_QUANT_DTYPES, BASE_QUANTS, BLOCKSIZE, NESTED_BLOCKSIZE, Bnb4Setting
 
 RECORD_VERSION = 1
@@ -167,12 +168,8 @@ def axolotl_record(path: Path) -> TrainingRecord:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--axolotl-config {path}: no such file; pass the YAML the adapter was trained with")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"{path}: not readable YAML ({' '.join(str(e).split())[:120]}); pass the Axolotl training config") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: is not a YAML mapping; pass the Axolotl training config")
+    cfg = load_yaml_mapping(path, not_mapping="is not a YAML mapping; pass the Axolotl training config",
+                            fix="pass the Axolotl training config")
     if _truthy(cfg.get("bf16")) or _truthy(cfg.get("bfloat16")):
         dtype = "bf16"
     elif _truthy(cfg.get("fp16")) or _truthy(cfg.get("float16")) or _truthy(cfg.get("load_in_8bit")):

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, invalid
+from ..io.yamlfile import load_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -207,12 +208,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         avail = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))) if path.parent.is_dir() else "none"
         raise InputError(f"{path}: no such recipe; available in {path.parent}: {avail}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a recipe is a YAML mapping")
+    data = load_yaml_mapping(path, not_mapping="a recipe is a YAML mapping")
     for ov in overrides or []:
         key, sep, val = ov.partition("=")
         if not sep:

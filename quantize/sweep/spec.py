@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InputError, invalid
+from ..io.yamlfile import load_yaml_mapping
 from ..pipeline.recipe import Recipe, _expand, load_recipe
 
 SWEEP_SCHEMA_VERSION = 1
@@ -137,12 +138,7 @@ def load_sweep(path: Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such sweep file; see recipes/sweeps/ for examples")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a sweep file is a YAML mapping (name, recipes, matrix, ...)")
+    data = load_yaml_mapping(path, not_mapping="a sweep file is a YAML mapping (name, recipes, matrix, ...)")
     data = _expand(data, "")
     try:
         return Sweep.model_validate(data)
