@@ -24,13 +24,16 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                   sym: bool, damp: float, static_groups: bool | None, block_size: int, rtn: bool, exec_cfg,
                   seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
                   max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto",
-                  moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all"):
+                  moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all",
+                  refine: str = "none", refine_iters: int = 200, refine_lr: float | None = None):
     """Library entry point (the CLI and `quantize run` call this).
 
     ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
     (pack-quantized). ``static_groups=None``: see :func:`resolve_static_groups`. ``scale_dtype``: see
     ``formats.registry.resolve_scale_dtype``. ``moe_*``: where a Mixture-of-Experts model's experts
-    take their statistics from (executor/moe.py); recorded only for MoE models."""
+    take their statistics from (executor/moe.py); recorded only for MoE models. ``refine``:
+    "signround" refines each layer's results by SignRound (methods/signround.py; ``refine_iters``
+    steps, ``refine_lr`` initial step, default 1/iters); dense models only."""
     import torch
 
     from ..errors import InputError
@@ -51,7 +54,17 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                      # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 and CT use the full grid
                      v1_safe_zeros=not ct and checkpoint_format == "gptq")
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
-    method = RTNMethod(spec, moe) if rtn else GPTQMethod(spec, moe)
+    is_moe = get_arch(model_config(model_dir)).moe is not None
+    if refine not in ("none", "signround"):
+        raise InputError(f"--refine {refine!r}: expected none or signround")
+    settings = None
+    if refine == "signround":
+        from ..methods.signround import SignRoundSettings
+
+        if is_moe:
+            raise InputError("--refine signround does not support Mixture-of-Experts models yet; drop --refine")
+        settings = SignRoundSettings.parse({"iters": refine_iters, "lr": refine_lr, "seed": seed}, "--refine-iters/--refine-lr")
+    method = RTNMethod(spec, moe, settings) if rtn else GPTQMethod(spec, moe, settings)
     if ct:
         from ..formats.compressed_tensors import CompressedTensorsIntFormat
 
@@ -67,8 +80,10 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
               "format": format, "scale_dtype": spec.scale_dtype}
     if not ct:
         params["checkpoint_format"] = checkpoint_format
-    if get_arch(model_config(model_dir)).moe is not None:
+    if is_moe:
         params.update(moe.params())
+    if settings is not None:  # absent without --refine: earlier runs' fingerprints stay valid
+        params.update(refine="signround", refine_iters=settings.iters, refine_lr=settings.step_size)
     return run_quantize_stage(stage=method.name, model_dir=model_dir, calibration_dir=calibration, out=out,
                               method=method, fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite,
                               resume=resume, max_shard_bytes=max_shard_bytes)
@@ -89,6 +104,12 @@ def _shared_options(calibration_help: str):
             click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
             click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
                          help="Zero-point convention of the written qzeros (--format gptq)."),
+            click.option("--refine", default="none", show_default=True, type=click.Choice(["none", "signround"]),
+                         help="Refine each layer's rounding and clip ranges by SignRound (arXiv:2309.05516) on the "
+                              "layer's output error, starting from the GPTQ/RTN solution. Dense models only."),
+            click.option("--refine-iters", default=200, show_default=True, type=int,
+                         help="SignRound signed-gradient steps per layer."),
+            click.option("--refine-lr", default=None, type=float, help="SignRound initial step size. Default: 1/iters."),
             format_options(["gptq", "compressed-tensors"]), quantize_output_options, moe_options, out_option(),
             exec_options, stage_options,
         ]):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..methods.hessian import HessianAccumulator
-from .loop import LayerStreamer
+from .loop import LayerStreamer, _replace_hidden
 
 
 @dataclass
@@ -177,6 +177,23 @@ class LayerContext:
             yield calls
         finally:
             handle.remove()
+
+    def layer_calls(self) -> list[tuple[tuple, dict[str, Any]]]:
+        """The arguments of this decoder layer's call for every calibration batch, on the stored
+        hidden states (the layer's inputs until they are propagated), to re-run the whole layer."""
+        return [_replace_hidden(b.args[self.index], b.kwargs[self.index], b.hidden.to(self.device))
+                for b in self.streamer.batches]
+
+    def stored_hidden(self) -> list[torch.Tensor]:
+        """The stored hidden states (before any propagation: this layer's inputs), for ``restore_inputs``."""
+        return [b.hidden for b in self.streamer.batches]
+
+    def restore_inputs(self, hidden: list[torch.Tensor]) -> None:
+        """Put back this layer's inputs (``stored_hidden`` taken before ``sequential``) and mark the
+        outputs as not propagated: the stage then propagates through the weights now in place."""
+        for b, h in zip(self.streamer.batches, hidden, strict=True):
+            b.hidden = h
+        self.propagated = False
 
     def hessian(self, name: str) -> HessianAccumulator:
         """The input Hessian (2/n X^T X, fp32) of a linear, shared by the linears of its group."""

@@ -56,18 +56,26 @@ class _GridMethod:
 
     solves_experts = True  # sparse layers: ctx.sequential hands each expert's linears to ``quantize``
 
-    def __init__(self, spec: QuantSpec, moe: MoEOptions | None = None):
+    def __init__(self, spec: QuantSpec, moe: MoEOptions | None = None, refine=None):
         self.spec = spec
         self.moe = moe or MoEOptions()
+        self.refine = refine  # SignRoundSettings: refine each layer's results (methods/signround.py)
 
     def preflight(self, arch, config) -> None:
         check_group_sizes(arch, config, self.spec)
+
+    def process_layer(self, ctx: LayerContext) -> LayerResult:
+        if self.refine is None:
+            return self._process(ctx)
+        from .signround import refine_layer
+
+        return refine_layer(ctx, self._process, self.refine)
 
 
 class GPTQMethod(_GridMethod):
     name = "gptq"
 
-    def process_layer(self, ctx: LayerContext) -> LayerResult:
+    def _process(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"damp_used": {}, "healed": {}, "rel_error": {}, "rtn_rel_error": {}}
         groups = {g[0]: g for g in ctx.groups}
@@ -111,7 +119,7 @@ class RTNMethod(_GridMethod):
 
     name = "rtn"
 
-    def process_layer(self, ctx: LayerContext) -> LayerResult:
+    def _process(self, ctx: LayerContext) -> LayerResult:
         results: dict[str, Any] = {}
         m: dict[str, dict] = {"rel_error": {}}
         groups = {g[0]: g for g in ctx.groups}
