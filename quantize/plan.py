@@ -212,7 +212,9 @@ DEFAULT_SETTINGS = [
 ]
 
 
-MOE_METHODS = ("bf16", "fp16", "gptq", "ct")  # gptq / rtn into the GPTQ or compressed-tensors format
+# gptq / rtn into the GPTQ or compressed-tensors format; gguf (stacked ffn_*_exps) for the families
+# formats/gguf.py writes (not DeepSeek-V3)
+MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "gguf")
 
 
 def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
@@ -235,7 +237,9 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
     rows = []
     settings = settings or DEFAULT_SETTINGS
     if arch.moe is not None:  # what `quantize` writes for Mixture-of-Experts models today
-        settings = [s for s in settings if s.method in MOE_METHODS]
+        from .formats.gguf import FAMILY_TO_GGUF
+
+        settings = [s for s in settings if s.method in MOE_METHODS and (s.method != "gguf" or arch.name in FAMILY_TO_GGUF)]
     for s in settings:
         w = weight_bytes(config, s, arch, head_bits=head_bits)
         total = w["total"] + kv + overhead

@@ -8,17 +8,20 @@ from pathlib import Path
 import click
 
 from .. import log
-from .common import exec_options, make_exec_config, out_option, quantize_output_options, stage_options
+from .common import exec_options, make_exec_config, moe_options, out_option, quantize_output_options, stage_options
 
 
 def quantize_gguf(*, model_dir: Path, out: Path, exec_cfg, ftype: str = "Q4_K_M", calibration: Path | None = None,
                   damp: float = 0.01, imatrix_out: Path | None = None, seed: int = 0, overwrite: bool = False,
-                  resume: bool = False):
-    """Library entry point. Returns the output manifest."""
+                  resume: bool = False, moe_calibration: str = "routed", moe_min_tokens: float = 0.005,
+                  moe_fallback: str = "all"):
+    """Library entry point. Returns the output manifest. ``moe_*``: where a Mixture-of-Experts
+    model's experts take their statistics from (executor/moe.py); recorded only for MoE models."""
     import torch
 
     from ..arch import get_arch
     from ..errors import InputError
+    from ..executor.moe import MoEOptions
     from ..executor.stage import run_quantize_stage
     from ..formats.gguf_mix import FLOAT_FILE_TYPES, check_file_type, model_shape
     from ..formats.gguf_output import GGUFFormat
@@ -35,10 +38,14 @@ def quantize_gguf(*, model_dir: Path, out: Path, exec_cfg, ftype: str = "Q4_K_M"
     arch = get_arch(config, source=str(Path(model_dir) / "config.json"))
     shape = model_shape(config, arch)
     torch.manual_seed(seed)
-    method = GGUFMethod(ftype, shape, calibrated=calibration is not None, damp=damp, imatrix=imatrix_out is not None)
+    moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
+    method = GGUFMethod(ftype, shape, calibrated=calibration is not None, damp=damp, imatrix=imatrix_out is not None,
+                        moe=moe)
     fmt = GGUFFormat(ftype, shape, Path(model_dir))
     params = {"method": "gguf", "format": "gguf", "type": ftype, "calibrated": calibration is not None,
               "damp": damp, "imatrix": imatrix_out is not None, "seed": seed}
+    if arch.moe is not None and calibration is not None:
+        params.update(moe.params())
     m = run_quantize_stage(stage="gguf", model_dir=model_dir, calibration_dir=calibration, out=out, method=method,
                            fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite, resume=resume)
     if imatrix_out is not None:
@@ -51,16 +58,24 @@ def write_imatrix_from_manifest(m, out: Path, imatrix_out: Path, calibration: Pa
     import torch
 
     from ..calibration import load_calibration
-    from ..formats.gguf import gguf_tensor_name
+    from ..formats.gguf import expert_tensor, gguf_tensor_name
     from ..formats.gguf_imatrix import write_imatrix
     from ..formats.registry import model_config
 
     config = model_config(out)
     ids, calib = load_calibration(calibration)
     entries = {}
+    stacks: dict[str, dict[int, tuple[list[float], int]]] = {}  # stacked experts: one entry, per-expert rows
     for layer in m.metrics["layers"]:
         for name, (sums, n) in layer.get("imatrix", {}).items():
+            expert = expert_tensor(name + ".weight", config)
+            if expert is not None:
+                stacks.setdefault(expert[0], {})[expert[1]] = (sums, int(n))
+                continue
             entries[gguf_tensor_name(name + ".weight", config)] = (torch.tensor(sums, dtype=torch.float32), int(n))
+    for gname, experts in stacks.items():
+        rows = [experts[e] for e in sorted(experts)]
+        entries[gname] = (torch.tensor([s for s, _ in rows], dtype=torch.float32), [n for _, n in rows])
     ds = calib.params.get("dataset", {})
     write_imatrix(imatrix_out, entries, datasets=[str(ds.get("name", ds) if isinstance(ds, dict) else ds)],
                   chunk_count=int(ids.shape[0]), chunk_size=int(ids.shape[1]))
@@ -79,15 +94,18 @@ def write_imatrix_from_manifest(m, out: Path, imatrix_out: Path, calibration: Pa
 @click.option("--imatrix-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the calibration statistics as llama.cpp's imatrix file (for llama-quantize --imatrix).")
 @quantize_output_options
+@moe_options
 @out_option()
 @exec_options
 @stage_options
 def gguf_command(model_dir, ftype, calibration, damp, imatrix_out, max_shard_size, resume, out, batch_size,
-                 offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
+                 offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite, moe_calibration,
+                 moe_min_tokens, moe_fallback):
     """GGUF for llama.cpp, one decoder layer resident at a time."""
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_gguf(model_dir=model_dir, out=out, exec_cfg=cfg, ftype=ftype, calibration=calibration, damp=damp,
-                      imatrix_out=imatrix_out, seed=seed, overwrite=overwrite, resume=resume)
+                      imatrix_out=imatrix_out, seed=seed, overwrite=overwrite, resume=resume,
+                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback)
     errs = [(e, r) for layer in m.metrics.get("layers", []) for e, r in
             zip(layer.get("rel_error", {}).values(), layer.get("reference_rel_error", {}).values())]
     extra = ""

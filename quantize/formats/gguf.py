@@ -16,7 +16,19 @@ qwen3       ``qwen3``       Qwen3Model: base keys; per-head ``attn_q_norm``/``at
 gemma       ``gemma``       GemmaModel: own key set, norms stored as ``1 + w``, no ``output``
 gemma2      ``gemma2``      Gemma2Model: gemma's + soft-capping, sliding window
 phi3        ``phi3``        Phi3MiniModel: fused ``attn_qkv``/``ffn_up``, rope keys, LongRoPE
+mixtral     ``llama``       LlamaModel: as llama, plus ``expert_count``/``expert_used_count``
+qwen2_moe   ``qwen2moe``    Qwen2MoeModel: + ``expert_feed_forward_length``,
+                            ``expert_shared_feed_forward_length``; shared expert ``*_shexp``
+qwen3_moe   ``qwen3moe``    Qwen3MoeModel: qwen2moe's keys without a shared expert; q/k norms
 ==========  ==============  ================================================================
+
+Mixture-of-Experts (MOE.md section 4): a layer's routed experts are stacked into one 3D tensor per
+projection, ``blk.N.ffn_{gate,up,down}_exps`` (numpy ``[E, rows, cols]``), written from the layer's
+per-expert results; the router ``ffn_gate_inp`` and Qwen2-MoE's shared-expert gate
+``ffn_gate_inp_shexp`` stay F32. llama.cpp's graphs fix what the checkpoint must be: every layer
+sparse, and top-k weights renormalised for qwen3moe/Mixtral, not for qwen2moe
+(:func:`check_representable` refuses the rest). DeepSeek-V3 (llama.cpp's ``deepseek2``: MLA with
+``attn_kv_b`` split into ``attn_k_b``/``attn_v_b``, ``exp_probs_b``, YaRN keys) is not written yet.
 
 Layout rules (``ModelBase.prepare_tensors``): 1-D tensors and every ``*_norm.weight`` are F32; a tied
 head has no ``output`` tensor (llama.cpp reuses ``token_embd``); names come from
@@ -39,6 +51,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -66,8 +79,14 @@ FAMILY_TO_GGUF = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "phi3": "phi3",
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
 }
-GGUF_TO_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}
+GGUF_TO_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3",
+                  "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# llama.cpp's MoE graphs renormalise the top-k routing weights (or not) whatever the file says
+_RENORMALISES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
 # file type names (llama-quantize's) -> general.file_type
 FILE_TYPES = {
@@ -110,7 +129,14 @@ def _gguf():
 
 def gguf_arch(config: Mapping[str, Any]) -> str:
     """The GGUF ``general.architecture`` of an HF config (InputError for an unsupported family)."""
-    return FAMILY_TO_GGUF[get_arch(config).name]
+    family = get_arch(config).name
+    if family not in FAMILY_TO_GGUF:
+        raise InputError(
+            f"config.json: {family} is not written as GGUF yet (llama.cpp's deepseek2 layout: MLA attn_kv_b split "
+            f"into attn_k_b/attn_v_b, exp_probs_b, YaRN keys); GGUF families: {', '.join(FAMILY_TO_GGUF)}; "
+            "use `quantize gptq` for this model"
+        )
+    return FAMILY_TO_GGUF[family]
 
 
 def _model_arch(arch_name: str):
@@ -162,8 +188,31 @@ def _rope_params(config: Mapping[str, Any]) -> dict[str, Any]:
     return rp
 
 
+def check_representable(config: Mapping[str, Any]) -> None:
+    """InputError for a checkpoint llama.cpp's graph for its family cannot express (before any work)."""
+    gguf_arch(config)
+    _check_representable(config, get_arch(config))
+
+
 def _check_representable(config: Mapping[str, Any], arch: Arch) -> None:
     """Refuse checkpoints llama.cpp's graph for the family cannot express."""
+    if arch.moe is not None:
+        gguf_arch(config)
+        dense = [i for i in range(arch.num_layers(config)) if not arch.is_sparse_layer(config, i)]
+        if dense:
+            raise InputError(
+                f"config.json: layer {dense[0]} is a dense MLP layer (mlp_only_layers / decoder_sparse_step), but "
+                f"llama.cpp's {FAMILY_TO_GGUF[arch.name]} graph makes every layer sparse; this checkpoint cannot be "
+                "written as GGUF"
+            )
+        want = _RENORMALISES[arch.name]
+        have = bool(config.get("norm_topk_prob", want))
+        if have != want:
+            raise InputError(
+                f"config.json: norm_topk_prob={str(have).lower()}, but llama.cpp's {FAMILY_TO_GGUF[arch.name]} graph "
+                f"{'always renormalises' if want else 'never renormalises'} the top-k routing weights; llama.cpp "
+                "would compute another model, so it is not written as GGUF"
+            )
     if arch.name in ("gemma", "gemma2") and not arch.is_tied(config):
         raise InputError(
             f"config.json: tie_word_embeddings=false, but llama.cpp's {arch.name} always uses token_embd as the "
@@ -263,11 +312,19 @@ def add_metadata(writer, config: Mapping[str, Any], model_dir: Path | None, file
         if rp.get("rope_theta") is not None:
             w.add_rope_freq_base(float(rp["rope_theta"]))
         w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+        if arch.moe is not None:
+            w.add_expert_count(arch.num_experts(config))
+            w.add_expert_used_count(arch.experts_per_token(config))
         if config.get("head_dim") is not None:
             w.add_key_length(int(config["head_dim"]))
             w.add_value_length(int(config["head_dim"]))
         w.add_file_type(_file_type(file_type))
-        if family in ("llama", "mistral"):
+        if family in ("qwen2_moe", "qwen3_moe"):
+            # Qwen2MoeModel.set_gguf_parameters (Qwen3MoeModel inherits it)
+            w.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+            if config.get("shared_expert_intermediate_size") is not None:
+                w.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
+        if family in ("llama", "mistral", "mixtral"):
             # LlamaModel.set_gguf_parameters
             w.add_vocab_size(int(config["vocab_size"]))
             w.add_rope_dimension_count(_head_dim(config))
@@ -569,9 +626,38 @@ def _name_map(arch_name: str, n_layers: int):
     return _gguf().get_tensor_name_map(_model_arch(arch_name), n_layers)
 
 
-def gguf_tensor_name(hf_name: str, config: Mapping[str, Any]) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (gguf-py's map)."""
+def expert_tensor(hf_name: str, config: Mapping[str, Any]) -> tuple[str, int | None] | None:
+    """For a routed expert's weight: its stacked GGUF tensor and the expert's index in it.
+
+    ``model.layers.3.mlp.experts.5.up_proj.weight`` -> (``blk.3.ffn_up_exps.weight``, 5); the stack's
+    own name (the expert index left out: ``model.layers.3.mlp.experts.up_proj.weight``) -> (..., None).
+    None for every other tensor."""
     arch = get_arch(config)
+    if arch.moe is None or not hf_name.endswith(".weight"):
+        return None
+    ex = arch.moe.experts
+    m = re.fullmatch(re.escape(arch.layers_path) + r"\.(\d+)\." + re.escape(ex.disk) + r"\.(?:(\d+)\.)?(\w+)\.weight", hf_name)
+    if m is None or m.group(3) not in ex.linears:
+        return None
+    from .gguf_mix import EXPERT_STEMS
+
+    e = int(m.group(2)) if m.group(2) is not None else None
+    return f"blk.{int(m.group(1))}.{EXPERT_STEMS[ex.linears.index(m.group(3))]}.weight", e
+
+
+def expert_stack_name(arch: Arch, i: int, j: int) -> str:
+    """The HF-style name we give layer ``i``'s stacked experts of projection ``j`` (0 gate, 1 up, 2 down)."""
+    ex = arch.moe.experts
+    return f"{arch.layer_prefix(i)}{ex.disk}.{ex.linears[j]}.weight"
+
+
+def gguf_tensor_name(hf_name: str, config: Mapping[str, Any]) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (gguf-py's map); a routed
+    expert's weight (or its stack's name) -> the stacked ``blk.3.ffn_*_exps.weight``."""
+    arch = get_arch(config)
+    stacked = expert_tensor(hf_name, config)
+    if stacked is not None:
+        return stacked[0]
     name = _name_map(FAMILY_TO_GGUF[arch.name], arch.num_layers(config)).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise InputError(f"tensor {hf_name!r} has no GGUF name for {arch.name}; it is not part of a {arch.name} model")
@@ -582,6 +668,9 @@ def hf_tensor_names(config: Mapping[str, Any]) -> list[str]:
     """The HF tensors a GGUF of ``config`` holds, in the order we write them (a tied head is left out)."""
     arch = get_arch(config)
     _check_representable(config, arch)
+    if arch.moe is not None:
+        raise InputError(f"{arch.name}: a dense conversion does not stack experts; use `quantize gguf --type F16` "
+                         "(or BF16) for a Mixture-of-Experts model")
     head = [n for n in arch.non_layer_tensor_names(config)]
     per_layer = [arch.layer_prefix(i) + r for i in range(arch.num_layers(config)) for r in arch.layer_tensor_names(config)]
     return [head[0]] + per_layer + head[1:]
@@ -996,6 +1085,17 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> dic
     for tk, ck in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
         if f"tokenizer.ggml.{tk}" in meta:
             cfg[ck] = int(meta[f"tokenizer.ggml.{tk}"])
+    if family == "llama" and key("expert_count"):
+        family, arch = "mixtral", by_name("mixtral")
+        cfg.update(architectures=[arch.architectures[0]], model_type=arch.model_type)
+    if arch.moe is not None:
+        cfg[arch.moe.experts.num_keys[0]] = int(key("expert_count"))
+        cfg["num_experts_per_tok"] = int(key("expert_used_count"))
+        cfg["norm_topk_prob"] = _RENORMALISES[family]
+        if key("expert_feed_forward_length") is not None:
+            cfg["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
+        if key("expert_shared_feed_forward_length") is not None:
+            cfg["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length"))
     if family == "llama" and "blk.0.attn_q.bias" in tensor_names:
         cfg["attention_bias"] = True
     if family == "gemma2":
@@ -1050,10 +1150,14 @@ class GGUFCheckpoint(Closing):
             self._config = config_from_metadata(self.metadata, set(self._tensors))
         arch = get_arch(self._config, source=str(cfg_path))
         self._hf_to_gguf: dict[str, str] = {}
+        self._expert: dict[str, int] = {}  # a routed expert's weight -> its index in the stacked tensor
         for hf in arch.expected_tensor_names(self._config):
             g = gguf_tensor_name(hf, self._config)
             if g in self._tensors:
                 self._hf_to_gguf[hf] = g
+                stacked = expert_tensor(hf, self._config)
+                if stacked is not None:
+                    self._expert[hf] = stacked[1]
         known = set(self._hf_to_gguf.values()) | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
         unknown = sorted(set(self._tensors) - known)
         if unknown:
@@ -1090,7 +1194,8 @@ class GGUFCheckpoint(Closing):
             raise InputError(f"{self.path}: has no tensor {name!r} ({len(self._names)} tensors)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._tensors[self.gguf_name(name)][1]
+        shape = self._tensors[self.gguf_name(name)][1]
+        return shape[1:] if name in self._expert else shape
 
     def dtype(self, name: str) -> torch.dtype:
         self.gguf_name(name)
@@ -1103,11 +1208,15 @@ class GGUFCheckpoint(Closing):
     # -- reads ---------------------------------------------------------------------------------
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of ``name`` (GGUF row order, i.e. permuted for llama q/k), uint8."""
-        return self._read(self.gguf_name(name))
+        """The stored bytes of ``name`` (GGUF row order, i.e. permuted for llama q/k), uint8; a routed
+        expert's: its slice of the stacked tensor."""
+        return self._read(self.gguf_name(name), self._expert.get(name))
 
-    def _read(self, gname: str) -> np.ndarray:
-        _qt, _shape, n, offset = self._tensors[gname]
+    def _read(self, gname: str, expert: int | None = None) -> np.ndarray:
+        _qt, shape, n, offset = self._tensors[gname]
+        if expert is not None:  # one expert's rows of a stacked [E, rows, cols] tensor
+            n //= shape[0]
+            offset += expert * n
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         buf = bytearray(n)
@@ -1124,7 +1233,9 @@ class GGUFCheckpoint(Closing):
         gguf = _gguf()
         gname = self.gguf_name(name)
         qt, shape, _n, _off = self._tensors[gname]
-        raw = self._read(gname)
+        raw = self._read(gname, self._expert.get(name))
+        if name in self._expert:
+            shape = shape[1:]
         if qt == gguf.GGMLQuantizationType.F32:
             dense = raw.view(np.float32)
         elif qt == gguf.GGMLQuantizationType.F16:

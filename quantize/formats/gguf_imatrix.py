@@ -7,6 +7,10 @@ strings), ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (u32), and per weig
 tensors: ``<gguf name>.in_sum2`` ``[1, K]`` (Σ over tokens of x_k²; ours: ``diag(H)/2 · n`` for
 ``H = 2/n XᵀX``) and ``<gguf name>.counts`` ``[1, 1]`` (the tokens n). llama.cpp uses
 ``in_sum2 / counts = E[x²]``.
+
+Stacked experts (``blk.N.ffn_*_exps``): one entry per stack, as llama-imatrix writes it: ``in_sum2``
+``[E, K]`` (expert e's Σx² over the tokens routed to it) and ``counts`` ``[E, 1]`` (its tokens); an
+expert with no tokens has zeros, which llama.cpp's quantize reads as importance 1.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 
 def write_imatrix(path: Path, entries: dict[str, tuple[torch.Tensor, int]], *, datasets: list[str],
                   chunk_count: int, chunk_size: int) -> Path:
-    """``entries``: GGUF tensor name (``blk.0.attn_q.weight``) -> (Σ x² per input column, tokens)."""
+    """``entries``: GGUF tensor name (``blk.0.attn_q.weight``) -> (Σ x² per input column, tokens), or
+    for stacked experts (Σ x² ``[E, K]``, tokens per expert ``[E]``)."""
     import gguf
 
     path = Path(path)
@@ -32,8 +37,9 @@ def write_imatrix(path: Path, entries: dict[str, tuple[torch.Tensor, int]], *, d
     w.add_uint32("imatrix.chunk_size", int(chunk_size))
     for name in sorted(entries):
         in_sum2, n = entries[name]
-        w.add_tensor(f"{name}.in_sum2", in_sum2.detach().to(torch.float32).cpu().numpy().reshape(1, -1))
-        w.add_tensor(f"{name}.counts", np.array([[float(n)]], dtype=np.float32))
+        counts = np.asarray(n, dtype=np.float32).reshape(-1, 1)
+        w.add_tensor(f"{name}.in_sum2", in_sum2.detach().to(torch.float32).cpu().numpy().reshape(counts.shape[0], -1))
+        w.add_tensor(f"{name}.counts", counts)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -43,10 +49,19 @@ def write_imatrix(path: Path, entries: dict[str, tuple[torch.Tensor, int]], *, d
 
 
 def read_imatrix(path: Path) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> ``E[x²]`` per input column (``in_sum2 / counts``)."""
+    """GGUF tensor name -> ``E[x²]`` per input column (``in_sum2 / counts``); for stacked experts the
+    ``E x K`` values expert by expert (flat, as llama.cpp's quantizer takes them), 1 where an expert
+    saw no token."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     t = {x.name: np.asarray(x.data, dtype=np.float32).reshape(-1) for x in r.tensors}
-    return {n[: -len(".in_sum2")]: torch.from_numpy(v / t[n[: -len(".in_sum2")] + ".counts"][0])
-            for n, v in t.items() if n.endswith(".in_sum2")}
+    out = {}
+    for n, v in t.items():
+        if n.endswith(".in_sum2"):
+            counts = t[n[: -len(".in_sum2")] + ".counts"]
+            rows = v.reshape(len(counts), -1)
+            safe = np.where(counts > 0, counts, 1.0)[:, None]
+            out[n[: -len(".in_sum2")]] = torch.from_numpy(np.where(counts[:, None] > 0, rows / safe, 1.0)
+                                                          .astype(np.float32).reshape(-1))
+    return out

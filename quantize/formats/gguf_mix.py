@@ -2,8 +2,7 @@
 ``llama_tensor_get_type`` decides it (src/llama-quant.cpp), so a Q4_K_M from this tool is the same
 mix as llama.cpp's and file sizes compare at equal bits.
 
-The policy for the file types we write (dense models; llama.cpp's MoE rules -- 8 experts: attn_v
-and attn_k Q8_0, attn_output Q5_K -- are kept for when MoE lands):
+The policy for the file types we write:
 
 - file type -> default type: Q4_K_M -> Q4_K, Q5_K_M -> Q5_K, Q6_K -> Q6_K, Q8_0 -> Q8_0,
   Q4_0 -> Q4_0; F16/BF16 quantize nothing;
@@ -12,7 +11,13 @@ and attn_k Q8_0, attn_output Q5_K -- are kept for when MoE lands):
 - ``attn_v`` and a fused ``attn_qkv`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(i, n)`` over
   those tensors in order;
   a 70B Llama (80 layers, GQA) lifts Q4_K to Q5_K there;
-- ``ffn_down`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(layer, n_layers)``;
+- ``ffn_down`` (Q4_K_M, Q5_K_M): Q6_K where ``use_more_bits(layer, n_layers)``; in a Mixture-of-Experts
+  model llama.cpp takes the layer from the name, so the stacked experts ``ffn_down_exps`` and the
+  shared expert's ``ffn_down_shexp`` of a layer follow the same rule (each a whole 3D tensor);
+- exactly 8 experts (``expert_count``, Mixtral's): ``attn_v`` and ``attn_k`` Q8_0 for every file
+  type, ``attn_output`` Q5_K for Q4_K_M; routers (``ffn_gate_inp``, ``ffn_gate_inp_shexp``) stay F32;
+  expert tensors ``ffn_{gate,up,down}_exps`` otherwise get the default type, judged on their row
+  width as a 2D tensor would be;
 - shapes a type cannot hold (width not a multiple of its block) fall back as llama.cpp does:
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even that does not fit;
 - norms and other 1-D tensors stay F32, as convert_hf_to_gguf writes them.
@@ -123,6 +128,22 @@ def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: i
 GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_proj": "ffn_gate",
                "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+EXPERT_STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # routed experts stacked 3D: gate, up, down
+SHARED_STEMS = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # a shared expert's gate, up, down
+
+
+def gguf_stem(arch, name: str) -> str:
+    """The GGUF tensor stem of layer linear ``name`` (relative, on-disk): ``attn_q``, ..., an expert's
+    linear -> its stacked ``ffn_*_exps``, a shared expert's -> ``ffn_*_shexp``."""
+    slot = arch.expert_slot(name)
+    if slot is not None:
+        return EXPERT_STEMS[slot[1]]
+    if name in GGUF_LINEAR:
+        return GGUF_LINEAR[name]
+    for j, suffix in enumerate((".gate_proj", ".up_proj", ".down_proj")):
+        if arch.moe is not None and name.endswith(suffix) and "shared_expert" in name:
+            return SHARED_STEMS[j]
+    raise KeyError(f"{arch.name}: linear {name!r} has no GGUF tensor name")
 
 
 def tensor_bytes(qtype: str, rows: int, cols: int) -> int:
@@ -133,8 +154,14 @@ def tensor_bytes(qtype: str, rows: int, cols: int) -> int:
 def model_shape(config, arch) -> ModelShape:
     return ModelShape(n_layers=arch.num_layers(config), n_head=int(config["num_attention_heads"]),
                       n_head_kv=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-                      tied=arch.is_tied(config), arch="llama" if arch.name in ("llama", "mistral") else arch.name,
-                      n_expert=int(config.get("num_local_experts") or 1))
+                      tied=arch.is_tied(config), arch=_gguf_arch_name(arch.name),
+                      n_expert=max(1, arch.num_experts(config)))
+
+
+def _gguf_arch_name(family: str) -> str:
+    from .gguf import FAMILY_TO_GGUF
+
+    return FAMILY_TO_GGUF.get(family, family)
 
 
 def gguf_weight_bytes(config, ftype: str, arch) -> dict[str, int]:
@@ -144,11 +171,13 @@ def gguf_weight_bytes(config, ftype: str, arch) -> dict[str, int]:
     vocab, hidden = int(config["vocab_size"]), d["hidden"]
     layers = 0
     for i in range(shape.n_layers):
-        for name in arch.linear_names():
+        for name in arch.layer_linears(config, i):  # experts: E of them, one stacked tensor per projection
             N, K = arch.linear_shape(name, config)
-            layers += tensor_bytes(tensor_type(f"blk.{i}.{GGUF_LINEAR[name]}.weight", K, ftype, shape), N, K)
+            layers += tensor_bytes(tensor_type(f"blk.{i}.{gguf_stem(arch, name)}.weight", K, ftype, shape), N, K)
             if arch.has_bias(name, config):
                 layers += 4 * N
+        if arch.is_sparse_layer(config, i):  # routers and shared-expert gates: F32
+            layers += sum(4 * sum(d[o] for o in lin.out) * d[lin.inp] for lin in arch.moe.never_quantized)
         layers += sum(4 * (d["head_dim"] if n.endswith(("q_norm", "k_norm")) else hidden) for n in arch.layer_norms)
     embed = tensor_bytes(tensor_type("token_embd.weight", hidden, ftype, shape), vocab, hidden)
     head = 0 if shape.tied else tensor_bytes(tensor_type("output.weight", hidden, ftype, shape), vocab, hidden)

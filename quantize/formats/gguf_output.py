@@ -6,6 +6,12 @@ Part tensor names: ``<hf linear prefix>.gguf_<TYPE>`` (uint8 ``[N, bytes per row
 checkpoint's order: the writer permutes llama's q/k rows); biases and norms as dense tensors. The
 embedding and an untied head are quantized at compile time by llama.cpp's reference rounding (the
 type llama.cpp's mix gives them), a bounded number of rows at a time.
+
+Mixture-of-Experts: the parts hold each routed expert's linears as 2D results under their on-disk
+names (``mlp.experts.5.up_proj.gguf_Q4_K``); compile stacks one layer's experts of one projection
+into the 3D ``blk.N.ffn_{gate,up,down}_exps`` (rows of expert 0, then expert 1, ...: the byte layout
+of a GGUF ``[E, rows, cols]`` tensor), reading them from that layer's part only when the tensor is
+written, so host memory holds one stacked projection of one layer at a time.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class GGUFFormat:
         """Family, tokenizer and metadata llama.cpp needs, before any heavy work (InputError)."""
         from . import gguf as container
 
-        container.gguf_arch(config)
+        container.check_representable(config)
         container.tokenizer_pre(self.model_dir)
 
     def pack(self, result) -> dict[str, torch.Tensor]:
@@ -72,15 +78,21 @@ class GGUFFormat:
             part = Path(staging) / "parts" / f"layer-{i:05d}.safetensors"
             with safe_open(str(part), framework="pt") as f:
                 names = sorted(f.keys())
+            stacks: dict[str, dict[int, tuple[str, str, str]]] = {}  # stacked GGUF name -> expert -> part entry
             for name in names:
                 stem, _, suffix = name.rpartition(".")
                 if suffix.startswith(PART_PREFIX):
                     hf = stem + ".weight"
                     qtype = suffix[len(PART_PREFIX):]
+                    expert = container.expert_tensor(hf, config)
+                    if expert is not None:
+                        stacks.setdefault(expert[0], {})[expert[1]] = (hf, name, qtype)
+                        continue
                     entries.append((hf, tuple(reader.shape(hf)), qtype, _part_loader(part, name)))
                 else:
                     shape = tuple(reader.shape(name)) if name in reader else None
                     entries.append((name, shape, "F32", _part_loader(part, name, dense=True)))
+            entries += [_expert_stack(arch, config, reader, part, i, experts) for _, experts in sorted(stacks.items())]
         for name in other_names:
             if name == embed:
                 continue
@@ -111,6 +123,27 @@ class GGUFFormat:
         except BaseException:
             writer.abort()
             raise
+
+
+def _expert_stack(arch, config, reader, part: Path, i: int, experts: dict[int, tuple[str, str, str]]):
+    """The entry of one stacked ``ffn_*_exps`` tensor of layer ``i`` from its experts' part entries."""
+    from . import gguf as container
+
+    E = arch.num_experts(config)
+    if sorted(experts) != list(range(E)):
+        missing = sorted(set(range(E)) - set(experts))
+        raise InputError(f"{part}: experts {missing} of layer {i} have no quantized part; rerun without --resume")
+    types = {qtype for _, _, qtype in experts.values()}
+    if len(types) != 1:
+        raise InputError(f"{part}: the experts of layer {i} were quantized to different types {sorted(types)}")
+    first = experts[0][0]
+    j = arch.expert_slot(first[len(arch.layer_prefix(i)):-len(".weight")])[1]
+    keys = [experts[e][1] for e in range(E)]
+
+    def load():
+        with safe_open(str(part), framework="pt") as f:
+            return torch.cat([f.get_tensor(k) for k in keys])  # [E * rows, bytes per row]
+    return container.expert_stack_name(arch, i, j), (E, *reader.shape(first)), types.pop(), load
 
 
 def _part_loader(path: Path, name: str, dense: bool = False):

@@ -7,6 +7,12 @@ mix gives it (formats/gguf_mix.py), its bytes chosen
   loop on that fixed grid (act-order, full-Hessian error feedback: ``gptq_on_fixed_grid``). The
   same bytes llama.cpp reads; the rounding sees every input correlation, not only the diagonal.
 
+Mixture-of-Experts: every routed expert's gate/up/down is solved on its own (``ctx.sequential``'s
+experts callback, executor/moe.py): with calibration on the grid from its own Hessian (the tokens
+routed to it, or the declared fallback), without on llama.cpp's reference rounding; the results
+stay 2D per expert and the output format stacks them into ``ffn_*_exps``. An expert solved by RTN
+(no statistics) gets llama.cpp's reference bytes.
+
 Types outside the K/legacy set we solve (llama.cpp's shape fallbacks Q5_0/Q5_1) are quantized by
 gguf-py's reference quantizer; F16/BF16 are cast.
 """
@@ -21,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..formats import gguf_blocks, gguf_legacy
-from ..formats.gguf_mix import GGUF_LINEAR, ModelShape, tensor_type
+from ..formats.gguf_mix import ModelShape, gguf_stem, tensor_type
 from . import kquants
 from .gptq import gptq_on_fixed_grid, prepare_hessian_inverse
 from .grid import QuantSpec, check_weight
@@ -113,13 +119,17 @@ class GGUFMethod:
     """Layer plug-in: each decoder linear to its GGUF type (Hessian-aware with calibration data)."""
 
     name = "gguf"
+    solves_experts = True  # sparse layers: ctx.sequential hands each expert's linears to ``quantize``
 
     def __init__(self, ftype: str, shape: ModelShape, *, calibrated: bool, damp: float = 0.01,
-                 imatrix: bool = False):
+                 imatrix: bool = False, moe=None):
+        from ..executor.moe import MoEOptions
+
         self.ftype = ftype
         self.shape = shape
         self.calibrated = calibrated
         self.damp = damp
+        self.moe = moe or MoEOptions()
         # keep each linear's Σx² and token count in the layer metrics (resume-safe, like every
         # per-layer result), for llama.cpp's imatrix file
         self.imatrix = imatrix
@@ -129,14 +139,22 @@ class GGUFMethod:
 
         results: dict[str, GGUFTensor] = {}
         metrics: dict[str, dict] = {"types": {}, "rel_error": {}, "reference_rel_error": {}}
-        groups = {g[0]: g for g in ctx.arch.group_names()}
+        groups = {g[0]: g for g in ctx.groups}
+        sums: dict[str, tuple[list[float], int | None]] = {}  # imatrix: Σx² per input column, tokens
 
         def solve(first: str, acc: HessianAccumulator | None) -> None:
             H = acc.H if acc is not None and acc.n > 0 else None
-            prepared = prepare(H, self.damp, f"{ctx.prefix}{first} Hessian") if H is not None else None
-            for name in groups[first]:
+            quantize(groups[first], H, acc.n if acc is not None else 0)
+
+        def quantize(names: list[str], H: Tensor | None, n: int | None = None) -> None:
+            """The linears ``names`` sharing the input Hessian ``H`` (None: llama.cpp's rounding);
+            ``n``: the tokens behind ``H`` (None for an expert: counted from the coverage record)."""
+            if H is not None and not bool((torch.diagonal(H) > 0).any()):
+                H = None  # no signal reached these inputs (an expert routed no token)
+            prepared = prepare(H, self.damp, f"{ctx.prefix}{names[0]} Hessian") if H is not None else None
+            for name in names:
                 W = ctx.weight(name)
-                qtype = tensor_type(f"blk.{ctx.index}.{GGUF_LINEAR[name]}.weight", W.shape[1], self.ftype, self.shape)
+                qtype = tensor_type(f"blk.{ctx.index}.{gguf_stem(ctx.arch, name)}.weight", W.shape[1], self.ftype, self.shape)
                 r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
@@ -145,16 +163,25 @@ class GGUFMethod:
                     ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat
                     errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
                     metrics["rel_error"][name], metrics["reference_rel_error"][name] = errs["ours"], errs["reference"]
-                    if self.imatrix:
-                        sums = (torch.diagonal(H).double() / 2 * acc.n).cpu().tolist()
-                        metrics.setdefault("imatrix", {})[ctx.prefix + name] = [sums, acc.n]
+                if self.imatrix:  # E[x²] now, times the tokens once they are known
+                    sums[name] = (importance(H).double().tolist() if H is not None else [0.0] * W.shape[1], n)
 
+        experts = ctx.experts_module
         if not self.calibrated:
-            for first in groups:
-                solve(first, None)
+            for first, names in groups.items():
+                if first == experts:  # every expert on llama.cpp's reference rounding
+                    E = ctx.arch.num_experts(ctx.streamer.reader.config)
+                    for e in range(E):
+                        quantize([ctx.arch.expert_linear(e, j) for j in range(3)], None)
+                else:
+                    quantize(names, None)
         else:
             accs = {first: HessianAccumulator() for first in groups}
-            ctx.sequential(list(groups), lambda first, x: accs[first].add(x), lambda first: solve(first, accs.pop(first)))
+            ctx.sequential(list(groups), lambda first, x: accs[first].add(x), lambda first: solve(first, accs.pop(first)),
+                           experts=quantize, moe=self.moe)
+        if self.imatrix and sums:
+            metrics["imatrix"] = {ctx.prefix + name: [[v * n for v in s], n]
+                                  for name, (s, n) in _expert_counts(ctx, sums).items()}
         if not metrics["rel_error"]:
             del metrics["rel_error"], metrics["reference_rel_error"]
         return LayerResult(results, metrics)
@@ -182,3 +209,19 @@ class GGUFMethod:
         return LayerResult({arch.lm_head_path: r}, {"type": qtype, "rel_error": errs["ours"],
                                                      "reference_rel_error": errs["reference"]})
 
+
+def _expert_counts(ctx, sums: dict[str, tuple[list[float], int | None]]) -> dict[str, tuple[list[float], int]]:
+    """``sums`` with every expert's token count filled in from the layer's coverage record: the
+    tokens its Hessian came from (routed: those routed to it; ``all`` or the all-token fallback:
+    every token; RTN: none), as llama-imatrix counts an expert's routed tokens."""
+    record = ctx.extra_metrics.get("moe")
+    out = {}
+    for name, (s, n) in sums.items():
+        if n is None:
+            slot = ctx.arch.expert_slot(name)
+            e = slot[0] if slot is not None else 0
+            how = "rtn" if not any(s) else ("routed" if record["mode"] == "routed" and e not in record["fallback_experts"]
+                                             else "all")
+            n = {"rtn": 0, "routed": record["seen"][e], "all": record["tokens"]}[how]
+        out[name] = (s, int(n))
+    return out
