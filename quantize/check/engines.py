@@ -34,6 +34,10 @@ ENGINES = ("transformers", "llama.cpp", "gptqmodel")
 CHOICES = ("auto", *ENGINES, "all")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF loader cannot load back
+# Mixture-of-Experts model types: transformers 5's from_pretrained with gptqmodel 7.6 keeps its fused
+# experts and leaves per-expert GPTQ/AWQ tensors unloaded (the experts stay randomly initialised);
+# gptqmodel's own loader (GPTQModel.load, with defuser) loads them
+MOE_MODEL_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 
 # the import that proves an interpreter holds the engine
 _PROBE = {"transformers": "import transformers as m", "llama.cpp": "import llama_cpp as m",
@@ -52,7 +56,7 @@ def engines_for(fmt: str, mtype: str = "") -> list[str]:
     if fmt == "gguf":
         return ["llama.cpp"] if mtype in NO_TRANSFORMERS_GGUF else ["transformers", "llama.cpp"]
     if fmt in ("gptq", "awq"):
-        return ["transformers", "gptqmodel"]
+        return ["gptqmodel"] if mtype in MOE_MODEL_TYPES else ["transformers", "gptqmodel"]
     if fmt in ("dense", "compressed-tensors"):
         return ["transformers"]
     return []

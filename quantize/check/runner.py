@@ -62,6 +62,11 @@ def run_transformers(directory: Path, prompts: list[list[int]]) -> tuple[str, st
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         note = "asymmetric: loaded with CompressedTensorsConfig(dequantize=True)"
     elif fmt in ("gptq", "awq"):
+        from .engines import MOE_MODEL_TYPES, model_type
+
+        if model_type(directory) in MOE_MODEL_TYPES:
+            return ("unsupported", f"transformers' from_pretrained leaves {fmt} experts of {model_type(directory)} "
+                    "unloaded (fused experts in transformers 5); gptqmodel's loader takes them", [])
         kw = {"device_map": "cpu"}  # the quantized kernels pick their own dtype
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kw).eval()
     out = []

@@ -1,0 +1,51 @@
+"""Interop: gptqmodel's own loader (GPTQModel.load, with defuser turning transformers 5's fused
+experts into per-expert quantized linears) loads our GPTQ Mixture-of-Experts checkpoints, and
+`quantize check` passes on them, for every MoE family.
+
+transformers' ``from_pretrained`` with gptqmodel 7.6 does not: it keeps the fused experts and leaves
+the per-expert GPTQ tensors unloaded (randomly initialised experts), so `quantize check` runs only
+gptqmodel on MoE GPTQ outputs and reports transformers as unsupported there (asserted below).
+
+Runs in the interop environment (``make interop``: .venv-interop); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+pytestmark = pytest.mark.interop
+
+pytest.importorskip("gptqmodel", reason="interop tier: needs gptqmodel (run `make interop`)")
+
+from quantize.check import check_output  # noqa: E402
+from quantize.check.runner import run_transformers  # noqa: E402
+from quantize.testing import MOE_FAMILIES  # noqa: E402
+
+from helpers import run_gptq  # noqa: E402
+
+
+# Mixtral: we write the original release's names (block_sparse_moe.experts.{e}.w1/w3/w2: what vLLM's
+# Mixtral loader maps and transformers' conversion mapping reads); gptqmodel 7.6 under transformers 5
+# looks for its renamed layout (mlp.experts.{e}.gate_proj/up_proj/down_proj.qweight) and refuses them.
+GPTQMODEL_NAMES = pytest.mark.xfail(strict=True, reason="gptqmodel 7.6 expects transformers 5's renamed Mixtral "
+                                    "expert names, not the release's block_sparse_moe.experts.*.w1/w3/w2")
+CASES = [pytest.param(f, marks=GPTQMODEL_NAMES) if f == "mixtral" else f for f in MOE_FAMILIES]
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_gptqmodel_loads_our_moe_gptq_and_check_passes(family, tiny_model_dir, calib_for, tmp_path):
+    model = tiny_model_dir(family, dtype=torch.bfloat16)
+    out = tmp_path / "q"
+    run_gptq(model, calib_for(model), out, static_groups=True)
+    fmt, engines, records = check_output(out, "all")
+    assert (fmt, engines) == ("gptq", ["gptqmodel"])
+    (rec,) = records
+    assert rec.verdict == "pass", rec
+    assert rec.figures.top1 >= 0.9 and rec.figures.rel < 0.02, rec.figures
+    status, reason, _ = run_transformers(out, [[5, 17, 300]])
+    assert status == "unsupported" and "gptqmodel" in reason
