@@ -1,0 +1,191 @@
+"""Interop: llama.cpp itself runs our Mixture-of-Experts GGUF files (stacked ``ffn_*_exps``).
+
+Runs only where ``llama_cpp`` imports (``.venv-llamacpp``, see tests/test_interop_llamacpp.py):
+
+    .venv-llamacpp/bin/python -m pytest -q -s -p no:cacheprovider tests/test_interop_llamacpp_moe.py
+
+Tiny models of the MoE families llama.cpp runs (tests/test_gguf_moe.py ``moe_kwargs``: hidden 256,
+experts 256 wide, 2 layers; Mixtral with 8 experts so that llama.cpp's 8-expert rules -- attn_v/attn_k
+Q8_0, attn_output Q5_K -- are exercised; Qwen with 4), written by ``quantize_gguf`` as F16, Q8_0,
+Q4_K_M (llama.cpp's reference rounding) and Q4_K_M with calibration (GPTQ per expert on the grid):
+
+1. llama.cpp loads each file and its logits match our read-back's forward. As in the dense tests,
+   within ``REL_TOL`` = 2% of the logits' range -- except that in a MoE model llama.cpp's rounding of
+   the activations (Q8_K before every K-quant matmul) can flip the router's choice for a token whose
+   k-th and (k+1)-th router logits are nearly tied; that token then runs another expert and its
+   logits (and, through attention, later ones) differ by more. Measured on these models: one or two
+   such positions in 47, router margin (k-th minus (k+1)-th logit) <= 0.07 of the router logits'
+   std, against a median margin of ~0.3. So we require: the first position beyond ``REL_TOL`` has
+   such a near-tie (``TIE``) in some layer of our read-back; at most ``MAX_DIVERGED`` of the
+   positions are beyond ``REL_TOL``; for the quantized files ``KL(ours || llama.cpp) <=
+   KL_FRACTION * KL(fp || ours)``; the same argmax wherever our top two logits are clear.
+   A misplaced expert, block or row breaks the first position already.
+2. llama.cpp's own quantizer (``llama_model_quantize``, Q4_K_M) on our BF16 GGUF writes exactly our
+   imatrix-free Q4_K_M, tensor for tensor (types: llama.cpp's MoE mix; bytes: its reference rounding
+   of each expert's rows);
+3. given our imatrix file (one ``[E, K]`` entry per stack), its bytes are our re-implementation's
+   ``quantize_reference(W_e, qtype, importance_e)`` for every expert: llama.cpp reads our per-expert
+   statistics at the offsets we wrote them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.interop
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="interop tier: needs llama-cpp-python (scripts/setup_llamacpp.sh -> .venv-llamacpp)")
+gguf = pytest.importorskip("gguf")
+
+from helpers import CPU  # noqa: E402
+from test_gguf_moe import GGUF_MOE, moe_kwargs  # noqa: E402
+from test_interop_llamacpp import N_CTX, TEXT, _dense, _hf_ids, _kl, _llama, _llama_quantize, _tensors  # noqa: E402
+
+from quantize.commands.gguf import quantize_gguf  # noqa: E402
+from quantize.formats import gguf_blocks  # noqa: E402
+from quantize.formats.gguf_imatrix import read_imatrix  # noqa: E402
+from quantize.io.quantized import load_dequantized_model  # noqa: E402
+
+REL_TOL = 0.02       # max |llama.cpp - ours| / range(ours) at a position without a routing flip
+TIE = 0.1            # router margin / std(router logits) below which a flip is expected possible
+MAX_DIVERGED = 0.25  # fraction of positions beyond REL_TOL (a flip, and later tokens attending to it)
+KL_FRACTION = 0.2    # KL(ours || llama.cpp) / KL(fp || ours), quantized files
+VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_llama_cpp():
+    import logging
+
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+def _kwargs(family: str) -> dict:
+    kw = moe_kwargs(family)
+    if family == "mixtral":
+        kw["num_local_experts"] = 8  # llama.cpp's n_expert == 8 rules
+    return kw
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, calib_for, tmp_path_factory):
+    cache: dict[str, dict[str, Path]] = {}
+
+    def get(family: str) -> dict[str, Path]:
+        if family not in cache:
+            src = tiny_model_dir(family, **_kwargs(family))
+            cal = calib_for(src)
+            root = tmp_path_factory.mktemp(f"llamacpp-moe-{family}")
+            d = {"src": src, "imatrix": root / "imatrix.gguf"}
+            for name, kw in (("F16", {"ftype": "F16"}), ("BF16", {"ftype": "BF16"}), ("Q8_0", {"ftype": "Q8_0"}),
+                             ("Q4_K_M", {"ftype": "Q4_K_M"}),
+                             ("Q4_K_M+cal", {"ftype": "Q4_K_M", "calibration": cal, "imatrix_out": d["imatrix"]})):
+                quantize_gguf(model_dir=src, out=root / name, exec_cfg=CPU, **kw)
+                d[name] = root / name
+            cache[family] = d
+        return cache[family]
+
+    return get
+
+
+def _forward_with_router_margins(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits, and per position the smallest router margin over the layers: (k-th - (k+1)-th largest
+    router logit) / std of that token's router logits."""
+    k = int(model.config.num_experts_per_tok)
+    margins: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        logits = torch.nn.functional.linear(args[0].reshape(-1, args[0].shape[-1]).float(), mod.weight.float())
+        top = logits.sort(-1, descending=True).values
+        margins.append((top[:, k - 1] - top[:, k]) / logits.std(-1))
+
+    handles = [layer.mlp.gate.register_forward_pre_hook(hook) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, torch.stack(margins).min(0).values
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", GGUF_MOE)
+def test_llama_cpp_logits_match_our_read_back(built, family, variant):
+    from transformers import AutoModelForCausalLM
+
+    d = built(family)
+    out = d[variant]
+    ids = _hf_ids(d["src"], special=False)
+    assert 8 < len(ids) < N_CTX
+    llm = _llama(out / "model.gguf")
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    del llm
+    ours, margin = _forward_with_router_margins(load_dequantized_model(out).eval(), ids)
+    with torch.no_grad():
+        fp = AutoModelForCausalLM.from_pretrained(d["src"], dtype=torch.float32).eval()(torch.tensor([ids])).logits[0].float()
+    assert torch.isfinite(got).all()
+    rng = float(ours.max() - ours.min())
+    per_pos = (got - ours).abs().max(-1).values
+    diverged = (per_pos > REL_TOL * rng).nonzero().flatten().tolist()
+    kl_ll, kl_q = _kl(ours, got), _kl(fp, ours)
+    print(f"\n[llama.cpp MoE logits] {family:9s} {variant:10s} max|llama.cpp-ours| {float(per_pos.max()):.3e} "
+          f"(median {float(per_pos.median()):.3e}) of range {rng:.3f}; beyond {REL_TOL:.0%}: positions {diverged} "
+          f"(router margins {[round(float(margin[p]), 3) for p in diverged]}); KL(ours||llama.cpp) {kl_ll:.2e}, "
+          f"KL(fp||ours) {kl_q:.2e}")
+    if diverged:
+        assert float(margin[diverged[0]]) < TIE, (family, variant, diverged, margin[diverged[0]])
+    assert len(diverged) <= MAX_DIVERGED * len(ids), (family, variant, diverged)
+    if variant != "F16":
+        assert kl_ll <= KL_FRACTION * kl_q, (family, variant, kl_ll, kl_q)
+    top2 = ours.topk(2, -1).values
+    clear = ((top2[:, 0] - top2[:, 1]) > 4 * per_pos) & (per_pos <= REL_TOL * rng)
+    assert torch.equal(got.argmax(-1)[clear], ours.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("family", GGUF_MOE)
+def test_llama_cpp_quantizer_writes_our_bytes(built, family, tmp_path):
+    d = built(family)
+    theirs = _tensors(_llama_quantize(d["BF16"] / "model.gguf", tmp_path / "q4km.gguf"))
+    ours = _tensors(d["Q4_K_M"] / "model.gguf")
+    assert sorted(theirs) == sorted(ours)
+    stacks = [n for n in ours if "_exps." in n]
+    assert len(stacks) == 2 * 3
+    type_diff = {n: (ours[n][0], theirs[n][0]) for n in ours if ours[n][0] != theirs[n][0]}
+    byte_diff = [n for n in ours if n not in type_diff and not np.array_equal(ours[n][1], theirs[n][1])]
+    types = sorted({(n.split(".", 2)[-1] if n.startswith("blk.") else n, ours[n][0]) for n in ours if ours[n][0] != "F32"})
+    print(f"\n[llama_model_quantize Q4_K_M] {family}: {len(ours)} tensors; other types {type_diff}, "
+          f"other bytes {byte_diff}; our types {types}")
+    assert not type_diff and not byte_diff
+    if family == "mixtral":  # 8 experts: llama.cpp's bumps, which our mix reproduces
+        assert ours["blk.0.attn_v.weight"][0] == ours["blk.0.attn_k.weight"][0] == "Q8_0"
+        assert ours["blk.0.attn_output.weight"][0] == "Q5_K"
+
+
+@pytest.mark.parametrize("family", GGUF_MOE)
+def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_path):
+    d = built(family)
+    imx = read_imatrix(d["imatrix"])
+    theirs = _tensors(_llama_quantize(d["BF16"] / "model.gguf", tmp_path / "imx.gguf", imatrix=imx))
+    dense = _dense(d["BF16"] / "model.gguf")
+    checked = 0
+    for n, (qtype, raw) in theirs.items():
+        if "_exps." not in n:
+            continue
+        E, K = dense[n].shape[0], dense[n].shape[-1]
+        want = np.concatenate([gguf_blocks.quantize_reference(
+            torch.from_numpy(dense[n][e]), qtype, imx[n][e * K:(e + 1) * K].to(torch.float32)).numpy().reshape(-1)
+            for e in range(E)])
+        assert np.array_equal(raw, want), (family, n)
+        checked += 1
+    assert checked == 2 * 3
