@@ -381,3 +381,57 @@ def test_recipe_runs_an_moe_model_with_its_settings(tiny_model_dir, tmp_path):
     assert [s["stage"] for s in mf.load_manifest(tmp_path / "run").metrics["stages"]] == ["sample", "gptq", "eval"]
     assert main(args) == 0  # everything done: skipped
     assert mf.load_manifest(tmp_path / "run" / "model").created == q.created
+
+
+# -- merge: PEFT LoRA on MoE models --------------------------------------------------------------
+
+
+def _moe_adapter(base, out, seed=0):
+    """A PEFT LoRA on attention (target_modules) and on the fused experts (target_parameters),
+    random factors; returns the PeftModel's logits on IDS."""
+    import peft
+
+    model = _hf(base)
+    attn = ["q_a_proj", "o_proj"] if "deepseek" in str(base) else ["q_proj", "v_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=attn,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    p = peft.get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, t in p.named_parameters():
+            if "lora_" in n:
+                t.copy_(0.2 * torch.randn(t.shape, generator=g))
+        logits = p(IDS).logits
+    p.save_pretrained(out)
+    return logits
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_merge_lora_on_attention_and_fused_experts_is_exact(family, tiny_model_dir, tmp_path):
+    """PEFT's ParamWrapper LoRA on fused experts merges, per expert, into the 2D expert tensors: the
+    merged model computes what the PeftModel computes."""
+    base = tiny_model_dir(family)
+    peft_logits = _moe_adapter(base, tmp_path / "adapter")
+    assert main(["merge", "lora", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged, plain = _hf(tmp_path / "merged")(IDS).logits, _hf(base)(IDS).logits
+    torch.testing.assert_close(merged, peft_logits, rtol=1e-5, atol=1e-5)
+    assert (plain - peft_logits).abs().max() > 100 * (merged - peft_logits).abs().max()
+    cfg = CheckpointReader(base).config
+    arch = get_arch(cfg)
+    sparse = sum(arch.is_sparse_layer(cfg, i) for i in range(arch.num_layers(cfg)))
+    from quantize import manifest as mf
+
+    m = mf.load_manifest(tmp_path / "merged")
+    assert m.metrics["tensors_modified"] == 2 * arch.num_layers(cfg) + sparse * 4 * 3, m.metrics
+
+
+def test_expert_lora_on_another_base_exits_2(tiny_model_dir, tmp_path, capsys):
+    base = tiny_model_dir("qwen3_moe")
+    _moe_adapter(base, tmp_path / "adapter")
+    other = tiny_model_dir("qwen3_moe", num_experts=8)  # same widths, twice the experts
+    rc = main(["merge", "lora", "--base", str(other), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
+    assert rc == 2 and len(err) == 1 and "experts" in err[0], err
+    assert not (tmp_path / "o").exists()

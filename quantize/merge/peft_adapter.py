@@ -48,7 +48,6 @@ _REFUSED_FIELDS: dict[str, str] = {
     "layer_replication": "layer replication changes the number of layers",
     "use_qalora": "QA-LoRA pools the input for GPTQ bases",
     "megatron_config": "Megatron tensor-parallel LoRA layers are sharded",
-    "target_parameters": "LoRA on nn.Parameter targets (MoE experts) is not supported",
     "velora_config": "the VeLoRA variant is not supported",
     "kasa_config": "the KaSA variant is not supported",
     "use_bdlora": "the BD-LoRA variant is not supported",
@@ -98,6 +97,8 @@ class LoraSettings:
     lora_bias: bool = False
     trainable_token_indices: Any = None
     base_model_name_or_path: str | None = None
+    # LoRA on nn.Parameters (PEFT's ParamWrapper): an MoE model's fused 3D experts (mlp.experts.gate_up_proj)
+    target_parameters: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], path: Path) -> LoraSettings:
@@ -142,6 +143,7 @@ class LoraSettings:
             lora_bias=bool(cfg.get("lora_bias")),
             trainable_token_indices=cfg.get("trainable_token_indices"),
             base_model_name_or_path=cfg.get("base_model_name_or_path"),
+            target_parameters=tuple(cfg.get("target_parameters") or ()),
         )
 
     def targets(self, module: str) -> bool:
@@ -326,8 +328,16 @@ def plan_adapter(
         updates[name] = [Replace(adapter.loader(key), f"adapter:{_strip(key)}", tuple(shape))]
         shapes[name] = shape
 
-    # 2. LoRA factors, per module
+    # 2. LoRA factors, per module (PEFT's ParamWrapper on fused experts: per expert, on the 2D tensors)
+    experts_lora = _ExpertsLora(adapter, arch, config)
     for module, f in sorted(adapter.modules.items()):
+        if experts_lora.handles(module):
+            for target, lora in experts_lora.updates(f):
+                if src_of(target) is None:
+                    raise missing("LoRA", target)
+                updates.setdefault(target, []).append(lora)
+                shapes.setdefault(target, tuple(base.shape(target)))
+            continue
         target = f"{module}.weight"
         if src_of(target) is None:
             raise missing("LoRA", target)
@@ -357,7 +367,7 @@ def plan_adapter(
                                  "wrong base model")
             updates.setdefault(bias, []).append(BiasLora(module, adapter.loader(f.keys["lora_bias"]), lora.scale))
 
-    _check_completeness(adapter, base, updates)
+    _check_completeness(adapter, base, updates, arch)
     tied_rows = [u for u in updates.get(embed, []) if isinstance(u, SetRows)]
     if tied and tied_rows:  # PEFT ties trainable tokens of a tied embedding to the head as well
         updates.setdefault(head, []).extend(tied_rows)
@@ -436,6 +446,77 @@ def _lora_update(adapter: PeftAdapter, f: ModuleFactors, W_shape: tuple[int, ...
                       fan_in_fan_out=s.fan_in_fan_out)
 
 
+class _ExpertsLora:
+    """PEFT's LoRA on a fused expert parameter (``target_parameters``: ``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) as ordinary per-expert LoRA updates of the
+    checkpoint's 2D expert tensors.
+
+    PEFT's ParamWrapper saves ``lora_A`` [r E, in] (expert-major rows: expert e is rows e r .. e r + r)
+    and ``lora_B`` [out, r E] (rank-major columns: expert e is columns e, e + E, ...), so expert e's
+    delta is ``scale * B[:, e::E] @ A[e r:(e + 1) r]``; gate_up's rows split into gate (first I) and up.
+    Two parameters of one module nest: the inner wrapper's keys carry ``.base_layer``; which parameter
+    a pair adapts follows from its shapes (in H and out 2I: gate_up; in I and out H: down)."""
+
+    def __init__(self, adapter: PeftAdapter, arch: Arch, config: Mapping[str, Any]):
+        self.adapter, self.arch, self.config = adapter, arch, config
+        self.on = bool(adapter.settings.target_parameters) and arch.moe is not None
+        self._cache: dict[str, Tensor] = {}
+
+    def handles(self, module: str) -> bool:
+        if not self.on:
+            return False
+        i = self.arch.layer_index(module)
+        if i is None:
+            return False
+        rel = module[len(self.arch.layer_prefix(i)):]
+        while rel.endswith(".base_layer"):
+            rel = rel[: -len(".base_layer")]
+        return rel == self.arch.moe.experts.module
+
+    def _tensor(self, key: str) -> Tensor:
+        if key not in self._cache:
+            self._cache = {key: self.adapter.tensor(key)}  # one module's factors at a time
+        return self._cache[key]
+
+    def updates(self, f: ModuleFactors):
+        a, arch, s = self.adapter, self.arch, self.adapter.settings
+        if set(f.keys) - {"A", "B"} or not {"A", "B"} <= set(f.keys):
+            raise InputError(f"{a.weight_file}: {f.module}: expert LoRA needs exactly lora_A and lora_B "
+                             "(no bias, no DoRA); re-save the adapter")
+        i = arch.layer_index(f.module)
+        E = arch.num_experts(self.config)
+        (rE, n_in), (n_out, rE_b) = _check_factor(a, f.keys["A"]), _check_factor(a, f.keys["B"])
+        H = arch.dims(self.config)["hidden"]
+        inter = arch.linear_shape(arch.expert_linear(0, 2), self.config)[1]
+        if not arch.is_sparse_layer(self.config, i) or rE != rE_b or rE % max(E, 1):
+            raise InputError(f"{a.weight_file}: {f.module}: LoRA factors A {[rE, n_in]}, B {[n_out, rE_b]} do not fit "
+                             f"{E} experts of layer {i} of the base: wrong base model")
+        r = rE // E
+        kind = {(H, 2 * inter): 0, (inter, H): 1}.get((n_in, n_out))
+        fused = arch.moe.experts.fused[kind] if kind is not None else None
+        if fused is None or not any(t.endswith(fused) for t in s.target_parameters):
+            raise InputError(f"{a.weight_file}: {f.module}: LoRA of shape A {[rE, n_in]}, B {[n_out, rE]} matches no "
+                             f"targeted expert parameter ({', '.join(s.target_parameters)}) of the base: wrong base model")
+        rank, alpha = s.rank_alpha(f"{arch.layer_prefix(i)}{arch.moe.experts.module}.{fused}")
+        if rank != r:
+            raise InputError(f"{a.weight_file}: {f.module}: rank {r} per expert but {CONFIG_NAME} resolves r={rank}; "
+                             "config and weights disagree")
+        scale = lm.lora_scale(alpha, rank, use_rslora=s.use_rslora)
+        prefix, ka, kb = arch.layer_prefix(i), f.keys["A"], f.keys["B"]
+        for e in range(E):
+            def A(e=e):
+                return self._tensor(ka)[e * r:(e + 1) * r]
+            if kind == 0:  # gate rows, then up rows
+                for j, rows in ((0, slice(0, inter)), (1, slice(inter, 2 * inter))):
+                    yield (f"{prefix}{arch.expert_linear(e, j)}.weight",
+                           LinearLora(f"{f.module}.{fused}[{e}]", A, lambda e=e, rows=rows: self._tensor(kb)[rows, e::E],
+                                      scale, rank, alpha, rslora=s.use_rslora))
+            else:
+                yield (f"{prefix}{arch.expert_linear(e, 2)}.weight",
+                       LinearLora(f"{f.module}.{fused}[{e}]", A, lambda e=e: self._tensor(kb)[:, e::E],
+                                  scale, rank, alpha, rslora=s.use_rslora))
+
+
 def _plan_trainable_tokens(adapter, f, target, updates, shapes, base, src_of) -> None:
     """``trainable_token_indices``: rows of the embedding are overwritten with the saved rows."""
     idx = adapter.settings.trainable_token_indices
@@ -455,12 +536,20 @@ def _plan_trainable_tokens(adapter, f, target, updates, shapes, base, src_of) ->
     shapes.setdefault(target, tuple(W_shape))
 
 
-def _check_completeness(adapter: PeftAdapter, base: CheckpointReader, updates: Mapping[str, list]) -> None:
-    """Every base module the config targets must have LoRA factors, and the config must target something."""
+def _check_completeness(adapter: PeftAdapter, base: CheckpointReader, updates: Mapping[str, list], arch: Arch) -> None:
+    """Every base module the config targets must have LoRA factors, and the config must target something.
+    An MoE model's per-expert linears are not modules in memory (fused 3D experts): target_modules
+    cannot reach them, only target_parameters can."""
     s = adapter.settings
     if s.target_modules is None or s.target_modules == "all-linear":
         return
-    candidates = [n[: -len(".weight")] for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2]
+
+    def expert(name: str) -> bool:
+        i = arch.layer_index(name)
+        return i is not None and arch.expert_slot(name[len(arch.layer_prefix(i)):]) is not None
+
+    candidates = [n[: -len(".weight")] for n in base.names()
+                  if n.endswith(".weight") and len(base.shape(n)) == 2 and not expert(n[: -len(".weight")])]
     selected = [m for m in candidates if s.targets(m)]
     if not selected and adapter.modules:
         raise InputError(
