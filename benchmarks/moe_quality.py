@@ -9,10 +9,12 @@ W3 g128, W2 g64) and each calibration size, GPTQ with
 * ``--moe-calibration all``: from every token (the forward stays the model's own routing);
 * RTN on the same grid (the floor),
 
-then KL / top-1 / perplexity against the bf16 model by our eval over WikiText-2 test windows, wall
+and GGUF (``--gguf``, default Q4_K_M: llama.cpp's mix for this model) twice: the block bytes of
+llama.cpp's reference rounding (no calibration) and ours (GPTQ per expert on the same grids, routed
+statistics); then KL / top-1 / perplexity against the bf16 model by our eval over WikiText-2 test windows, wall
 time, and how many experts fell below ``--moe-min-tokens`` (solved by the fallback).
 
-    python benchmarks/moe_quality.py [--windows 60] [--seq-len 256]
+    python benchmarks/moe_quality.py [--windows 60] [--seq-len 256] [--grids 4:128] [--gguf Q4_K_M,Q8_0]
 
 Needs only this checkout (bundled text and tokenizer).
 """
@@ -48,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated SAMPLESxSEQ_LEN calibration sets (a large one, and a small one that "
                          "starves rarely routed experts)")
     ap.add_argument("--grids", default="4:128,3:128,2:64", help="comma-separated BITS:GROUP")
+    ap.add_argument("--gguf", default="Q4_K_M", help="comma-separated GGUF file types ('' for none)")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch
 
+    from quantize.commands.gguf import quantize_gguf
     from quantize.commands.gptq import quantize_gptq
 
     model = trained_moe()
@@ -68,7 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         for cal_spec in args.calibrations.split(","):
             n, L = (int(v) for v in cal_spec.split("x"))
             cal = c.calibrate(model, str(root / "valid.txt"), n, L, work / f"cal-{n}x{L}")
-            for grid in args.grids.split(","):
+            for gtype in [g for g in args.gguf.split(",") if g]:
+                for label, kw in ((f"GGUF {gtype} llama.cpp rounding", {}), (f"GGUF {gtype} ours (routed)",
+                                                                               {"calibration": cal})):
+                    out = work / f"gguf-{n}x{L}-{gtype}-{'cal' if kw else 'ref'}"
+                    t0 = time.perf_counter()
+                    with c.quiet():
+                        m = quantize_gguf(model_dir=model, out=out, exec_cfg=cfg, ftype=gtype, overwrite=True, **kw)
+                    seconds = time.perf_counter() - t0
+                    q = ref.compare(out)
+                    size = (out / "model.gguf").stat().st_size
+                    rows.append([label, f"{n}x{L}" if kw else "-", "-", f"{q.perplexity:.3f}", f"{q.kl:.4g}",
+                                 f"{q.top1:.4f}", f"{seconds:.1f}", f"{size:,} B"])
+                    print(f"{label} cal {n}x{L}: KL {q.kl:.4g} top-1 {q.top1:.4f} ({seconds:.1f} s, {size:,} bytes)",
+                          flush=True)
+                    import shutil
+
+                    shutil.rmtree(out, ignore_errors=True)
+                kl = [float(r[4]) for r in rows[-2:]]
+                rows[-1][7] += f"; ours/llama.cpp {kl[1] / kl[0]:.3f}"
+            for grid in [g for g in args.grids.split(",") if g]:
                 bits, group = (int(v) for v in grid.split(":"))
                 base = dict(model_dir=model, calibration=cal, exec_cfg=cfg, bits=bits, group_size=group,
                             act_order=True, sym=True, damp=0.01, static_groups=None, block_size=128, overwrite=True)

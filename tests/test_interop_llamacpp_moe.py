@@ -17,8 +17,10 @@ Q4_K_M (llama.cpp's reference rounding) and Q4_K_M with calibration (GPTQ per ex
    such positions in 47, router margin (k-th minus (k+1)-th logit) <= 0.07 of the router logits'
    std, against a median margin of ~0.3. So we require: the first position beyond ``REL_TOL`` has
    such a near-tie (``TIE``) in some layer of our read-back; at most ``MAX_DIVERGED`` of the
-   positions are beyond ``REL_TOL``; for the quantized files ``KL(ours || llama.cpp) <=
-   KL_FRACTION * KL(fp || ours)``; the same argmax wherever our top two logits are clear.
+   positions are beyond ``REL_TOL``; for Q4_K_M ``KL(ours || llama.cpp) <= KL_FRACTION * KL(fp ||
+   ours)`` (measured 0.01-0.04; for Q8_0 the weights' rounding is as small as llama.cpp's 8-bit
+   activations': measured ratio 0.2-0.55, so only the first two rules); the same argmax wherever our
+   top two logits are clear.
    A misplaced expert, block or row breaks the first position already.
 2. llama.cpp's own quantizer (``llama_model_quantize``, Q4_K_M) on our BF16 GGUF writes exactly our
    imatrix-free Q4_K_M, tensor for tensor (types: llama.cpp's MoE mix; bytes: its reference rounding
@@ -146,7 +148,7 @@ def test_llama_cpp_logits_match_our_read_back(built, family, variant):
     if diverged:
         assert float(margin[diverged[0]]) < TIE, (family, variant, diverged, margin[diverged[0]])
     assert len(diverged) <= MAX_DIVERGED * len(ids), (family, variant, diverged)
-    if variant != "F16":
+    if variant.startswith("Q4_K_M"):  # Q8_0's weight rounding is as small as llama.cpp's activation rounding
         assert kl_ll <= KL_FRACTION * kl_q, (family, variant, kl_ll, kl_q)
     top2 = ours.topk(2, -1).values
     clear = ((top2[:, 0] - top2[:, 1]) > 4 * per_pos) & (per_pos <= REL_TOL * rng)
