@@ -172,16 +172,23 @@ def parameter_counts(config: Mapping[str, Any], arch: Arch | None = None) -> dic
     return {"total": total, "active": active}
 
 
-def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_bytes: int = 2) -> dict[str, int]:
+def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_bytes: int = 2,
+               expert_chunk: int | None = None) -> dict[str, int]:
     """What one quantization run holds per layer (besides activations): the largest decoder layer
-    in the compute dtype (one layer resident; the next one prefetched on the host) and the largest
-    set of Hessians alive at once (fp32: one group's, and in a sparse layer one expert's: gate/up
-    and down)."""
+    in the compute dtype on the device (one layer resident; the next one prefetched on the host), of
+    which only ``expert_chunk`` experts at a time with ``--expert-chunk`` (the rest in host memory),
+    and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer one
+    expert's: gate/up and down)."""
     arch = arch or get_arch(config)
-    layer_max = hess_max = 0
+    layer_max = device_max = hess_max = 0
+    E = arch.num_experts(config)
     for i, _ in _layer_kinds(arch, config):
         names = arch.layer_linears(config, i)
-        layer_max = max(layer_max, sum(math.prod(arch.linear_shape(n, config)) for n in names) * compute_bytes)
+        experts = sum(math.prod(arch.linear_shape(n, config)) for n in names if arch.expert_slot(n) is not None)
+        total = sum(math.prod(arch.linear_shape(n, config)) for n in names)
+        layer_max = max(layer_max, total * compute_bytes)
+        resident = total - experts + (experts * min(expert_chunk, E) // E if expert_chunk and E else experts)
+        device_max = max(device_max, resident * compute_bytes)
         for group in arch.layer_groups(config, i):
             if arch.moe is not None and group == [arch.moe.experts.module]:
                 _, K = arch.linear_shape(arch.expert_linear(0, 0), config)
@@ -190,7 +197,7 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
             else:
                 K = arch.linear_shape(group[0], config)[1]
                 hess_max = max(hess_max, 4 * K * K)
-    return {"layer_bytes_max": layer_max, "hessian_bytes_max": hess_max}
+    return {"layer_bytes_max": layer_max, "device_layer_bytes_max": device_max, "hessian_bytes_max": hess_max}
 
 
 def kv_cache_bytes(config: Mapping[str, Any], context: int, batch: int, kv_dtype: str = "fp16",
@@ -230,7 +237,8 @@ def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
 
 
 def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, context: int = 4096, batch: int = 1,
-         kv_dtype: str = "fp16", vram: int | None = None, head_bits: int = 6, overhead: float = 0.0) -> dict[str, Any]:
+         kv_dtype: str = "fp16", vram: int | None = None, head_bits: int = 6, overhead: float = 0.0,
+         expert_chunk: int | None = None) -> dict[str, Any]:
     """Rows per setting: weights, KV cache, total; ``best``: the highest-quality row within ``vram``."""
     arch = get_arch(config)
     kv = kv_cache_bytes(config, context, batch, kv_dtype, arch)
@@ -253,4 +261,4 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
         best = max(fitting, key=lambda r: r["effective_bits"], default=None)
     return {"family": arch.name, "layers": arch.num_layers(config), "context": context, "batch": batch,
             "kv_dtype": kv_dtype, "vram": vram, "rows": rows, "best": best,
-            "parameters": parameter_counts(config, arch), "run": run_memory(config, arch)}
+            "parameters": parameter_counts(config, arch), "run": run_memory(config, arch, expert_chunk=expert_chunk)}

@@ -87,7 +87,11 @@ def quantize_output_options(f):
 
 
 def moe_options(f):
-    """Mixture-of-Experts statistics (executor/moe.py); dense models ignore them."""
+    """Mixture-of-Experts statistics and memory (executor/moe.py); dense models ignore them."""
+    f = click.option("--expert-chunk", type=click.IntRange(min=1), default=None,
+                     help="MoE: keep a layer's experts in host memory and bring this many at a time to the device "
+                          "(a DeepSeek-V3 layer is 21 GiB in bf16: e.g. 32 of 256 on a 24 GiB card). Default: the "
+                          "whole layer on the device.")(f)
     f = click.option("--moe-fallback", default="all", show_default=True, type=click.Choice(["all", "rtn"]),
                      help="MoE: how an expert that saw fewer than --moe-min-tokens is solved: from the all-token "
                           "Hessian, or RTN on its weights. Either way it is listed in the manifest.")(f)

@@ -52,8 +52,11 @@ def resolve_config(target: Path, overrides: tuple[str, ...] = ()) -> tuple[dict,
 @click.option("--kv-dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32", "fp8", "int8"]))
 @click.option("--vram", default=None, help="Device memory budget, e.g. 24GiB or 2x24GiB: pick the best setting that fits.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe overrides (with a recipe).")
+@click.option("--expert-chunk", type=click.IntRange(min=1), default=None,
+              help="MoE: the device memory of a run that keeps this many experts of a layer on the device at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dtype, vram, overrides, as_json):
+def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dtype, vram, overrides, as_json,
+                 expert_chunk=None):
     """How much memory a model needs: exact quantized weight bytes + KV cache."""
     from ..plan import DEFAULT_SETTINGS, Setting, parse_size, plan
 
@@ -79,7 +82,7 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
         count, _, size = vram.partition("x") if "x" in vram.lower() else ("1", "", vram)
         budget = int(count) * parse_size(size) if size else parse_size(vram)
     p = plan(config, settings=settings, context=context, batch=batch, kv_dtype=kv_dtype, vram=budget,
-             head_bits=int(head_bits))
+             head_bits=int(head_bits), expert_chunk=expert_chunk)
     if as_json:
         click.echo(json.dumps({"config": source, **p}, indent=2))
         return
@@ -87,8 +90,9 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
     n, r = p["parameters"], p["run"]
     click.echo(f"parameters: {n['total'] / 1e9:.2f} B total, {n['active'] / 1e9:.2f} B active per token; a run holds "
                f"one layer ({_gib(r['layer_bytes_max']).strip()} GiB in bf16) and at most "
-               f"{_gib(r['hessian_bytes_max']).strip()} GiB "
-               "of Hessians at once")
+               f"{_gib(r['hessian_bytes_max']).strip()} GiB of Hessians at once"
+               + (f"; with --expert-chunk {expert_chunk} the device holds {_gib(r['device_layer_bytes_max']).strip()} GiB "
+                  "of the layer" if expert_chunk else ""))
     click.echo(f"{'setting':<18} {'bits/w':>7} {'weights GiB':>12} {'KV GiB':>8} {'total GiB':>10}" + ("  fits" if budget else ""))
     for r in p["rows"]:
         fits = ("  yes" if r["fits"] else "  no") if budget else ""

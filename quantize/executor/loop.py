@@ -103,6 +103,9 @@ class ExecConfig:
     lockstep_budget: int | None = None  # bytes; None: a quarter of the device's free memory
     prefetch: bool = True  # read the next layer's tensors while this one computes (one extra layer in RAM)
     host_heap: str = "flat"  # glibc policy for host memory (executor/memory.py): flat or pooled
+    # Mixture-of-Experts: keep a sparse layer's experts in host memory and bring this many at a time
+    # to the device (forward and solve); None: the whole layer on the device (executor/moe.py)
+    expert_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.host_heap not in memory.HEAP_MODES:
@@ -235,11 +238,19 @@ class LayerStreamer:
         layer = self.layers[i]
         prefix = self.arch.layer_prefix(i)
         source = self._prefetched.pop(i, None) or self.reader
+        chunked = self.cfg.expert_chunk is not None and self.arch.is_sparse_layer(self.reader.config, i)
+        ex = self.arch.moe.experts if chunked else None
+        host = frozenset(f"{ex.module}.{p}" for p in ex.fused) if chunked else frozenset()
         t0 = time.perf_counter()
         try:
-            skeleton.materialize(layer, prefix, source, device=self.cfg.device, dtype=self.cfg.dtype)
+            skeleton.materialize(layer, prefix, source, device=self.cfg.device, dtype=self.cfg.dtype, host=host)
         finally:
             self.load_wait += time.perf_counter() - t0
+        if chunked:  # the experts' forward brings expert_chunk experts at a time to the device
+            from .moe import chunked_experts_forward
+
+            module = layer.get_submodule(ex.module)
+            module.forward = chunked_experts_forward(module, ex.fused, self.cfg.expert_chunk, self.cfg.device)
         if self.cfg.prefetch and i + 1 < self.num_layers and i + 1 not in self._prefetched:
             self._prefetched = {i + 1: _Prefetch(self.reader, self.arch.layer_prefix(i + 1), self.layers[i + 1])}
         for local, p in layer.named_parameters():
@@ -249,6 +260,11 @@ class LayerStreamer:
         return layer
 
     def release_layer(self, i: int) -> None:
+        if self.arch.moe is not None:
+            experts = self.layers[i].get_submodule(self.arch.moe.experts.module) if self.arch.is_sparse_layer(
+                self.reader.config, i) else None
+            if experts is not None and "forward" in vars(experts):
+                del experts.forward  # the chunked forward installed by load_layer
         skeleton.release(self.layers[i])
         gc.collect()
         memory.release()

@@ -116,12 +116,13 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
             solve(gu, H)
             del H
             acc = HessianAccumulator()
+            W_gu = gate_up[e].to(device=Xe.device, dtype=Xe.dtype)  # host-resident with --expert-chunk
             with torch.no_grad():
                 for chunk in Xe.split(CHUNK):  # the expert's own forward, with its quantized gate/up
-                    g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+                    g, u = F.linear(chunk, W_gu).chunk(2, dim=-1)
                     acc.add(act(g) * u)
             solve(down, acc.H)
-            del Xe, acc
+            del Xe, acc, W_gu
         solved[how] += 1
         how_by_expert.append(how)
     fallback_experts = [e for e in below if how_by_expert[e] != "routed"] if opts.mode == "routed" else []
@@ -137,6 +138,36 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
         "below_min": below,
         "fallback_experts": fallback_experts,
     }
+
+
+def chunked_experts_forward(module, fused: tuple[str, str], chunk: int, device: str):
+    """A forward for an experts module whose fused parameters stay in host memory: ``chunk`` experts
+    at a time are copied to ``device`` and run on their routed tokens (the computation of
+    transformers' eager experts forward for the Mixtral/Qwen/DeepSeek layout: ``act(x Wg) * (x Wu)``,
+    down projection, times the routing weight, summed over the token's experts). Device memory for
+    the experts is ``chunk / E`` of the layer's."""
+    act = module.act_fn
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        gate_up, down = getattr(module, fused[0]), getattr(module, fused[1])
+        E = gate_up.shape[0]
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            for c0 in range(0, E, chunk):
+                hit = [e for e in range(c0, min(E, c0 + chunk)) if bool((top_k_index == e).any())]
+                if not hit:
+                    continue
+                W_gu = gate_up[c0:c0 + chunk].to(device=hidden_states.device, dtype=hidden_states.dtype)
+                W_d = down[c0:c0 + chunk].to(device=hidden_states.device, dtype=hidden_states.dtype)
+                for e in hit:
+                    token, pos = torch.where(top_k_index == e)
+                    g, u = F.linear(hidden_states[token], W_gu[e - c0]).chunk(2, dim=-1)
+                    h = F.linear(act(g) * u, W_d[e - c0]) * top_k_weights[token, pos, None]
+                    out.index_add_(0, token, h.to(out.dtype))
+                del W_gu, W_d
+        return out
+
+    return forward
 
 
 def coverage_summary(layer_metrics: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -67,11 +67,12 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
 
 
 def materialize(module: nn.Module, prefix: str, reader, *, device: str, dtype: torch.dtype,
-                aliases: dict[str, str] | None = None) -> None:
+                aliases: dict[str, str] | None = None, host: frozenset[str] = frozenset()) -> None:
     """Load every parameter of ``module`` (named ``prefix + local name`` in the checkpoint).
 
     ``aliases`` maps a checkpoint name that may be absent to the one to use instead (tied lm_head).
-    Floating tensors are cast to ``dtype``; buffers are moved to ``device``.
+    Floating tensors are cast to ``dtype``; buffers are moved to ``device``. Parameters named in
+    ``host`` (local names) stay in host memory (experts streamed to the device in chunks).
     """
     aliases = aliases or {}
     for local, param in list(module.named_parameters(recurse=True)):
@@ -86,7 +87,7 @@ def materialize(module: nn.Module, prefix: str, reader, *, device: str, dtype: t
                 f"config.json implies {tuple(param.shape)}; the weights do not match config.json"
             )
         t = reader.get(name)
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        t = t.to(device="cpu" if local in host else device, dtype=dtype if t.is_floating_point() else t.dtype)
         _set_parameter(module, local, t)
     for local, buf in list(module.named_buffers(recurse=True)):
         owner, leaf = _owner(module, local)

@@ -151,6 +151,8 @@ def run_quantize_stage(
     params = {**params, "device": exec_cfg.device, "batch_size": exec_cfg.batch_size,
               "compute_dtype": str(exec_cfg.dtype).removeprefix("torch."),
               "offload_activations": exec_cfg.offload_activations, "max_shard_bytes": max_shard_bytes}
+    if exec_cfg.expert_chunk is not None:  # another forward (chunked experts): part of what the run is
+        params["expert_chunk"] = exec_cfg.expert_chunk
     inputs = [mf.describe_input("model", Path(model_dir))]
     if calibration_dir is not None:
         inputs.append(mf.describe_input("calibration", Path(calibration_dir)))
