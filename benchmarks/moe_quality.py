@@ -22,6 +22,7 @@ Needs only this checkout (bundled text and tokenizer).
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{q.top1:.4f}", f"{seconds:.1f}", f"{size:,} B"])
                     print(f"{label} cal {n}x{L}: KL {q.kl:.4g} top-1 {q.top1:.4f} ({seconds:.1f} s, {size:,} bytes)",
                           flush=True)
-                    import shutil
-
                     shutil.rmtree(out, ignore_errors=True)
                 kl = [float(r[4]) for r in rows[-2:]]
                 rows[-1][7] += f"; ours/llama.cpp {kl[1] / kl[0]:.3f}"
@@ -112,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([f"W{bits} g{group} {label}", f"{n}x{L}", f"{lo}/{below}", f"{q.perplexity:.3f}",
                                  f"{q.kl:.4g}", f"{q.top1:.4f}", f"{seconds:.1f}", ""])
                     print(f"{rows[-1][0]} cal {n}x{L}: KL {q.kl:.4g} top-1 {q.top1:.4f} ({seconds:.1f} s)", flush=True)
-                    import shutil
-
                     shutil.rmtree(out, ignore_errors=True)
                 kl = {r[0].split(" ", 2)[2]: float(r[4]) for r in rows[-len(runs):]}
                 rows[-1][7] = f"all/routed {kl['GPTQ all'] / kl['GPTQ routed']:.3f}"

@@ -199,7 +199,7 @@ def test_imatrix_has_one_3d_entry_per_expert_stack(runs, family):
             assert r[f"{name}.in_sum2"].reshape(4, -1).shape == (4, 256)
             assert imx[name].shape == (4 * 256,) and torch.isfinite(imx[name]).all() and (imx[name] >= 0).all()
         assert f"blk.{i}.ffn_gate_inp.weight" not in imx  # routers are not quantized
-    assert f"blk.0.attn_q.weight" in imx
+    assert "blk.0.attn_q.weight" in imx
 
 
 def test_plan_counts_gguf_rows_for_moe():

@@ -46,7 +46,7 @@ gguf = pytest.importorskip("gguf")
 
 from helpers import CPU  # noqa: E402
 from test_gguf_moe import GGUF_MOE, moe_kwargs  # noqa: E402
-from test_interop_llamacpp import N_CTX, TEXT, _dense, _hf_ids, _kl, _llama, _llama_quantize, _tensors  # noqa: E402
+from test_interop_llamacpp import N_CTX, _dense, _hf_ids, _kl, _llama, _llama_quantize, _tensors  # noqa: E402
 
 from quantize.commands.gguf import quantize_gguf  # noqa: E402
 from quantize.formats import gguf_blocks  # noqa: E402
