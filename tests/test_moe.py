@@ -28,6 +28,7 @@ from quantize.plan import parameter_counts, plan
 from quantize.testing import MOE_FAMILIES, build_tiny_model
 
 from helpers import CPU, assert_same_files, output_files, run_gptq
+from helpers import replaced as helpers_replaced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -459,3 +460,100 @@ def test_expert_lora_on_another_base_exits_2(tiny_model_dir, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
     assert rc == 2 and len(err) == 1 and "experts" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_on_a_router_is_refused(tiny_model_dir, tmp_path, capsys):
+    import peft
+
+    base = tiny_model_dir("qwen2_moe")
+    p = peft.get_peft_model(_hf(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert_gate"]))
+    p.save_pretrained(tmp_path / "adapter")
+    rc = main(["merge", "lora", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
+    assert rc == 2 and len(err) == 1 and "shared_expert_gate" in err[0] and "router" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_moe_family_not_in_the_table_exits_2_listing_the_supported(tmp_path, capsys):
+    import transformers as T
+
+    cfg = T.GptOssConfig(vocab_size=1024, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt-oss")
+    rc = main(["plan", "--model", str(tmp_path / "gpt-oss")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
+    assert rc == 2 and len(err) == 1 and "GptOssForCausalLM" in err[0], err
+    assert all(f in err[0] for f in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_gptq_beats_rtn_on_every_expert_that_saw_tokens(family, tiny_model_dir, calib_for, tmp_path):
+    model = tiny_model_dir(family)
+    m = run_gptq(model, calib_for(model), tmp_path / "q", static_groups=True)
+    checked = 0
+    for layer in m.metrics["layers"]:
+        if "moe" not in layer:
+            continue
+        for name, err in layer["rel_error"].items():
+            slot = get_arch(CheckpointReader(model).config).expert_slot(name)
+            if slot is not None and layer["moe"]["seen"][slot[0]] > 0:
+                assert err < layer["rtn_rel_error"][name], (layer["layer"], name)
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(family, tiny_model_dir, calib_for):
+    """Every expert's gate/up and down Hessians, as the layer loop builds them, equal 2/n XᵀX of the
+    inputs transformers' own eager expert loop feeds that expert's matrices (F.linear intercepted)."""
+    from torch.nn import functional as F
+
+    from quantize.calibration import load_calibration
+    from quantize.executor.context import LayerContext
+    from quantize.executor.loop import LayerStreamer
+
+    model = tiny_model_dir(family)
+    ids, _ = load_calibration(calib_for(model))
+    ids = ids[:4]
+    reader = CheckpointReader(model)
+    arch = get_arch(reader.config)
+    sparse = next(i for i in range(arch.num_layers(reader.config)) if arch.is_sparse_layer(reader.config, i))
+    # ours: the layer loop up to the first sparse layer, then its experts' statistics, weights untouched
+    s = LayerStreamer(model, reader, arch, CPU)
+    s.capture(ids)
+    for j in range(sparse):
+        s.load_layer(j)
+        s.run_layer(j, propagate=True)
+        s.release_layer(j)
+    layer = s.load_layer(sparse)
+    ctx = LayerContext(s, sparse, layer)
+    ours: dict[tuple[str, ...], torch.Tensor] = {}
+    names = [g[0] for g in ctx.groups]
+    ctx.sequential(names, lambda *_: None, lambda _n: None,
+                   experts=lambda lins, H: ours.__setitem__(tuple(lins), H.double()), moe=MoEOptions(min_tokens=0.0))
+    # brute force: the eager expert loop of transformers, every F.linear call on an expert's matrix
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, experts_implementation="eager").eval()
+    experts = hf.model.layers[sparse].get_submodule(arch.moe.experts.module)
+    gu, dn = (getattr(experts, f) for f in arch.moe.experts.fused)
+    E = gu.shape[0]
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+    linear = F.linear
+
+    def spy(x, w, *a, **k):
+        for kind, fused in (("gu", gu), ("dn", dn)):
+            for e in range(E):
+                if w.data_ptr() == fused[e].data_ptr() and w.shape == fused[e].shape:
+                    seen.setdefault((kind, e), []).append(x.detach().reshape(-1, x.shape[-1]).double())
+        return linear(x, w, *a, **k)
+
+    with helpers_replaced(F, "linear", spy), torch.no_grad():
+        hf(ids.long())
+    assert len(ours) == 2 * E
+    for e in range(E):
+        for kind, j in (("gu", 0), ("dn", 2)):
+            X = torch.cat(seen[(kind, e)])
+            brute = 2.0 / X.shape[0] * X.T @ X
+            key = tuple(arch.expert_linear(e, k) for k in ((0, 1) if j == 0 else (2,)))
+            torch.testing.assert_close(ours[key], brute, rtol=1e-4, atol=1e-6)

@@ -339,6 +339,7 @@ def plan_adapter(
                 shapes.setdefault(target, tuple(base.shape(target)))
             continue
         target = f"{module}.weight"
+        _refuse_router(adapter, arch, module)
         if src_of(target) is None:
             raise missing("LoRA", target)
         if "tokens" in f.keys:
@@ -444,6 +445,18 @@ def _lora_update(adapter: PeftAdapter, f: ModuleFactors, W_shape: tuple[int, ...
         return EmbeddingLora(module, A, B, scale, rank, alpha, rslora=s.use_rslora, magnitude=magnitude)
     return LinearLora(module, A, B, scale, rank, alpha, rslora=s.use_rslora, magnitude=magnitude,
                       fan_in_fan_out=s.fan_in_fan_out)
+
+
+def _refuse_router(adapter: PeftAdapter, arch: Arch, module: str) -> None:
+    """An MoE router or shared-expert gate is never merged: the experts each token reaches would
+    change with the adapter, and every output format keeps these dense and unquantized as released."""
+    i = arch.layer_index(module)
+    if arch.moe is None or i is None:
+        return
+    rel = module[len(arch.layer_prefix(i)):]
+    if any(rel in (g.name, arch.disk_name(g.name)) for g in arch.moe.never_quantized):
+        raise InputError(f"{adapter.weight_file}: has LoRA for {module}, the {arch.name} router/expert gate; "
+                         "routers are not merged: train the adapter without it (exclude it from target_modules)")
 
 
 class _ExpertsLora:
