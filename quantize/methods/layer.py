@@ -69,7 +69,7 @@ class _GridMethod:
             return self._process(ctx)
         from .signround import refine_layer
 
-        return refine_layer(ctx, self._process, self.refine)
+        return refine_layer(ctx, self._process, self.refine, start=self.name)
 
 
 class GPTQMethod(_GridMethod):

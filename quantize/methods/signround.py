@@ -43,21 +43,28 @@ from torch import Tensor
 
 from .grid import QuantResult, Settings, dequantize_grouped, dtype_exact
 
-CLIP_MIN = 0.5  # the paper's range of the clip factors: [0.5, 1]
+TIE, TIE_MARGIN = 1e-3, 0.05  # see _prepare
+CLIP_MIN, CLIP_MAX = 0.5, 1.25  # range of the per-group scale factors (the paper clips to [0.5, 1])
 
 
 class SignRoundSettings(Settings):
     """Settings of the SignRound refinement. Immutable; unknown fields are rejected."""
 
     iters: int = Field(200, ge=0, description="signed-gradient steps per decoder layer")
-    lr: float | None = Field(None, gt=0.0, description="initial step size (linear decay to 0); None: 1/iters")
+    lr: float | None = Field(None, gt=0.0, description="initial step of V (linear decay to 0); None: 1/iters")
+    scale_lr: float | None = Field(None, gt=0.0, description="initial step of the scale factors; None: as lr")
     batch: int = Field(1, ge=1, description="captured calibration batches per step")
-    clip: bool = Field(True, description="also tune the per-group clip factors (scales/zeros)")
+    rounding: bool = Field(True, description="tune the rounding offsets V")
+    clip: bool = Field(True, description="tune the per-group scale factors")
     seed: int = 0
 
     @property
     def step_size(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+    @property
+    def scale_step_size(self) -> float:
+        return self.scale_lr if self.scale_lr is not None else self.step_size
 
 
 def _round_ste(x: Tensor) -> Tensor:
@@ -68,82 +75,75 @@ def _round_ste(x: Tensor) -> Tensor:
 class _Linear:
     """One linear's fixed data and tunable parameters."""
 
-    W: Tensor  # fp32 [N, K], the unquantized weight
     start: QuantResult
-    k: Tensor  # fp32 [N, K], integer shift of the start's codes from round(W / s0)
+    u: Tensor  # fp32 [N, K], W / s0 + k: k the integer steps the start moved each weight from round(W / s0)
+    Z0: Tensor  # fp32 [N, K], the start's zero-point of every weight
     gi: Tensor  # long [K]
     V: Tensor  # fp32 [N, K], rounding offset in [-0.5, 0.5]
-    alpha: Tensor  # fp32 [G, N], clip factor of the range's top (sym: of the whole range)
-    beta: Tensor | None  # fp32 [G, N], clip factor of the range's bottom (asym)
-
-    def params(self, clip: bool) -> list[Tensor]:
-        ps = [self.V]
-        if clip:
-            ps.append(self.alpha)
-            if self.beta is not None:
-                ps.append(self.beta)
-        return ps
+    alpha: Tensor  # fp32 [G, N], scale factor per group and output row in [CLIP_MIN, CLIP_MAX]
 
     def grid(self) -> tuple[Tensor, Tensor]:
-        """(scales [G, N] with straight-through fp16 rounding, zero-points [G, N] integer-valued)."""
-        spec, s0, z0 = self.start.spec, self.start.scales, self.start.zeros.to(torch.float32)
-        if spec.sym:
-            s = s0 * self.alpha
-            z = z0
-        else:
-            lo = -z0 * s0 * self.beta
-            hi = (spec.maxq - z0) * s0 * self.alpha
-            s = (hi - lo) / spec.maxq
+        """(scales [G, N]: s0 · α with straight-through rounding to the stored dtype, the start's zero-points [G, N])."""
+        spec = self.start.spec
+        s = self.start.scales * self.alpha
         s = s + (dtype_exact(s.detach(), spec.scale_dtype) - s.detach())
-        if not spec.sym:
-            z = _round_ste(-lo / s).clamp(1.0 if spec.v1_safe_zeros else 0.0, float(spec.maxq))
-        return s, z
+        return s, self.start.zeros.to(torch.float32)
+
+    def codes(self, hard: bool) -> Tensor:
+        """Codes on the START's grid: ``clamp(round(W / s0 + k + V) + z0, 0, maxq)`` (fp32)."""
+        r = torch.round if hard else _round_ste
+        return torch.clamp(r(self.u + self.V) + self.Z0, 0, self.start.spec.maxq)
+
+    def params(self, settings: "SignRoundSettings") -> list[tuple[Tensor, float]]:
+        """The tuned tensors and their initial step sizes."""
+        ps = [(self.V, settings.step_size)] if settings.rounding else []
+        if settings.clip:
+            ps.append((self.alpha, settings.scale_step_size))
+        return ps
 
     def w_hat(self) -> Tensor:
         """The dequantized weight at the current parameters (differentiable)."""
         s, z = self.grid()
-        S, Z = s.index_select(0, self.gi).T, z.index_select(0, self.gi).T
-        q = torch.clamp(_round_ste(self.W / S + self.k + self.V) + Z, 0, self.start.spec.maxq)
-        return S * (q - Z)
+        return s.index_select(0, self.gi).T * (self.codes(hard=False) - self.Z0)
 
     @torch.no_grad()
     def result(self) -> QuantResult:
         """The current parameters as a QuantResult (``W_hat`` exactly its dequantization)."""
-        s, z = self.grid()
-        S, Z = s.index_select(0, self.gi).T, z.index_select(0, self.gi).T
-        codes = torch.clamp(torch.round(self.W / S + self.k + self.V) + Z, 0, self.start.spec.maxq).to(torch.int32)
-        scales, zeros = s.contiguous(), z.to(torch.int32).contiguous()
-        W_hat = dequantize_grouped(codes, scales, zeros, self.start.g_idx)
-        return replace(self.start, codes=codes, scales=scales, zeros=zeros, W_hat=W_hat, loss=float("nan"))
+        s, _ = self.grid()
+        codes = self.codes(hard=True).to(torch.int32)
+        scales = s.contiguous()
+        W_hat = dequantize_grouped(codes, scales, self.start.zeros, self.start.g_idx)
+        return replace(self.start, codes=codes, scales=scales, W_hat=W_hat, loss=float("nan"))
 
     def snapshot(self) -> list[Tensor]:
-        return [t.detach().clone() for t in (self.V, self.alpha, self.beta) if t is not None]
+        return [self.V.detach().clone(), self.alpha.detach().clone()]
 
     @torch.no_grad()
     def restore(self, snap: list[Tensor]) -> None:
-        for t, v in zip([t for t in (self.V, self.alpha, self.beta) if t is not None], snap):
-            t.copy_(v)
+        self.V.copy_(snap[0])
+        self.alpha.copy_(snap[1])
 
 
 def _prepare(W: Tensor, start: QuantResult) -> _Linear:
     W = W.detach().to(torch.float32)
     gi = start.g_idx.to(torch.long)
     s0 = start.scales.to(torch.float32).index_select(0, gi).T
-    z0 = start.zeros.to(torch.float32).index_select(0, gi).T
-    k = start.codes.to(torch.float32) - z0 - torch.round(W / s0)
+    Z0 = start.zeros.to(torch.float32).index_select(0, gi).T
+    u = W / s0
+    u = u + (start.codes.to(torch.float32) - Z0 - torch.round(u))
     G, N = start.scales.shape
-    lin = _Linear(W=W, start=start, k=k, gi=gi, V=torch.zeros_like(W), alpha=torch.ones(G, N),
-                  beta=None if start.spec.sym else torch.ones(G, N))
-    # exact reproduction of the start; a float tie of round(W/s0 + k) goes into V's initial value
+    lin = _Linear(start=start, u=u, Z0=Z0, gi=gi, V=torch.zeros_like(W), alpha=torch.ones(G, N))
+    # Exact reproduction of the start. Weights at (or within TIE of) a rounding boundary -- common:
+    # the group's extreme weight sits at ±(maxq+1)/2 steps when the scale came from it -- start
+    # TIE_MARGIN inside the start code's bin, so that one signed step cannot flip them all at once.
+    target = start.codes.to(torch.float32) - Z0
+    near = ((u - torch.floor(u) - 0.5).abs() < TIE) | (torch.round(u) != target)
+    if bool(near.any()):
+        side = torch.sign(target - u)
+        lin.V[near] = (target - u - side * (0.5 - TIE_MARGIN))[near].clamp(-0.5, 0.5)
     r = lin.result()
-    off = r.codes != start.codes
-    if bool(off.any()):
-        s, z = lin.grid()
-        S, Z = s.index_select(0, gi).T, z.index_select(0, gi).T
-        u = W / S + k
-        lin.V[off] = ((start.codes.to(torch.float32) - Z) - u)[off].clamp(-0.5, 0.5)
-        if not torch.equal(lin.result().codes, start.codes):
-            raise AssertionError("SignRound: the parametrisation does not reproduce the starting codes")
+    if not (torch.equal(r.codes, start.codes) and torch.equal(r.scales, start.scales.to(torch.float32))):
+        raise AssertionError("SignRound: the parametrisation does not reproduce the starting result")
     return lin
 
 
@@ -172,7 +172,8 @@ def signround_layer(
     if not names or not inputs:
         return dict(results), {"mse_before": None, "mse_after": None, "iters": 0, "seconds": 0.0, "kept": "start"}
     lins = {n: _prepare(weights[n], results[n]) for n in names}
-    params = [p for lin in lins.values() for p in lin.params(settings.clip)]
+    tuned = [pl for lin in lins.values() for pl in lin.params(settings)]
+    params = [p for p, _ in tuned]
 
     def full_error(w_hats: dict[str, Tensor]) -> float:
         with torch.no_grad():
@@ -186,7 +187,7 @@ def signround_layer(
     energy = sum(float(t.square().sum(dtype=torch.float64)) for t in targets) / sum(t.numel() for t in targets)
     gen = torch.Generator().manual_seed(settings.seed)
     best_loss, best = float("inf"), None
-    lr0, iters = settings.step_size, settings.iters
+    iters = settings.iters if tuned else 0
     for p in params:
         p.requires_grad_(True)
     try:
@@ -198,15 +199,13 @@ def signround_layer(
                 if float(loss.detach()) < best_loss:  # the loss of the parameters before this step
                     best_loss, best = float(loss.detach()), {n: lin.snapshot() for n, lin in lins.items()}
                 grads = torch.autograd.grad(loss, params)
-                lr = lr0 * (1.0 - it / iters)
+                decay = 1.0 - it / iters
                 with torch.no_grad():
-                    for p, g in zip(params, grads):
-                        p.sub_(lr * torch.sign(g))
+                    for (p, lr), g in zip(tuned, grads):
+                        p.sub_(lr * decay * torch.sign(g))
                     for lin in lins.values():
                         lin.V.clamp_(-0.5, 0.5)
-                        lin.alpha.clamp_(CLIP_MIN, 1.0)
-                        if lin.beta is not None:
-                            lin.beta.clamp_(CLIP_MIN, 1.0)
+                        lin.alpha.clamp_(CLIP_MIN, CLIP_MAX)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -241,7 +240,13 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def refine_layer(ctx, process: Callable, settings: SignRoundSettings):
+# From a GPTQ start the default step of V is this fraction of 1/iters (measured on ref-llama W2 g64:
+# at the paper's 1/iters every signed step flips ~1/iters of the codes at once and the layer's error
+# rises above GPTQ's, never to come back within 200 steps; the scale factors alone lower it ~25%).
+GPTQ_V_STEP = 0.02
+
+
+def refine_layer(ctx, process: Callable, settings: SignRoundSettings, start: str = "rtn"):
     """Run ``process(ctx)`` (GPTQ/RTN on the layer, which may propagate its outputs in lock-step),
     then SignRound on its results: the layer's calls and its unquantized outputs are taken before,
     the refined weights are put in place after, and the layer's inputs are put back so that the
@@ -268,9 +273,13 @@ def refine_layer(ctx, process: Callable, settings: SignRoundSettings):
         a, kw = call
         return _output(functional_call(layer, {f"{n}.weight": w.to(dtypes[n]) for n, w in w_hats.items()}, a, kw))
 
-    seed = settings.seed * 1_000_003 + ctx.index
+    update: dict[str, Any] = {"seed": settings.seed * 1_000_003 + ctx.index}
+    if start == "gptq" and settings.lr is None:
+        update["lr"] = GPTQ_V_STEP / max(settings.iters, 1)
+        if settings.scale_lr is None:
+            update["scale_lr"] = settings.step_size
     refined, m = signround_layer(layer_fn, weights, {n: res.results[n] for n in names}, calls, targets,
-                                 settings.model_copy(update={"seed": seed}))
+                                 settings.model_copy(update=update))
     for n in names:
         ctx.set_weight(n, refined[n].W_hat)
         res.results[n] = refined[n]
