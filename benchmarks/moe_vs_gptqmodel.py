@@ -1,0 +1,125 @@
+"""Mixture-of-Experts GPTQ: ours (routed / all-token expert statistics) vs GPTQModel's own GPTQ on CPU.
+
+Runs in the interop environment (``scripts/setup_interop.sh`` -> .venv-interop); exits 0 with a SKIP
+line where ``gptqmodel`` cannot be imported.
+
+* model: the small trained Qwen3-MoE of ``benchmarks/moe_quality.py`` (4 layers, 8 experts, top-2;
+  ``scripts/train_tiny_moe.py`` builds it into out/bench-cache/tiny-qwen3-moe on first use);
+* calibration: one ``quantize sample`` set of the bundled WikiText-2 validation text; GPTQModel gets
+  the very same token windows, batch 8 like ours;
+* settings: 4-bit, group 128, sym, damp 0.01, act-order with static groups (our default; GPTQModel
+  ``desc_act=True, static_groups=True``), true-sequential, fp32; GPTQModel's defaults otherwise
+  (its MoE fallback: RTN below 0.5% of the tokens); RTN on the same grid for scale;
+* each quantization runs in a fresh subprocess (wall time end to end, peak RSS); all outputs are
+  evaluated by our eval (GPTQModel's read back by our reader: same checkpoint format).
+
+    .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py [--samples 128] [--seq-len 256] [--windows 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as c  # noqa: E402
+
+TOOLS = ("ours-routed", "ours-all", "rtn", "gptqmodel")
+
+
+def child(tool: str, model: Path, cal: Path, out: Path, batch_size: int) -> dict:
+    import torch
+
+    if tool == "gptqmodel":
+        import gptqmodel
+        from gptqmodel import GPTQModel
+        from gptqmodel.quantization.config import GPTQConfig
+
+        from quantize.calibration import load_calibration
+
+        ids, _ = load_calibration(cal)
+        data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
+        qcfg = GPTQConfig(bits=4, group_size=128, desc_act=True, static_groups=True, sym=True, damp_percent=0.01,
+                          true_sequential=True, act_group_aware=False, mse=0.0, offload_to_disk=False)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
+        m.quantize(data, batch_size=batch_size)
+        m.save(str(out))
+        return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "version": gptqmodel.__version__}
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401  (imports outside the timing, as GPTQModel's)
+    from quantize.commands.gptq import quantize_gptq
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    m = quantize_gptq(model_dir=model, calibration=cal, out=out, bits=4, group_size=128, act_order=tool != "rtn",
+                      sym=True, damp=0.01, static_groups=None, block_size=128, rtn=tool == "rtn",
+                      exec_cfg=c.exec_config(batch_size), overwrite=True,
+                      moe_calibration="all" if tool == "ours-all" else "routed")
+    cov = m.metrics.get("moe", {})
+    return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0,
+            "fallbacks": sum(len(v) for v in cov.get("fallback_experts", {}).values()),
+            "accounted": sum(sum(r["moe"]["solved"].values()) for r in m.metrics["layers"] if "moe" in r)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    c.add_peer_args(ap)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating; the fastest is kept")
+    args = ap.parse_args()
+    n_threads, threads = c.set_threads(args.threads)
+    if args.child:
+        tool, model, cal, out = args.child
+        with c.quiet():
+            res = child(tool, Path(model), Path(cal), Path(out), args.batch_size)
+        print(json.dumps({**res, "peak_mb": c.maxrss_mb()}), flush=True)
+        return 0
+    if importlib.util.find_spec("gptqmodel") is None:
+        c.skip(f"gptqmodel is not installed in {sys.prefix}; run scripts/setup_interop.sh and use .venv-interop/bin/python")
+    from moe_quality import trained_moe
+
+    model = trained_moe()
+    text = c.repo_root() / "calibration" / "wikitext2"
+    with tempfile.TemporaryDirectory(prefix="moe_vs_gptqmodel-") as tmp:
+        tmp = Path(tmp)
+        cal = c.calibrate(model, str(text / "valid.txt"), args.samples, args.seq_len, tmp / "cal")
+        runs: dict[str, dict] = {}
+        for rep in range(args.repeat):
+            for tool in TOOLS:
+                cmd = [sys.executable, __file__, "--threads", str(n_threads), "--batch-size", str(args.batch_size),
+                       "--child", tool, str(model), str(cal), str(tmp / tool)]
+                r = c.run_json_child(cmd, env={"LD_PRELOAD": "",
+                                               "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")})
+                print(f"  run {rep + 1}/{args.repeat} {tool}: {r['seconds']:.1f}s wall, peak RSS {r['peak_mb']:.0f} MB",
+                      flush=True)
+                best = runs.get(tool)
+                runs[tool] = r if best is None else {**r, "seconds": min(best["seconds"], r["seconds"]),
+                                                     "cpu_s": min(best["cpu_s"], r["cpu_s"]),
+                                                     "peak_mb": max(best["peak_mb"], r["peak_mb"])}
+        windows = c.eval_windows(model, str(text / "test.txt"), args.seq_len, args.windows)
+        fp = c.FpReference(model, windows)
+        quality = {tool: fp.compare(tmp / tool) for tool in runs}
+
+    version = runs["gptqmodel"].get("version", "")
+    print(f"\n{model.name}: Qwen3-MoE, 4 layers, 8 experts (top-2); calibration {args.samples} x {args.seq_len} tokens; "
+          f"eval {args.windows} x {args.seq_len} tokens of WikiText-2 test; {c.cpu_model()}, torch threads {threads}\n")
+    labels = {"ours-routed": "ours, GPTQ routed (default)", "ours-all": "ours, GPTQ all tokens", "rtn": "ours, RTN",
+              "gptqmodel": f"GPTQModel {version}"}
+    rows = [["bf16", None, None, fp.fp.perplexity, 0.0, 1.0, None]]
+    for tool, r in runs.items():
+        q = quality[tool]
+        rows.append([labels[tool], r["seconds"], r["peak_mb"], q.perplexity, q.kl, q.top1, r.get("fallbacks")])
+    c.print_table(["quantizer", "wall s", "peak RSS MB", "perplexity", "KL vs bf16", "top-1", "fallback experts"], rows)
+    o, g = runs["ours-routed"], runs["gptqmodel"]
+    print(f"ours (routed) / GPTQModel: KL {quality['ours-routed'].kl / quality['gptqmodel'].kl:.3f}, "
+          f"speed-up {g['seconds'] / o['seconds']:.2f}x (goal >= 2x), peak RSS {o['peak_mb'] / g['peak_mb']:.2f}x "
+          f"(goal <= 0.5x); experts accounted for in our manifest: {o['accounted']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
