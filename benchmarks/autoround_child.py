@@ -49,7 +49,11 @@ def main() -> None:
                    iters=args.iters, nsamples=n, seqlen=ids.shape[1], batch_size=args.batch_size, device_map="cpu")
     ar.quantize_and_save(args.out, format="auto_gptq")
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "nsamples": n, "iters": args.iters,
+    # 0.16 saves into a subfolder named after the model and scheme (e.g. OUT/ref-llama-w3g128)
+    from pathlib import Path
+
+    saved = [p.parent for p in sorted(Path(args.out).rglob("config.json"))]
+    print(json.dumps({"seconds": seconds, "path": str(saved[0]) if saved else args.out, "nsamples": n, "iters": args.iters,
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "version": md.version("auto-round")}))
 

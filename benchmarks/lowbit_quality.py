@@ -66,7 +66,8 @@ def autoround(ref, ids_file, out, *, bits, group, iters, nsamples, threads, venv
     if threads > 0:
         cmd += ["--threads", str(threads)]
     r = c.run_json_child(cmd, timeout=timeout)
-    return r["seconds"], r["maxrss_mb"], f"auto-round {r['version']}, iters {r['iters']}, nsamples {r['nsamples']}"
+    return (r["seconds"], r["maxrss_mb"], f"auto-round {r['version']}, iters {r['iters']}, nsamples {r['nsamples']}",
+            Path(r["path"]))
 
 
 def main() -> int:
@@ -123,7 +124,7 @@ def main() -> int:
                 try:
                     if row.startswith("ar"):
                         best = row == "ar-best"
-                        seconds, rss, note = autoround(
+                        seconds, rss, note, out = autoround(
                             ref, ids_file, out, bits=bits, group=group,
                             iters=args.best_iters if best else args.iters,
                             nsamples=min(args.best_samples, args.samples) if best else args.samples,
