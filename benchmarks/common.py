@@ -302,6 +302,59 @@ def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: 
     return out
 
 
+def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate: int, experts: int, top_k: int,
+                        heads: int, kv_heads: int, vocab: int = 1024, seed: int = 0, std: float = 0.02,
+                        max_shard_bytes: int = 2 * 10**9) -> Path:
+    """A random bf16 Qwen3-MoE checkpoint (every layer sparse) written tensor by tensor, as
+    :func:`build_synthetic_llama` (per-expert 2D tensors, routers, q/k norms)."""
+    import torch
+
+    from quantize.arch import by_name
+    from quantize.io.writer import ShardedWriter
+    from quantize.testing.tiny import tokenizer_dir
+
+    out = Path(out)
+    head_dim = hidden // heads
+    cfg = {**llama_config(layers=layers, hidden=hidden, intermediate=4 * moe_intermediate, heads=heads,
+                          kv_heads=kv_heads, vocab=vocab, head_dim=head_dim),
+           "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": experts,
+           "num_experts_per_tok": top_k, "moe_intermediate_size": moe_intermediate, "norm_topk_prob": True,
+           "decoder_sparse_step": 1, "mlp_only_layers": []}
+    for k in ("mlp_bias",):
+        cfg.pop(k)
+    arch = by_name("qwen3_moe")
+    gen = torch.Generator().manual_seed(seed)
+
+    def shape(name: str) -> tuple[int, ...]:
+        i = arch.layer_index(name)
+        if i is not None:
+            rel = name[len(arch.layer_prefix(i)):].removesuffix(".weight")
+            if rel == "mlp.gate":
+                return (experts, hidden)
+            if rel.endswith(("q_norm", "k_norm")):
+                return (head_dim,)
+            if arch.is_quantizable(name):
+                return arch.linear_shape(rel, cfg)
+            return (hidden,)  # a layer norm
+        if name.startswith((arch.embed_path + ".", arch.lm_head_path + ".")):
+            return (vocab, hidden)
+        return (hidden,)  # final norm
+
+    with ShardedWriter(out, max_shard_bytes=max_shard_bytes) as w:
+        for name in arch.expected_tensor_names(cfg):
+            s = shape(name)
+            t = torch.randn(s, generator=gen)
+            t = 1.0 + 0.1 * t if len(s) == 1 else std * t
+            w.add(name, t.to(torch.bfloat16))
+            del t
+        w.close()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 # -- our pipeline ------------------------------------------------------------------------------------
 
 def exec_config(batch_size: int = 8, host_heap: str = "flat"):

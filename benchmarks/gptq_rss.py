@@ -16,7 +16,11 @@ libjemalloc is installed, ``jemalloc`` (preloaded: reuse inside a layer, purge a
 quantize command uses there). Before these policies, glibc's default dynamic threshold gave
 1.24-1.40x from 4 to 32 layers.
 
-    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled jemalloc] [--method gguf]
+With ``--moe`` the two models are synthetic Qwen3-MoE (every layer sparse: 8 experts, 2 per token,
+expert width 512, hidden 1024, 16 / 4 heads): each expert solved from its routed tokens, one
+expert's Hessians at a time.
+
+    python benchmarks/gptq_rss.py [--layers 4 32] [--samples 16] [--seq-len 256] [--modes flat pooled jemalloc] [--method gguf] [--moe]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import common as c  # noqa: E402
 GOAL_RATIO = 1.2
 SETUPS = c.heap_setups()  # flat, pooled (glibc) and jemalloc where installed: label -> (host_heap, env)
 SHAPES = dict(hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=1024)
+MOE_SHAPES = dict(hidden=1024, moe_intermediate=512, experts=8, top_k=2, heads=16, kv_heads=4, vocab=1024)
 
 
 def child(model: Path, cal: Path, out: Path, mode: str, method: str = "gptq") -> None:
@@ -69,6 +74,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: auto, see common.set_threads)")
     ap.add_argument("--method", default="gptq", choices=["gptq", "gguf"],
                     help="gptq: GPTQ 4-bit g128 act-order; gguf: `quantize gguf --type Q4_K_M --calibration`")
+    ap.add_argument("--moe", action="store_true", help="synthetic Qwen3-MoE models instead of Llamas")
     ap.add_argument("--child", nargs=5, metavar=("MODEL", "CAL", "OUT", "MODE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     n_threads, threads = c.set_threads(args.threads)
@@ -78,7 +84,7 @@ def main() -> int:
 
     print(f"device: {c.cpu_model()}, torch threads {threads}")
     what = "GPTQ 4-bit g128 act-order sym" if args.method == "gptq" else "GGUF Q4_K_M, Hessian-aware"
-    print(f"model: synthetic Llama {SHAPES}, bf16; {what}; "
+    print(f"model: synthetic {'Qwen3-MoE ' + str(MOE_SHAPES) if args.moe else 'Llama ' + str(SHAPES)}, bf16; {what}; "
           f"calibration {args.samples} x {args.seq_len} tokens (bundled wikitext2)")
     allocators = args.modes
     results: dict[tuple[str, int], dict] = {}
@@ -88,7 +94,10 @@ def main() -> int:
         for n in args.layers:
             model = tmp / f"llama-{n}"
             t0 = time.perf_counter()
-            c.build_synthetic_llama(model, layers=n, **SHAPES)
+            if args.moe:
+                c.build_synthetic_moe(model, layers=n, **MOE_SHAPES)
+            else:
+                c.build_synthetic_llama(model, layers=n, **SHAPES)
             size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e6
             print(f"built {n}-layer model: {size:.0f} MB bf16 in {time.perf_counter() - t0:.1f}s", flush=True)
             if cal is None:  # same tokenizer for both models: one calibration set

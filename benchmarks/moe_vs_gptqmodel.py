@@ -14,6 +14,11 @@ line where ``gptqmodel`` cannot be imported.
   evaluated by our eval (GPTQModel's read back by our reader: same checkpoint format).
 
     .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py [--samples 128] [--seq-len 256] [--windows 60]
+    .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py --synthetic   # speed and memory where experts dominate
+
+``--synthetic``: a random 4-layer Qwen3-MoE (hidden 1024, 8 experts of width 512, top-2;
+``common.build_synthetic_moe``) instead of the trained one: its KL says nothing about quality, its
+time and peak RSS are those of a model whose experts dominate the work.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     c.add_peer_args(ap)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating; the fastest is kept")
+    ap.add_argument("--synthetic", action="store_true", help="a random 4-layer Qwen3-MoE of hidden 1024 (speed, memory)")
     args = ap.parse_args()
     n_threads, threads = c.set_threads(args.threads)
     if args.child:
@@ -82,10 +88,11 @@ def main() -> int:
         c.skip(f"gptqmodel is not installed in {sys.prefix}; run scripts/setup_interop.sh and use .venv-interop/bin/python")
     from moe_quality import trained_moe
 
-    model = trained_moe()
     text = c.repo_root() / "calibration" / "wikitext2"
     with tempfile.TemporaryDirectory(prefix="moe_vs_gptqmodel-") as tmp:
         tmp = Path(tmp)
+        model = (c.build_synthetic_moe(tmp / "synthetic-moe", layers=4, hidden=1024, moe_intermediate=512, experts=8,
+                                       top_k=2, heads=16, kv_heads=4) if args.synthetic else trained_moe())
         cal = c.calibrate(model, str(text / "valid.txt"), args.samples, args.seq_len, tmp / "cal")
         runs: dict[str, dict] = {}
         for rep in range(args.repeat):
@@ -105,7 +112,8 @@ def main() -> int:
         quality = {tool: fp.compare(tmp / tool) for tool in runs}
 
     version = runs["gptqmodel"].get("version", "")
-    print(f"\n{model.name}: Qwen3-MoE, 4 layers, 8 experts (top-2); calibration {args.samples} x {args.seq_len} tokens; "
+    what = "random, hidden 1024, expert width 512" if args.synthetic else "trained, hidden 128"
+    print(f"\n{model.name}: Qwen3-MoE ({what}), 4 layers, 8 experts (top-2); calibration {args.samples} x {args.seq_len} tokens; "
           f"eval {args.windows} x {args.seq_len} tokens of WikiText-2 test; {c.cpu_model()}, torch threads {threads}\n")
     labels = {"ours-routed": "ours, GPTQ routed (default)", "ours-all": "ours, GPTQ all tokens", "rtn": "ours, RTN",
               "gptqmodel": f"GPTQModel {version}"}
