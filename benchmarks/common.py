@@ -256,6 +256,29 @@ def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_
     }
 
 
+def _write_synthetic(out: Path, arch, cfg: dict[str, Any], shape, gen, std: float, max_shard_bytes: int) -> Path:
+    """Every tensor ``arch`` expects for ``cfg``, random (linears ~ N(0, std²), vectors ~ 1 + N(0, 0.1²)),
+    bf16, written one at a time; then config.json and the bundled tokenizer."""
+    import torch
+
+    from quantize.io.writer import ShardedWriter
+    from quantize.testing.tiny import tokenizer_dir
+
+    with ShardedWriter(out, max_shard_bytes=max_shard_bytes) as w:
+        for name in arch.expected_tensor_names(cfg):
+            s = shape(name)
+            t = torch.randn(s, generator=gen)
+            t = 1.0 + 0.1 * t if len(s) == 1 else std * t
+            w.add(name, t.to(torch.bfloat16))
+            del t
+        w.close()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
                           vocab: int = 1024, seed: int = 0, std: float = 0.02,
                           max_shard_bytes: int = 2 * 10**9) -> Path:
@@ -267,8 +290,6 @@ def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: 
     import torch
 
     from quantize.arch import by_name
-    from quantize.io.writer import ShardedWriter
-    from quantize.testing.tiny import tokenizer_dir
 
     out = Path(out)
     cfg = llama_config(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
@@ -287,19 +308,7 @@ def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: 
             return (vocab, hidden)
         return (hidden,)  # final norm
 
-    with ShardedWriter(out, max_shard_bytes=max_shard_bytes) as w:
-        for name in arch.expected_tensor_names(cfg):
-            s = shape(name)
-            t = torch.randn(s, generator=gen)
-            t = 1.0 + 0.1 * t if len(s) == 1 else std * t
-            w.add(name, t.to(torch.bfloat16))
-            del t
-        w.close()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for f in tokenizer_dir().iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    return out
+    return _write_synthetic(out, arch, cfg, shape, gen, std, max_shard_bytes)
 
 
 def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate: int, experts: int, top_k: int,
@@ -310,8 +319,6 @@ def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate
     import torch
 
     from quantize.arch import by_name
-    from quantize.io.writer import ShardedWriter
-    from quantize.testing.tiny import tokenizer_dir
 
     out = Path(out)
     head_dim = hidden // heads
@@ -340,19 +347,7 @@ def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate
             return (vocab, hidden)
         return (hidden,)  # final norm
 
-    with ShardedWriter(out, max_shard_bytes=max_shard_bytes) as w:
-        for name in arch.expected_tensor_names(cfg):
-            s = shape(name)
-            t = torch.randn(s, generator=gen)
-            t = 1.0 + 0.1 * t if len(s) == 1 else std * t
-            w.add(name, t.to(torch.bfloat16))
-            del t
-        w.close()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for f in tokenizer_dir().iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
-    return out
+    return _write_synthetic(out, arch, cfg, shape, gen, std, max_shard_bytes)
 
 
 # -- our pipeline ------------------------------------------------------------------------------------
