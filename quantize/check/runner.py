@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import NO_TRANSFORMERS_GGUF, detect_format, model_type
+from .engines import MOE_MODEL_TYPES, NO_TRANSFORMERS_GGUF, detect_format, model_type
 
 
 def _one_line(e: BaseException) -> str:
@@ -62,8 +62,6 @@ def run_transformers(directory: Path, prompts: list[list[int]]) -> tuple[str, st
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         note = "asymmetric: loaded with CompressedTensorsConfig(dequantize=True)"
     elif fmt in ("gptq", "awq"):
-        from .engines import MOE_MODEL_TYPES, model_type
-
         if model_type(directory) in MOE_MODEL_TYPES:
             return ("unsupported", f"transformers' from_pretrained leaves {fmt} experts of {model_type(directory)} "
                     "unloaded (fused experts in transformers 5); gptqmodel's loader takes them", [])
