@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..arch import by_name, moe_families
 from ..io.quantized import detect_format  # noqa: F401  (re-exported: the check reads outputs as our reader does)
 
 ENGINES = ("transformers", "llama.cpp", "gptqmodel")
@@ -37,7 +38,7 @@ NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF load
 # Mixture-of-Experts model types: transformers 5's from_pretrained with gptqmodel 7.6 keeps its fused
 # experts and leaves per-expert GPTQ/AWQ tensors unloaded (the experts stay randomly initialised);
 # gptqmodel's own loader (GPTQModel.load, with defuser) loads them
-MOE_MODEL_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+MOE_MODEL_TYPES = {by_name(f).model_type for f in moe_families()}
 
 # the import that proves an interpreter holds the engine
 _PROBE = {"transformers": "import transformers as m", "llama.cpp": "import llama_cpp as m",

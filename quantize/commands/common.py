@@ -64,7 +64,7 @@ def exec_options(f):
 
 
 def make_exec_config(device: str, batch_size: int, offload_activations: bool, compute_dtype: str,
-                     lockstep: bool | None = None, host_heap: str = "flat"):
+                     lockstep: bool | None = None, host_heap: str = "flat", expert_chunk: int | None = None):
     import torch
 
     from ..device import resolve_device
@@ -75,7 +75,7 @@ def make_exec_config(device: str, batch_size: int, offload_activations: bool, co
     if name is None:
         name = "float32" if dev == "cpu" else "bfloat16"
     return ExecConfig(device=dev, dtype=getattr(torch, name), batch_size=batch_size, offload_activations=offload_activations,
-                      lockstep=lockstep, host_heap=host_heap)
+                      lockstep=lockstep, host_heap=host_heap, expert_chunk=expert_chunk)
 
 
 def quantize_output_options(f):

@@ -102,10 +102,7 @@ def gguf_command(model_dir, ftype, calibration, damp, imatrix_out, max_shard_siz
                  offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite, moe_calibration,
                  moe_min_tokens, moe_fallback, expert_chunk=None):
     """GGUF for llama.cpp, one decoder layer resident at a time."""
-    import dataclasses
-
-    cfg = dataclasses.replace(make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep,
-                                               host_heap), expert_chunk=expert_chunk)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap, expert_chunk)
     m = quantize_gguf(model_dir=model_dir, out=out, exec_cfg=cfg, ftype=ftype, calibration=calibration, damp=damp,
                       imatrix_out=imatrix_out, seed=seed, overwrite=overwrite, resume=resume,
                       moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback)

@@ -121,10 +121,7 @@ def _shared_options(calibration_help: str):
 def _run(*, model_dir, calibration, bits, group_size, sym, checkpoint_format, format, scale_dtype, max_shard_size,
          resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite,
          expert_chunk=None, **solver):
-    import dataclasses
-
-    cfg = dataclasses.replace(make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep,
-                                               host_heap), expert_chunk=expert_chunk)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap, expert_chunk)
     m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
                       sym=sym, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
                       checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9), format=format,
