@@ -371,7 +371,11 @@ class Arch:
 
     def linear_shape(self, name: str, config: Mapping[str, Any]) -> tuple[int, int]:
         """``(out_features, in_features)`` of a layer linear under ``config``."""
-        lin, d = self.linear(name), self.dims(config)
+        return self.shape_of(self.linear(name), config)
+
+    def shape_of(self, lin: Linear, config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(out_features, in_features)`` of ``lin`` (a layer linear, a router) under ``config``."""
+        d = self.dims(config)
         return sum(d[p] for p in lin.out), d[lin.inp]
 
     def pair_applies(self, pair: ScalePair, config: Mapping[str, Any]) -> bool:

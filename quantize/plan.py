@@ -141,12 +141,8 @@ def _layer_bytes(arch: Arch, config: Mapping[str, Any], i: int, s: Setting, dt: 
     total = sum(linear_bytes(*arch.linear_shape(n, config), s, arch.has_bias(n, config), dt)
                 for n in arch.layer_linears(config, i))
     if arch.is_sparse_layer(config, i):
-        total += sum(math.prod(_shape(arch, lin, d)) * dt for lin in arch.moe.never_quantized)
+        total += sum(math.prod(arch.shape_of(lin, config)) * dt for lin in arch.moe.never_quantized)
     return total + sum(_norm_width(n, d) * dt for n in arch.layer_norms)
-
-
-def _shape(arch: Arch, lin, d: Mapping[str, int]) -> tuple[int, int]:
-    return sum(d[p] for p in lin.out), d[lin.inp]
 
 
 def parameter_counts(config: Mapping[str, Any], arch: Arch | None = None) -> dict[str, int]:
@@ -165,7 +161,7 @@ def parameter_counts(config: Mapping[str, Any], arch: Arch | None = None) -> dic
             layer += numel
             expert += numel if arch.expert_slot(name) is not None else 0
         if arch.is_sparse_layer(config, i):
-            layer += sum(math.prod(_shape(arch, lin, d)) for lin in arch.moe.never_quantized)
+            layer += sum(math.prod(arch.shape_of(lin, config)) for lin in arch.moe.never_quantized)
         layer += sum(_norm_width(nm, d) for nm in arch.layer_norms)
         total += n * layer
         active += n * (layer - expert + (expert * k // E if E else 0))

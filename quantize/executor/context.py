@@ -108,7 +108,8 @@ class LayerContext:
                 def keep(_mod, args, kwargs):
                     x = args[0] if args else kwargs["hidden_states"]
                     idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
-                    self._expert_inputs.append((x.reshape(-1, x.shape[-1]), idx.reshape(x.reshape(-1, x.shape[-1]).shape[0], -1)))
+                    x = x.reshape(-1, x.shape[-1])
+                    self._expert_inputs.append((x, idx.reshape(x.shape[0], -1)))
                 handles.append(self.module(name).register_forward_pre_hook(keep, with_kwargs=True))
                 continue
 

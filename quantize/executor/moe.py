@@ -92,7 +92,6 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     need = max(1, math.ceil(opts.min_tokens * T))
     H_all: torch.Tensor | None = None
     solved = {"routed": 0, "all": 0, "rtn": 0}
-    how_by_expert: list[str] = []
     below: list[int] = []
     for e in range(E):
         n_e = int(counts[e])
@@ -124,8 +123,6 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
             solve(down, acc.H)
             del Xe, acc, W_gu
         solved[how] += 1
-        how_by_expert.append(how)
-    fallback_experts = [e for e in below if how_by_expert[e] != "routed"] if opts.mode == "routed" else []
     return {
         "experts": E,
         "top_k": top_k,
@@ -136,7 +133,7 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
         "seen": [int(c) for c in counts],
         "solved": solved,
         "below_min": below,
-        "fallback_experts": fallback_experts,
+        "fallback_experts": below if opts.mode == "routed" else [],  # "all": nobody falls back
     }
 
 
