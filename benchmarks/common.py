@@ -256,13 +256,32 @@ def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_
     }
 
 
-def _write_synthetic(out: Path, arch, cfg: dict[str, Any], shape, gen, std: float, max_shard_bytes: int) -> Path:
-    """Every tensor ``arch`` expects for ``cfg``, random (linears ~ N(0, std²), vectors ~ 1 + N(0, 0.1²)),
-    bf16, written one at a time; then config.json and the bundled tokenizer."""
+def _write_synthetic(out: Path, family: str, cfg: dict[str, Any], seed: int, std: float, max_shard_bytes: int) -> Path:
+    """Every tensor the architecture table expects for ``cfg``, random (linears and routers
+    ~ N(0, std²), norms ~ 1 + N(0, 0.1²)), bf16, written one at a time (peak memory: one tensor);
+    then config.json and the bundled tokenizer. Deterministic in ``seed``."""
     import torch
 
+    from quantize.arch import by_name
     from quantize.io.writer import ShardedWriter
     from quantize.testing.tiny import tokenizer_dir
+
+    out, arch = Path(out), by_name(family)
+    d = arch.dims(cfg)
+    gates = {lin.name: lin for lin in (arch.moe.never_quantized if arch.moe else ())}
+    gen = torch.Generator().manual_seed(seed)
+
+    def shape(name: str) -> tuple[int, ...]:
+        i = arch.layer_index(name)
+        if i is None:  # embeddings and head, or the final norm
+            embed = name.startswith((arch.embed_path + ".", arch.lm_head_path + "."))
+            return (int(cfg["vocab_size"]), d["hidden"]) if embed else (d["hidden"],)
+        rel = name[len(arch.layer_prefix(i)):].removesuffix(".weight")
+        if arch.is_quantizable(name):
+            return arch.linear_shape(rel, cfg)
+        if rel in gates:  # a router
+            return arch.shape_of(gates[rel], cfg)
+        return (d["head_dim"],) if rel.endswith(("q_norm", "k_norm")) else (d["hidden"],)  # a layer norm
 
     with ShardedWriter(out, max_shard_bytes=max_shard_bytes) as w:
         for name in arch.expected_tensor_names(cfg):
@@ -287,28 +306,9 @@ def build_synthetic_llama(out: Path, *, layers: int, hidden: int, intermediate: 
     Linear weights ~ N(0, std²); norms ~ 1 + N(0, 0.1²); the bundled tokenizer (vocab 1024) is
     copied, so ``vocab`` must be 1024 for calibration with it. Deterministic in ``seed``.
     """
-    import torch
-
-    from quantize.arch import by_name
-
-    out = Path(out)
     cfg = llama_config(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
                        vocab=vocab)
-    arch = by_name("llama")
-    gen = torch.Generator().manual_seed(seed)
-
-    def shape(name: str) -> tuple[int, ...]:
-        i = arch.layer_index(name)
-        if i is not None:
-            rel = name[len(arch.layer_prefix(i)):].removesuffix(".weight")
-            if rel in arch.linear_names():
-                return arch.linear_shape(rel, cfg)
-            return (hidden,)  # a layer norm
-        if name.startswith((arch.embed_path + ".", arch.lm_head_path + ".")):
-            return (vocab, hidden)
-        return (hidden,)  # final norm
-
-    return _write_synthetic(out, arch, cfg, shape, gen, std, max_shard_bytes)
+    return _write_synthetic(out, "llama", cfg, seed, std, max_shard_bytes)
 
 
 def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate: int, experts: int, top_k: int,
@@ -316,38 +316,13 @@ def build_synthetic_moe(out: Path, *, layers: int, hidden: int, moe_intermediate
                         max_shard_bytes: int = 2 * 10**9) -> Path:
     """A random bf16 Qwen3-MoE checkpoint (every layer sparse) written tensor by tensor, as
     :func:`build_synthetic_llama` (per-expert 2D tensors, routers, q/k norms)."""
-    import torch
-
-    from quantize.arch import by_name
-
-    out = Path(out)
-    head_dim = hidden // heads
     cfg = {**llama_config(layers=layers, hidden=hidden, intermediate=4 * moe_intermediate, heads=heads,
-                          kv_heads=kv_heads, vocab=vocab, head_dim=head_dim),
+                          kv_heads=kv_heads, vocab=vocab, head_dim=hidden // heads),
            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": experts,
            "num_experts_per_tok": top_k, "moe_intermediate_size": moe_intermediate, "norm_topk_prob": True,
            "decoder_sparse_step": 1, "mlp_only_layers": []}
-    for k in ("mlp_bias",):
-        cfg.pop(k)
-    arch = by_name("qwen3_moe")
-    gen = torch.Generator().manual_seed(seed)
-
-    def shape(name: str) -> tuple[int, ...]:
-        i = arch.layer_index(name)
-        if i is not None:
-            rel = name[len(arch.layer_prefix(i)):].removesuffix(".weight")
-            if rel == "mlp.gate":
-                return (experts, hidden)
-            if rel.endswith(("q_norm", "k_norm")):
-                return (head_dim,)
-            if arch.is_quantizable(name):
-                return arch.linear_shape(rel, cfg)
-            return (hidden,)  # a layer norm
-        if name.startswith((arch.embed_path + ".", arch.lm_head_path + ".")):
-            return (vocab, hidden)
-        return (hidden,)  # final norm
-
-    return _write_synthetic(out, arch, cfg, shape, gen, std, max_shard_bytes)
+    cfg.pop("mlp_bias")
+    return _write_synthetic(out, "qwen3_moe", cfg, seed, std, max_shard_bytes)
 
 
 # -- our pipeline ------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ positions (1024-token vocabulary):
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -102,17 +101,23 @@ def built(tiny_model_dir, calib_for, tmp_path_factory):
     def get(family: str) -> dict[str, Path]:
         if family not in cache:
             src = tiny_model_dir(family, hidden=256, dtype=torch.bfloat16, **_tiny_kwargs(family))
-            cal = calib_for(src)
             root = tmp_path_factory.mktemp(f"llamacpp-{family}")
-            d = {"src": src, "cal": cal, "imatrix": root / "imatrix.gguf"}
-            for name, kw in (("F16", {"ftype": "F16"}), ("BF16", {"ftype": "BF16"}), ("Q4_K_M", {"ftype": "Q4_K_M"}),
-                             ("Q4_K_M+cal", {"ftype": "Q4_K_M", "calibration": cal, "imatrix_out": d["imatrix"]})):
-                quantize_gguf(model_dir=src, out=root / name, exec_cfg=CPU, **kw)
-                d[name] = root / name
-            cache[family] = d
+            cache[family] = build_ggufs(src, calib_for(src), root, ("F16", "BF16", "Q4_K_M", "Q4_K_M+cal"))
         return cache[family]
 
     return get
+
+
+def build_ggufs(src: Path, cal: Path, root: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """``quantize gguf`` of ``src`` into ``root/NAME`` for each name (a type, or ``Q4_K_M+cal``:
+    calibrated, writing ``root/imatrix.gguf``); returns {"src", "cal", "imatrix", NAME: directory}."""
+    d = {"src": src, "cal": cal, "imatrix": root / "imatrix.gguf"}
+    for name in names:
+        ftype, _, cal_flag = name.partition("+")
+        kw = {"calibration": cal, "imatrix_out": d["imatrix"]} if cal_flag else {}
+        quantize_gguf(model_dir=src, out=root / name, exec_cfg=CPU, ftype=ftype, **kw)
+        d[name] = root / name
+    return d
 
 
 def _llama(path: Path, **kw):

@@ -44,11 +44,10 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="interop tier: needs llama-cpp-python (scripts/setup_llamacpp.sh -> .venv-llamacpp)")
 gguf = pytest.importorskip("gguf")
 
-from helpers import CPU  # noqa: E402
 from test_gguf_moe import GGUF_MOE, moe_kwargs  # noqa: E402
-from test_interop_llamacpp import N_CTX, _dense, _hf_ids, _kl, _llama, _llama_quantize, _tensors  # noqa: E402
+from test_interop_llamacpp import (  # noqa: E402, F401  (_quiet_llama_cpp: the module's autouse fixture)
+    N_CTX, _dense, _hf_ids, _kl, _llama, _llama_quantize, _quiet_llama_cpp, _tensors, build_ggufs)
 
-from quantize.commands.gguf import quantize_gguf  # noqa: E402
 from quantize.formats import gguf_blocks  # noqa: E402
 from quantize.formats.gguf_imatrix import read_imatrix  # noqa: E402
 from quantize.io.quantized import load_dequantized_model  # noqa: E402
@@ -58,17 +57,6 @@ TIE = 0.1            # router margin / std(router logits) below which a flip is 
 MAX_DIVERGED = 0.25  # fraction of positions beyond REL_TOL (a flip, and later tokens attending to it)
 KL_FRACTION = 0.2    # KL(ours || llama.cpp) / KL(fp || ours), quantized files
 VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_llama_cpp():
-    import logging
-
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
 
 
 def _kwargs(family: str) -> dict:
@@ -85,15 +73,8 @@ def built(tiny_model_dir, calib_for, tmp_path_factory):
     def get(family: str) -> dict[str, Path]:
         if family not in cache:
             src = tiny_model_dir(family, **_kwargs(family))
-            cal = calib_for(src)
             root = tmp_path_factory.mktemp(f"llamacpp-moe-{family}")
-            d = {"src": src, "imatrix": root / "imatrix.gguf"}
-            for name, kw in (("F16", {"ftype": "F16"}), ("BF16", {"ftype": "BF16"}), ("Q8_0", {"ftype": "Q8_0"}),
-                             ("Q4_K_M", {"ftype": "Q4_K_M"}),
-                             ("Q4_K_M+cal", {"ftype": "Q4_K_M", "calibration": cal, "imatrix_out": d["imatrix"]})):
-                quantize_gguf(model_dir=src, out=root / name, exec_cfg=CPU, **kw)
-                d[name] = root / name
-            cache[family] = d
+            cache[family] = build_ggufs(src, calib_for(src), root, ("F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K_M+cal"))
         return cache[family]
 
     return get
