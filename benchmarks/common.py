@@ -420,6 +420,29 @@ def eval_windows(model_dir: Path, dataset: str, seq_len: int, n: int):
     return windows
 
 
+def gptqmodel_quantize(model: Path, cal: Path, out: Path, qcfg, batch_size: int) -> dict:
+    """GPTQModel's own quantization of ``model`` (fp32, CPU) on our calibration windows (as
+    ``input_ids`` + all-ones ``attention_mask``), saved to ``out``; wall and CPU seconds from the
+    load on (its imports excluded), split into load / quantize / save, and its version."""
+    import gptqmodel
+    import torch
+    from gptqmodel import GPTQModel
+
+    from quantize.calibration import load_calibration
+
+    ids, _ = load_calibration(cal)
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
+    t1 = time.perf_counter()
+    m.quantize(data, batch_size=batch_size)
+    t2 = time.perf_counter()
+    m.save(str(out))
+    t3 = time.perf_counter()
+    return {"seconds": t3 - t0, "cpu_s": time.process_time() - cpu0, "load_s": t1 - t0, "quantize_s": t2 - t1,
+            "save_s": t3 - t2, "version": gptqmodel.__version__}
+
+
 def failure_reason(err: BaseException) -> str:
     """One line for a failed peer child: the last exception (or ``error:``) line of its output, else
     its last line (a timeout says so)."""

@@ -55,28 +55,12 @@ def child_ours(model: Path, cal: Path, out: Path, host_heap: str = "flat") -> di
 
 
 def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int) -> dict:
-    import torch
-    from gptqmodel import GPTQModel
     from gptqmodel.quantization.config import GPTQConfig
 
-    from quantize.calibration import load_calibration
-
-    ids, _ = load_calibration(cal)
-    data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
     qcfg = GPTQConfig(bits=SETTINGS["bits"], group_size=SETTINGS["group_size"], desc_act=SETTINGS["act_order"],
                       sym=SETTINGS["sym"], damp_percent=SETTINGS["damp"], static_groups=False, true_sequential=True,
                       act_group_aware=False, mse=0.0, offload_to_disk=False)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
-    t1 = time.perf_counter()
-    m.quantize(data, batch_size=batch_size)
-    t2 = time.perf_counter()
-    m.save(str(out))
-    t3 = time.perf_counter()
-    import gptqmodel
-
-    return {"seconds": t3 - t0, "cpu_s": time.process_time() - cpu0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
-            "version": gptqmodel.__version__}
+    return c.gptqmodel_quantize(model, cal, out, qcfg, batch_size)
 
 
 def weight_agreement(model: Path, ours: Path, theirs: Path) -> dict:

@@ -39,24 +39,12 @@ TOOLS = ("ours-routed", "ours-all", "rtn", "gptqmodel")
 
 
 def child(tool: str, model: Path, cal: Path, out: Path, batch_size: int) -> dict:
-    import torch
-
     if tool == "gptqmodel":
-        import gptqmodel
-        from gptqmodel import GPTQModel
         from gptqmodel.quantization.config import GPTQConfig
 
-        from quantize.calibration import load_calibration
-
-        ids, _ = load_calibration(cal)
-        data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
         qcfg = GPTQConfig(bits=4, group_size=128, desc_act=True, static_groups=True, sym=True, damp_percent=0.01,
                           true_sequential=True, act_group_aware=False, mse=0.0, offload_to_disk=False)
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
-        m.quantize(data, batch_size=batch_size)
-        m.save(str(out))
-        return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "version": gptqmodel.__version__}
+        return c.gptqmodel_quantize(model, cal, out, qcfg, batch_size)
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401  (imports outside the timing, as GPTQModel's)
     from quantize.commands.gptq import quantize_gptq
 
