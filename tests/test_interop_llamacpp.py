@@ -126,6 +126,17 @@ def _llama(path: Path, **kw):
     return llama_cpp.Llama(model_path=str(path), **kw)
 
 
+def llama_cpp_logits(gguf_dir: Path, src: Path) -> tuple[list[int], torch.Tensor]:
+    """The test text's token ids (without specials) and llama.cpp's logits [len, vocab] for them."""
+    ids = _hf_ids(src, special=False)
+    assert 8 < len(ids) < N_CTX
+    llm = _llama(gguf_dir / "model.gguf")
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    del llm
+    return ids, got
+
+
 def _hf_ids(src: Path, special: bool) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -148,12 +159,7 @@ def test_llama_cpp_logits_match_our_read_back(built, family, variant):
 
     d = built(family)
     out = d[variant]
-    ids = _hf_ids(d["src"], special=False)
-    assert 8 < len(ids) < N_CTX
-    llm = _llama(out / "model.gguf")
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    del llm
+    ids, got = llama_cpp_logits(out, d["src"])
     x = torch.tensor([ids])
     with torch.no_grad():
         ours = load_dequantized_model(out).eval()(x).logits[0].float()

@@ -46,7 +46,7 @@ gguf = pytest.importorskip("gguf")
 
 from test_gguf_moe import GGUF_MOE, moe_kwargs  # noqa: E402
 from test_interop_llamacpp import (  # noqa: E402, F401  (_quiet_llama_cpp: the module's autouse fixture)
-    N_CTX, _dense, _hf_ids, _kl, _llama, _llama_quantize, _quiet_llama_cpp, _tensors, build_ggufs)
+    _dense, _kl, _llama_quantize, _quiet_llama_cpp, _tensors, build_ggufs, llama_cpp_logits)
 
 from quantize.formats import gguf_blocks  # noqa: E402
 from quantize.formats.gguf_imatrix import read_imatrix  # noqa: E402
@@ -108,12 +108,7 @@ def test_llama_cpp_logits_match_our_read_back(built, family, variant):
 
     d = built(family)
     out = d[variant]
-    ids = _hf_ids(d["src"], special=False)
-    assert 8 < len(ids) < N_CTX
-    llm = _llama(out / "model.gguf")
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    del llm
+    ids, got = llama_cpp_logits(out, d["src"])
     ours, margin = _forward_with_router_margins(load_dequantized_model(out).eval(), ids)
     with torch.no_grad():
         fp = AutoModelForCausalLM.from_pretrained(d["src"], dtype=torch.float32).eval()(torch.tensor([ids])).logits[0].float()
