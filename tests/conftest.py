@@ -6,6 +6,7 @@ Plain helpers shared between test files are in ``helpers.py``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,46 @@ import torch
 
 from quantize.calibration import sample_calibration
 from quantize.testing import build_tiny_model
+
+
+# Engines this run must have (comma list of their virtualenvs' names, e.g. ".venv-interop,.venv-vllm"):
+# CI sets it (`.ci/run` builds them first), so that a test skipped because its engine is absent fails
+# there instead of passing quietly. Every engine test's skip reason names the virtualenv it needs.
+REQUIRED_ENGINES = tuple(e for e in os.environ.get("QUANTIZE_REQUIRE_ENGINES", "").split(",") if e.strip())
+
+
+def _required_engine_missing(report) -> str | None:
+    if not REQUIRED_ENGINES or not report.skipped:
+        return None
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    hit = next((e for e in REQUIRED_ENGINES if e.strip() in reason), None)
+    return None if hit is None else f"{hit.strip()} is required here (QUANTIZE_REQUIRE_ENGINES) but absent: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    why = _required_engine_missing(rep)
+    if why:
+        rep.outcome, rep.longrepr = "failed", why
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    rep = outcome.get_result()
+    why = _required_engine_missing(rep)
+    if why:  # a module-level importorskip of the engine's library
+        rep.outcome, rep.longrepr = "failed", why
+
+
+@pytest.fixture(autouse=True)
+def _no_vllm_outside_the_interop_tier(request, monkeypatch):
+    """vLLM starts in ~30-70 s per model on this CPU: only tests marked ``interop`` may run it.
+    Elsewhere (recipes with ``check: auto``) `quantize check` sees it as not installed."""
+    if request.node.get_closest_marker("interop") is None:
+        monkeypatch.setenv("QUANTIZE_VLLM_PYTHON", "/nonexistent/.venv-vllm/bin/python")
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 pytestmark = pytest.mark.interop
 
-gptqmodel = pytest.importorskip("gptqmodel", reason="interop tier: needs gptqmodel (run `make interop`)")
-pytest.importorskip("optimum", reason="interop tier: needs optimum (run `make interop`)")
+gptqmodel = pytest.importorskip("gptqmodel", reason="interop tier: needs gptqmodel (.venv-interop: scripts/setup_interop.sh, `make interop`)")
+pytest.importorskip("optimum", reason="interop tier: needs optimum (.venv-interop: scripts/setup_interop.sh, `make interop`)")
 
 from quantize.calibration import sample_calibration  # noqa: E402
 from quantize.commands.gptq import quantize_gptq  # noqa: E402

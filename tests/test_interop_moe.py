@@ -20,7 +20,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 pytestmark = pytest.mark.interop
 
-pytest.importorskip("gptqmodel", reason="interop tier: needs gptqmodel (run `make interop`)")
+pytest.importorskip("gptqmodel", reason="interop tier: needs gptqmodel (.venv-interop: scripts/setup_interop.sh, `make interop`)")
 
 from quantize.check import check_output  # noqa: E402
 from quantize.check.runner import run_transformers  # noqa: E402

@@ -105,7 +105,7 @@ def test_run_checks_the_output_when_the_recipe_asks(tiny_llama, tmp_path, monkey
             "--set", "check=all", "--format", "compressed-tensors"]
     assert main(args) == 0
     checks = mf.load_manifest(tmp_path / "run" / "model").checks
-    assert [(c.engine, c.verdict) for c in checks] == [("transformers", "pass")]
+    assert [(c.engine, c.verdict) for c in checks] == [("transformers", "pass"), ("vllm", "not installed")]
     assert not mf.verify(tmp_path / "run" / "model")
     assert main(args) == 0  # skipped: no second check appended
-    assert len(mf.load_manifest(tmp_path / "run" / "model").checks) == 1
+    assert len(mf.load_manifest(tmp_path / "run" / "model").checks) == 2

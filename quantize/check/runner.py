@@ -117,8 +117,93 @@ def run_gptqmodel(directory: Path, prompts: list[list[int]]) -> tuple[str, str, 
     return "ok", "", out
 
 
+VLLM_FORMATS = ("dense", "gptq", "awq", "compressed-tensors")
+
+
+def run_vllm(directory: Path, prompts: list[list[int]]) -> tuple[str, str, list[np.ndarray]]:
+    """vLLM's offline ``LLM`` on DIR: its config validation, its model class and weight loader, then
+    full-vocabulary log-probabilities at every position of each prompt (``prompt_logprobs`` for
+    positions 0..n-2, the generated token's ``logprobs`` for the last), as float32 [n, vocab].
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the loader can
+    be observed: vLLM's ``DefaultModelLoader.load_weights`` raises unless every parameter of its
+    (quantized) layers was initialised from the checkpoint and every checkpoint tensor found its
+    parameter; when it returned and a later step failed (a W4A16 repack or forward without a kernel
+    on this CPU), the status is ``loaded`` with what was loaded and the error -- never ``ok``."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the prompts are a few hundred tokens
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    fmt = detect_format(directory)
+    if fmt not in VLLM_FORMATS:
+        return "unsupported", f"checked with vLLM: {', '.join(VLLM_FORMATS)} outputs (not {fmt})", []
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    loaded: dict = {}
+    original = DefaultModelLoader.load_weights
+
+    def load_weights(self, model, model_config):
+        original(self, model, model_config)  # raises on a checkpoint tensor or parameter left over
+        params = dict(model.named_parameters())
+        loaded["tensors"] = len(params)
+        loaded["dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in params.values()})
+        loaded["methods"] = sorted({type(m.quant_method).__name__ for m in model.modules()
+                                    if getattr(m, "quant_method", None) is not None})
+
+    DefaultModelLoader.load_weights = load_weights
+    n_ctx = max(64, max(len(p) for p in prompts) + 8)
+    try:
+        # fp32 for dense checkpoints (our read-back runs fp32); quantized ones in the dtype vLLM picks
+        # for their kernels
+        llm = LLM(model=str(directory), dtype="float32" if fmt == "dense" else "auto", max_model_len=n_ctx,
+                  max_num_seqs=1, enforce_eager=True, max_logprobs=-1, seed=0, enable_prefix_caching=False)
+        vocab = llm.llm_engine.model_config.get_vocab_size()
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, logprobs=-1)
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+    except Exception as e:  # noqa: BLE001
+        if "tensors" not in loaded:
+            raise
+        what = (f"{loaded['tensors']} parameters loaded from the checkpoint into {'/'.join(loaded['methods'])} "
+                f"layers ({'/'.join(loaded['dtypes'])}); forward not run: ")
+        return "loaded", what + _one_line(e), []
+    out = []
+    for ids, r in zip(prompts, results):
+        rows = list(r.prompt_logprobs[1:]) + [r.outputs[0].logprobs[0]]  # position j: the next token after j
+        a = np.full((len(ids), vocab), -np.inf, dtype=np.float32)
+        for j, row in enumerate(rows):
+            for tok, lp in row.items():
+                a[j, tok] = lp.logprob
+        out.append(a)
+    how = f"{'/'.join(loaded.get('methods', []))} layers, {'/'.join(loaded.get('dtypes', []))} parameters; " if loaded else ""
+    return "ok", how + "log-probabilities (vLLM returns no raw logits for prompts)", out
+
+
+def run_exllamav2(directory: Path, prompts: list[list[int]]) -> tuple[str, str, list[np.ndarray]]:
+    """exllamav2 (CUDA only) on an EXL2 output: logits at every position, no cache."""
+    import torch
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    if detect_format(directory) != "exl2":
+        return "unsupported", "exllamav2 loads EXL2 only", []
+    config = ExLlamaV2Config(str(directory))
+    config.max_seq_len = max(64, max(len(p) for p in prompts) + 8)
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, lazy=True, max_seq_len=config.max_seq_len)
+    model.load_autosplit(cache)
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out.append(model.forward(torch.tensor([ids]), last_id_only=False)[0].float().cpu().numpy())
+    return "ok", "", out
+
+
 RUNNERS = {"transformers": (run_transformers, "transformers"), "llama.cpp": (run_llamacpp, "llama_cpp"),
-           "gptqmodel": (run_gptqmodel, "gptqmodel")}
+           "gptqmodel": (run_gptqmodel, "gptqmodel"), "vllm": (run_vllm, "vllm"),
+           "exllamav2": (run_exllamav2, "exllamav2")}
 
 
 def main(argv: list[str]) -> int:

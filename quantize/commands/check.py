@@ -1,4 +1,4 @@
-"""`quantize check DIR [--engine auto|transformers|llama.cpp|gptqmodel|all] [--json]`."""
+"""`quantize check DIR [--engine auto|transformers|llama.cpp|gptqmodel|vllm|exllamav2|all] [--json]`."""
 
 from __future__ import annotations
 

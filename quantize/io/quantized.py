@@ -15,6 +15,7 @@ import torch
 
 from ..formats.base import Format
 from ..formats.registry import format_from_config
+from .detect import detect_format  # noqa: F401  (re-exported)
 from .reader import CheckpointReader
 
 
@@ -80,19 +81,6 @@ class DequantReader:
             W = self.fmt.dequantize(self._packed_tensors(self._packed[name]))
             return W.to(device=device, dtype=dtype or W.dtype)
         return self.inner.get(name, dtype=dtype, device=device)
-
-
-def detect_format(directory: Path) -> str:
-    """``gguf``, ``gptq``, ``awq``, ``compressed-tensors``, ``dense`` (or another quant_method, lowercased)."""
-    directory = Path(directory)
-    if (directory / "model.gguf").is_file():
-        return "gguf"
-    try:
-        cfg = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "dense"
-    qc = cfg.get("quantization_config") or {}
-    return str(qc.get("quant_method", "dense")).lower() if qc else "dense"
 
 
 def open_model(directory: Path):
