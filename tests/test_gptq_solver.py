@@ -503,3 +503,63 @@ def test_shared_solve_equals_solving_each_linear(act_order, static):
         assert r.loss == pytest.approx(alone.loss, rel=1e-5)
         assert torch.equal(r.g_idx, alone.g_idx)
     assert gptq_quantize_shared(Ws[:1], spec, p, names=["q"])[0].loss == gptq_quantize(Ws[0], None, spec, prepared=p).loss
+
+
+def _expert_hessians(K: int, seed: int) -> list[torch.Tensor]:
+    """Five experts' Hessians of one width: different inputs and token counts, one expert starved
+    (3 tokens: rank 3, only damping makes it definite), one healed (an indefinite H: 10x damping),
+    one with a dead input (``diag H == 0``)."""
+    g = torch.Generator().manual_seed(seed)
+    Hs = []
+    for n in (512, 3, 64, 2048):
+        mix = torch.eye(K) + torch.randn(K, K, generator=g) / K**0.5
+        X = (torch.randn(n, K, generator=g) @ mix) * (0.5 + 4 * torch.rand(K, generator=g))
+        Hs.append(accumulate_hessian(X, None, 0)[0])
+    Hs[2][5, :] = 0.0
+    Hs[2][:, 5] = 0.0
+    Hs.append(Hs[0] - 0.05 * Hs[0].diagonal().mean() * torch.eye(K))  # negative eigenvalues: healed
+    return Hs
+
+
+@pytest.mark.parametrize("bits, group_size, act_order, static_groups",
+                         [(4, 32, True, True), (4, 32, True, False), (3, 32, False, False), (2, -1, True, False),
+                          (4, 128, False, True)])
+def test_batched_expert_solve_equals_per_expert(bits, group_size, act_order, static_groups):
+    """One batched solve over experts (each its own Hessian, act-order permutation, damping and dead
+    inputs) gives every expert's results bit for bit as solving it alone; W and H untouched."""
+    from quantize.methods.gptq import gptq_quantize_experts, gptq_quantize_shared
+
+    K, I = 128, 24
+    spec = QuantSpec(bits=bits, group_size=group_size, act_order=act_order, static_groups=static_groups, block_size=48)
+    Hs = _expert_hessians(K, seed=7)
+    g = torch.Generator().manual_seed(8)
+    experts = [[torch.randn(I, K, generator=g), torch.randn(I, K, generator=g)] for _ in Hs]
+    before = [(H.clone(), [W.clone() for W in Ws]) for H, Ws in zip(Hs, experts)]
+    prepared = [prepare_hessian_inverse(H, spec) for H in Hs]
+    assert sorted({round(p.damp_used, 6) for p in prepared}) == [0.01, 0.1]
+    assert int(prepared[2].dead.sum()) == 1
+    alone = [gptq_quantize_shared(Ws, spec, p, names=["gate", "up"]) for Ws, p in zip(experts, prepared)]
+    batched = gptq_quantize_experts(experts, prepared, spec, names=[["gate", "up"]] * len(Hs))
+    again = gptq_quantize_experts(experts, prepared, spec, names=[["gate", "up"]] * len(Hs))
+    for rs_alone, rs_batched, rs_again in zip(alone, batched, again):
+        for a, b, c in zip(rs_alone, rs_batched, rs_again, strict=True):
+            for field in ("codes", "scales", "zeros", "g_idx", "W_hat"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), field
+                assert torch.equal(getattr(b, field), getattr(c, field)), field
+            assert (a.perm is None) == (b.perm is None) and (a.perm is None or torch.equal(a.perm, b.perm))
+            assert (a.loss, a.damp_used, a.dead_columns) == (b.loss, b.damp_used, b.dead_columns)
+    for (H0, Ws0), H, Ws in zip(before, Hs, experts):
+        assert torch.equal(H0, H) and all(torch.equal(a, b) for a, b in zip(Ws0, Ws))
+
+
+def test_batched_solve_of_one_weight_equals_gptq_quantize(big):
+    from quantize.methods.gptq import gptq_solve_batched
+
+    W, H = big
+    spec = QuantSpec(bits=3, group_size=64, act_order=True)
+    (r, row_loss), = gptq_solve_batched(W.unsqueeze(0), [prepare_hessian_inverse(H, spec)], spec, names=["w"])
+    ref = gptq_quantize(W, H, spec)
+    assert torch.equal(r.codes, ref.codes) and torch.equal(r.W_hat, ref.W_hat) and r.loss == ref.loss
+    assert row_loss.shape == (W.shape[0],)
+    with pytest.raises(ValueError, match="prepared Hessians"):
+        gptq_solve_batched(W.unsqueeze(0), [], spec, names=[])

@@ -248,6 +248,25 @@ def test_unrouted_experts_fall_back_and_are_listed(starved, calib_for, tmp_path)
     assert torch.equal(q_all.get(name), q_rtn.get(name))
 
 
+@pytest.mark.parametrize("mode, fallback", [("routed", "all"), ("routed", "rtn"), ("all", "all")])
+def test_batched_expert_solves_give_the_bytes_of_one_expert_at_a_time(mode, fallback, starved, calib_for, tmp_path,
+                                                                     monkeypatch):
+    """The experts of a layer solved in one batch give the same bytes and manifest metrics as one
+    expert per solve (``BATCH_HESSIAN_BYTES`` below one Hessian), starved experts and their
+    fallback included."""
+    from quantize.executor import moe
+
+    cal = calib_for(starved)
+    kw = dict(group_size=32, moe_calibration=mode, moe_fallback=fallback)
+    batched = run_gptq(starved, cal, tmp_path / "batched", **kw)
+    monkeypatch.setattr(moe, "BATCH_HESSIAN_BYTES", 1)
+    one = run_gptq(starved, cal, tmp_path / "one", **kw)
+    assert_same_files(tmp_path / "batched", tmp_path / "one", output_files(tmp_path / "batched"))
+    for a, b in zip(batched.metrics["layers"], one.metrics["layers"], strict=True):
+        for key in ("rel_error", "rtn_rel_error", "damp_used", "moe"):
+            assert a[key] == b[key], key
+
+
 def test_all_token_statistics(tiny_model_dir, calib_for, tmp_path):
     model = tiny_model_dir("qwen3_moe")
     cal = calib_for(model)
@@ -530,7 +549,8 @@ def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(family, ti
     ours: dict[tuple[str, ...], torch.Tensor] = {}
     names = [g[0] for g in ctx.groups]
     ctx.sequential(names, lambda *_: None, lambda _n: None,
-                   experts=lambda lins, H: ours.__setitem__(tuple(lins), H.double()), moe=MoEOptions(min_tokens=0.0))
+                   experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs),
+                   moe=MoEOptions(min_tokens=0.0))
     # brute force: the eager expert loop of transformers, every F.linear call on an expert's matrix
     from transformers import AutoModelForCausalLM
 

@@ -124,7 +124,8 @@ class LayerContext:
                 h.remove()
 
     def sequential(self, names: list[str], collect: Callable[[str, torch.Tensor], None],
-                   solve: Callable[[str], None], *, experts: Callable[[list[str], torch.Tensor | None], None] | None = None,
+                   solve: Callable[[str], None], *,
+                   experts: Callable[[list[tuple[list[str], torch.Tensor | None]]], None] | None = None,
                    moe=None) -> None:
         """True-sequential statistics and solving over the modules ``names`` (execution order).
 
@@ -135,9 +136,10 @@ class LayerContext:
         (``propagated``); otherwise one stopped pass per name. The results are identical.
 
         In a sparse layer ``names`` holds the experts module: its tokens and their routing are kept
-        here, and the experts are solved expert by expert (``executor/moe.py``, options ``moe``),
-        calling ``experts(linear names, Hessian or None)`` for each group of an expert's linears
-        that share an input (None: too few tokens, the declared RTN fallback).
+        here, and the experts are solved a batch of experts at a time (``executor/moe.py``, options
+        ``moe``), calling ``experts([(linear names, Hessian or None), ...])`` with one entry per
+        expert for a group of its linears that share an input (gate+up, or down; None: too few
+        tokens, the declared RTN fallback); the entries of one call are independent.
         """
         names = sorted(names, key=self._execution_rank)
         if self.experts_module in names:

@@ -34,6 +34,9 @@ MODES = ("routed", "all")
 FALLBACKS = ("all", "rtn")
 # Token rows per Hessian update: bounds the fp32 copy of an expert's inputs.
 CHUNK = 8192
+# Hessians of the experts solved together (``experts_per_solve``): 64 MiB is 16 experts of a
+# 1024-wide model, 4 of Qwen3-30B-A3B's (2048), one of Mixtral's (14336-wide down projection).
+BATCH_HESSIAN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -69,60 +72,66 @@ def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
     return hit[:, :num_experts].sum(0).cpu()
 
 
+def experts_per_solve(width: int, num_experts: int) -> int:
+    """Experts solved together (one batched GPTQ solve per linear kind, ``methods/gptq.py``):
+    as many as keep their fp32 ``[width, width]`` Hessians within ``BATCH_HESSIAN_BYTES``
+    (``width``: the widest input of an expert's linears), at least one."""
+    return max(1, min(num_experts, BATCH_HESSIAN_BYTES // (4 * width * width)))
+
+
 def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
-                  solve: Callable[[list[str], torch.Tensor | None], None], opts: MoEOptions) -> dict[str, Any]:
+                  solve: Callable[[list[tuple[list[str], torch.Tensor | None]]], None], opts: MoEOptions) -> dict[str, Any]:
     """Solve every expert of ``ctx``'s layer from the kept ``inputs`` (per batch: tokens, routing).
 
-    ``solve(names, H)`` quantizes the named linears (one expert's gate+up, or its down) given their
-    shared input Hessian, or by RTN when ``H`` is None. Returns the layer's coverage record."""
+    ``solve(jobs)`` quantizes, for each ``(names, H)`` of ``jobs``, the named linears (one expert's
+    gate+up, or its down) given their shared input Hessian, or by RTN when ``H`` is None; the jobs
+    of one call are independent and of one shape, so a method may solve them as one batch.
+    ``experts_per_solve`` experts at a time: their gate/up, then (from the tokens through the
+    quantized gate/up) their down. Returns the layer's coverage record."""
     arch, cfg = ctx.arch, ctx.streamer.reader.config
     E, top_k = arch.num_experts(cfg), arch.experts_per_token(cfg)
     module = ctx.module(arch.moe.experts.module)
-    gate_up = getattr(module, arch.moe.experts.fused[0])
+    gate_up, down = (getattr(module, f) for f in arch.moe.experts.fused)
     act = module.act_fn
-    if not inputs:
-        X = torch.empty(0, gate_up.shape[-1], device=gate_up.device, dtype=gate_up.dtype)
-        index = torch.empty(0, max(top_k, 1), dtype=torch.long, device=gate_up.device)
-    else:
-        X = torch.cat([x for x, _ in inputs])
-        index = torch.cat([i for _, i in inputs])
+    # per batch, never concatenated: an expert's rows are gathered from each batch in turn (the
+    # rows, and their order, of one concatenation: the same Hessians)
+    parts = [(x, i) for x, i in inputs]
     inputs.clear()
-    T = X.shape[0]
-    counts = expert_counts(index, E)
+    T = sum(x.shape[0] for x, _ in parts)
+    counts = (sum(expert_counts(i, E) for _, i in parts) if parts else torch.zeros(E, dtype=torch.long))
     need = max(1, math.ceil(opts.min_tokens * T))
-    H_all: torch.Tensor | None = None
-    solved = {"routed": 0, "all": 0, "rtn": 0}
-    below: list[int] = []
-    for e in range(E):
-        n_e = int(counts[e])
-        if n_e < need:
-            below.append(e)
-        how = "all" if opts.mode == "all" else ("routed" if n_e >= need else opts.fallback)
-        if how == "all" and T == 0:
-            how = "rtn"
-        gu = [arch.expert_linear(e, 0), arch.expert_linear(e, 1)]
-        down = [arch.expert_linear(e, 2)]
-        if how == "rtn":
-            solve(gu, None)
-            solve(down, None)
-        else:
-            Xe = X if how == "all" else X[(index == e).any(-1)]
-            if how == "all":
-                H_all = hessian_of(Xe) if H_all is None else H_all  # one Hessian shared by every expert
-                H = H_all
-            else:
-                H = hessian_of(Xe)
-            solve(gu, H)
-            del H
+    how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback) for e in range(E)]
+    how = ["rtn" if h == "all" and T == 0 else h for h in how]
+    below = [e for e in range(E) if int(counts[e]) < need]
+    H_all = hessian_of(torch.cat([x for x, _ in parts])) if "all" in how else None  # shared by every such expert
+
+    def tokens(e: int) -> torch.Tensor:
+        if how[e] == "all":
+            return torch.cat([x for x, _ in parts])
+        return torch.cat([x[(i == e).any(-1)] for x, i in parts])
+
+    step = experts_per_solve(max(gate_up.shape[-1], down.shape[-1]), E)
+    for e0 in range(0, E, step):
+        batch = range(e0, min(E, e0 + step))
+        solve([([arch.expert_linear(e, 0), arch.expert_linear(e, 1)],
+                None if how[e] == "rtn" else H_all if how[e] == "all" else hessian_of(tokens(e))) for e in batch])
+        jobs = []
+        for e in batch:
+            if how[e] == "rtn":
+                jobs.append(([arch.expert_linear(e, 2)], None))
+                continue
             acc = HessianAccumulator()
+            Xe = tokens(e)
             W_gu = gate_up[e].to(device=Xe.device, dtype=Xe.dtype)  # host-resident with --expert-chunk
             with torch.no_grad():
                 for chunk in Xe.split(CHUNK):  # the expert's own forward, with its quantized gate/up
                     g, u = F.linear(chunk, W_gu).chunk(2, dim=-1)
                     acc.add(act(g) * u)
-            solve(down, acc.H)
-            del Xe, acc, W_gu
-        solved[how] += 1
+            del Xe, W_gu
+            jobs.append(([arch.expert_linear(e, 2)], acc.H))
+        solve(jobs)
+        del jobs
+    solved = {k: how.count(k) for k in ("routed", "all", "rtn")}
     return {
         "experts": E,
         "top_k": top_k,

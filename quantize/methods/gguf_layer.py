@@ -178,7 +178,7 @@ class GGUFMethod:
         else:
             accs = {first: HessianAccumulator() for first in groups}
             ctx.sequential(list(groups), lambda first, x: accs[first].add(x), lambda first: solve(first, accs.pop(first)),
-                           experts=quantize, moe=self.moe)
+                           experts=lambda jobs: [quantize(names, H) for names, H in jobs], moe=self.moe)
         if self.imatrix and sums:
             metrics["imatrix"] = {ctx.prefix + name: [[v * n for v in s], n]
                                   for name, (s, n) in _expert_counts(ctx, sums).items()}

@@ -13,7 +13,7 @@ import torch
 
 from ..executor.context import LayerContext, LayerResult
 from ..executor.moe import MoEOptions
-from .gptq import gptq_quantize_shared, prepare_hessian_inverse
+from .gptq import gptq_quantize_experts, gptq_quantize_shared, prepare_hessian_inverse
 from .grid import QuantSpec
 from .hessian import HessianAccumulator
 from .rtn import rtn_quantize
@@ -81,33 +81,47 @@ class GPTQMethod(_GridMethod):
         groups = {g[0]: g for g in ctx.groups}
         accs = {first: HessianAccumulator() for first in groups}
 
-        def quantize(names: list[str], H: torch.Tensor | None) -> None:
-            """GPTQ on linears sharing the input Hessian ``H``; RTN where no signal reached them."""
-            if H is not None and not torch.isfinite(H).all():
-                raise_nonfinite(ctx, names[0])
-            # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
-            unseen = H is None or not bool((torch.diagonal(H) > 0).any())
-            prepared = None if unseen else prepare_hessian_inverse(H, self.spec)
-            Ws = [ctx.weight(name) for name in names]
-            fulls = [ctx.prefix + name for name in names]
-            rs = ([rtn_quantize(W, self.spec, name=full) for W, full in zip(Ws, fulls)] if unseen
-                  else gptq_quantize_shared(Ws, self.spec, prepared, names=fulls))
-            for name, W, r in zip(names, Ws, rs):
-                if not torch.isfinite(r.W_hat).all():
-                    raise_nonfinite(ctx, name)
-                ctx.set_weight(name, r.W_hat)
-                results[name] = r
-                m["damp_used"][name] = float(r.damp_used)
-                m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
-                if H is not None:
-                    errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
-                    m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
+        def quantize(jobs: list[tuple[list[str], torch.Tensor | None]]) -> None:
+            """GPTQ on each job's linears, which share the input Hessian ``H``; RTN where no signal
+            reached them. Jobs of one shape (a MoE layer's experts) are solved as one batch."""
+            gptq, rtn = [], []
+            for names, H in jobs:
+                if H is not None and not torch.isfinite(H).all():
+                    raise_nonfinite(ctx, names[0])
+                # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
+                unseen = H is None or not bool((torch.diagonal(H) > 0).any())
+                (rtn if unseen else gptq).append((names, H, [ctx.weight(name) for name in names]))
+            prepared: dict[int, Any] = {}  # one factorization per Hessian (``all``: shared by experts)
+            for _, H, _ in gptq:
+                if id(H) not in prepared:
+                    prepared[id(H)] = prepare_hessian_inverse(H, self.spec)
+            fulls = [[ctx.prefix + name for name in names] for names, _, _ in gptq]
+            if len(gptq) == 1:
+                solved = [gptq_quantize_shared(gptq[0][2], self.spec, prepared[id(gptq[0][1])], names=fulls[0])]
+            else:
+                solved = gptq_quantize_experts([Ws for _, _, Ws in gptq], [prepared[id(H)] for _, H, _ in gptq],
+                                               self.spec, names=fulls)
+            prepared.clear()
+            done = [(names, H, Ws, rs) for (names, H, Ws), rs in zip(gptq, solved)]
+            done += [(names, H, Ws, [rtn_quantize(W, self.spec, name=ctx.prefix + name) for name, W in zip(names, Ws)])
+                     for names, H, Ws in rtn]
+            for names, H, Ws, rs in done:
+                for name, W, r in zip(names, Ws, rs):
+                    if not torch.isfinite(r.W_hat).all():
+                        raise_nonfinite(ctx, name)
+                    ctx.set_weight(name, r.W_hat)
+                    results[name] = r
+                    m["damp_used"][name] = float(r.damp_used)
+                    m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
+                    if H is not None:
+                        errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
+                        m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
 
         def solve(first: str) -> None:
             acc = accs.pop(first)
             if acc.H is None:
                 raise_nonfinite(ctx, first)
-            quantize(groups[first], acc.H if acc.n else None)
+            quantize([(groups[first], acc.H if acc.n else None)])
 
         ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve, experts=quantize, moe=self.moe)
         return LayerResult(results, m)
@@ -125,17 +139,18 @@ class RTNMethod(_GridMethod):
         groups = {g[0]: g for g in ctx.groups}
         accs = {first: HessianAccumulator() for first in groups}
 
-        def quantize(names: list[str], H: torch.Tensor | None) -> None:
-            for name in names:
-                W = ctx.weight(name)
-                r = rtn_quantize(W, self.spec)
-                ctx.set_weight(name, r.W_hat)
-                results[name] = r
-                if H is not None:
-                    m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
+        def quantize(jobs: list[tuple[list[str], torch.Tensor | None]]) -> None:
+            for names, H in jobs:
+                for name in names:
+                    W = ctx.weight(name)
+                    r = rtn_quantize(W, self.spec)
+                    ctx.set_weight(name, r.W_hat)
+                    results[name] = r
+                    if H is not None:
+                        m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
 
         def solve(first: str) -> None:
-            quantize(groups[first], accs.pop(first).H)
+            quantize([(groups[first], accs.pop(first).H)])
 
         ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve, experts=quantize, moe=self.moe)
         return LayerResult(results, m)
