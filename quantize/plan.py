@@ -173,8 +173,8 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
     """What one quantization run holds per layer (besides activations): the largest decoder layer
     in the compute dtype on the device (one layer resident; the next one prefetched on the host), of
     which only ``expert_chunk`` experts at a time with ``--expert-chunk`` (the rest in host memory),
-    and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer one
-    expert's: gate/up and down)."""
+    and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer those of
+    the experts solved together, ``executor/moe.experts_per_solve``, plus the all-token one)."""
     arch = arch or get_arch(config)
     layer_max = device_max = hess_max = 0
     E = arch.num_experts(config)
@@ -187,9 +187,12 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
         device_max = max(device_max, resident * compute_bytes)
         for group in arch.layer_groups(config, i):
             if arch.moe is not None and group == [arch.moe.experts.module]:
+                from .executor.moe import experts_per_solve
+
                 _, K = arch.linear_shape(arch.expert_linear(0, 0), config)
                 _, I = arch.linear_shape(arch.expert_linear(0, 2), config)
-                hess_max = max(hess_max, 4 * (K * K + I * I))
+                # a batch of experts' gate/up Hessians, then their down ones; the all-token one beside
+                hess_max = max(hess_max, 4 * (experts_per_solve(max(K, I), E) * max(K * K, I * I) + K * K))
             else:
                 K = arch.linear_shape(group[0], config)[1]
                 hess_max = max(hess_max, 4 * K * K)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, RuntimeFault
+from ..methods.grid import all_finite
 from . import memory, skeleton
 
 
@@ -254,7 +255,7 @@ class LayerStreamer:
         if self.cfg.prefetch and i + 1 < self.num_layers and i + 1 not in self._prefetched:
             self._prefetched = {i + 1: _Prefetch(self.reader, self.arch.layer_prefix(i + 1), self.layers[i + 1])}
         for local, p in layer.named_parameters():
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise InputError(f"{self.reader.path}: tensor {prefix + local!r} contains NaN/Inf; "
                                  f"the checkpoint is corrupt or the fine-tune diverged: fix or re-export it")
         return layer
@@ -304,7 +305,7 @@ class LayerStreamer:
 
     def _store_output(self, i: int, b: Batch, out) -> None:
         out = out[0] if isinstance(out, tuple) else out
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise RuntimeFault(
                 f"layer {i}: non-finite activations after quantization; "
                 f"try a larger --damp or another --bits/--group-size"

@@ -2,8 +2,9 @@
 
 The experts module of a sparse layer has no ``nn.Linear`` children; its forward receives the
 layer's tokens and their routing (``hidden [T, H]``, ``top_k_index [T, k]``), which the layer
-context keeps (``LayerContext._feeding``) while the calibration batches reach it. Here, expert by
-expert (only one expert's Hessians resident at a time):
+context keeps (``LayerContext._feeding``) while the calibration batches reach it. Here, a batch of
+experts at a time (``experts_per_solve``: their Hessians within ``BATCH_HESSIAN_BYTES``; the method
+solves a batch's gate/up, then its down, as one batched GPTQ solve each, ``methods/gptq.py``):
 
 * ``routed`` (the default): gate/up's Hessian from exactly the tokens routed to the expert; the
   down projection's from ``act(X_e Ŵ_gate^T) * (X_e Ŵ_up^T)`` with the expert's already-quantized

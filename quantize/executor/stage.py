@@ -206,6 +206,7 @@ def run_quantize_stage(
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
             point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)
+            del layer, ctx, res, tensors  # not alive through the next layer (its results: 2x its weights)
 
         # optional head pass (EXL2 lm_head): after the last layer, on the quantized model's outputs
         head_metrics = _head_part(method, streamer, fmt, parts)

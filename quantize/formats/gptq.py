@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..errors import InputError
-from ..methods.grid import SUPPORTED_BITS, QuantResult, QuantSpec, dequantize_grouped
+from ..methods.grid import SUPPORTED_BITS, QuantResult, QuantSpec, all_finite, dequantize_grouped
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _WORD = 1 << 32
@@ -97,6 +97,12 @@ def unpack_lsb_bitstream(words: Tensor, bits: int, *, what: str = "words") -> Te
     return v.reshape(*words.shape[:-1], W // n_words * n_vals)
 
 
+def _within(t: Tensor, lo: int, hi: int) -> bool:
+    """Whether every value of the non-empty integer tensor ``t`` lies in ``[lo, hi]`` (one pass)."""
+    t_lo, t_hi = torch.aminmax(t)
+    return int(t_lo) >= lo and int(t_hi) <= hi
+
+
 def pack_gptq(
     codes: Tensor,
     scales: Tensor,
@@ -127,20 +133,20 @@ def pack_gptq(
     G = scales.shape[0]
     if g_idx.shape != (K,):
         raise InputError(f"{name}: g_idx has shape {tuple(g_idx.shape)}, expected [{K}]")
-    if bool((g_idx < 0).any() or (g_idx >= G).any()):
+    if K and not _within(g_idx, 0, G - 1):
         raise InputError(f"{name}: g_idx values must lie in [0, {G}) (one per scales row)")
-    if bool((codes < 0).any() or (codes > maxq).any()):
+    if codes.numel() and not _within(codes, 0, maxq):
         raise InputError(f"{name}: codes must lie in [0, {maxq}] for {bits}-bit GPTQ")
     stored = zeros.to(torch.int64) - (1 if checkpoint_format == "gptq" else 0)
-    if checkpoint_format == "gptq" and bool((stored < 0).any()):
+    if checkpoint_format == "gptq" and stored.numel() and int(stored.min()) < 0:
         raise InputError(
             f"{name}: zero-point 0 cannot be stored in checkpoint_format 'gptq' (v1 stores z-1); "
             "quantize with v1_safe_zeros=True or write checkpoint_format 'gptq_v2'"
         )
-    if bool((stored < 0).any() or (stored > maxq).any()):
+    if stored.numel() and not _within(stored, 0, maxq):
         raise InputError(f"{name}: zero-points must lie in [0, {maxq}] for {bits}-bit {checkpoint_format}")
     scales16 = scales.to(torch.float16)
-    if not bool(torch.isfinite(scales16).all()):
+    if not all_finite(scales16):
         raise InputError(f"{name}: scales overflow fp16; leave this module unquantized")
     if not torch.equal(scales16.to(torch.float32), scales.to(torch.float32)):
         raise InputError(f"{name}: scales are not exact in fp16, which this format stores; quantize with --scale-dtype float16")

@@ -37,6 +37,7 @@ from torch import Tensor
 from ..errors import InputError, RuntimeFault
 from .grid import (
     QuantResult,
+    all_finite,
     QuantSpec,
     check_scales,
     check_weight,
@@ -67,7 +68,7 @@ def prepare_hessian_inverse(H: Tensor, spec: QuantSpec, *, name: str = "hessian"
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise InputError(f"{name}: expected a square [K, K] Hessian, got shape {tuple(H.shape)}")
     H = H.detach()
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise RuntimeFault(
             f"{name}: the Hessian contains NaN/Inf (the layer inputs overflowed); "
             "calibrate in fp32/bf16 or check the model for non-finite activations"
@@ -139,7 +140,7 @@ def upper_cholesky_of_inverse(H: Tensor, *, reversed_input: bool = False) -> Ten
     Minv = lower_triangular_inverse(M)
     del M
     U = Minv.flip(0, 1)
-    if not torch.isfinite(U).all() or not bool((U.diagonal() > 0).all()):
+    if not all_finite(U) or not bool((U.diagonal() > 0).all()):
         return None
     return U
 
@@ -288,7 +289,10 @@ def gptq_solve_batched(W: Tensor, prepared: list[PreparedHessian], spec: QuantSp
     E, N, K = W.shape
     if E == 0:
         return []
-    W32 = torch.stack([check_weight(w, name) for w, name in zip(W.unbind(0), names)])
+    W32 = W.detach().to(torch.float32, copy=True)
+    if not all_finite(W32):
+        for w, name in zip(W32.unbind(0), names):
+            check_weight(w, name)  # names the weight
     g = spec.group_width(K, names[0])
     G = K // g
     for p, name in zip(prepared, names):

@@ -14,7 +14,7 @@ import torch
 from ..executor.context import LayerContext, LayerResult
 from ..executor.moe import MoEOptions
 from .gptq import gptq_quantize_experts, gptq_quantize_shared, prepare_hessian_inverse
-from .grid import QuantSpec
+from .grid import QuantSpec, all_finite
 from .hessian import HessianAccumulator
 from .rtn import rtn_quantize
 
@@ -86,7 +86,7 @@ class GPTQMethod(_GridMethod):
             reached them. Jobs of one shape (a MoE layer's experts) are solved as one batch."""
             gptq, rtn = [], []
             for names, H in jobs:
-                if H is not None and not torch.isfinite(H).all():
+                if H is not None and not all_finite(H):
                     raise_nonfinite(ctx, names[0])
                 # no calibration signal reached these inputs: GPTQ would zero them, RTN keeps them
                 unseen = H is None or not bool((torch.diagonal(H) > 0).any())
@@ -107,7 +107,7 @@ class GPTQMethod(_GridMethod):
                      for names, H, Ws in rtn]
             for names, H, Ws, rs in done:
                 for name, W, r in zip(names, Ws, rs):
-                    if not torch.isfinite(r.W_hat).all():
+                    if not all_finite(r.W_hat):
                         raise_nonfinite(ctx, name)
                     ctx.set_weight(name, r.W_hat)
                     results[name] = r
