@@ -12,10 +12,15 @@ shared/models/ref-llama (with shared WikiText-2) is absent. AutoAWQ runs in its 
   concatenate-and-split gives back exactly these windows, forwards in chunks of 8 samples);
 * settings: 4-bit, group 128, zero point (asymmetric), AWQ GEMM checkpoint; all use duo scaling, a
   20-point scale grid and weight clipping (20-point grid, max shrink 0.5, 512 sampled tokens).
-  Known differences: ours searches scales on at most ``search_tokens`` (8192) calibration tokens,
-  the peers on all of them; ours keeps s = 1 (plain RTN) as a candidate, the peers' duo grid does
-  not; AutoAWQ rounds the final weights in fp16 (``_apply_quant`` casts each linear to half);
+  Known differences: ours scores every scale candidate over all calibration tokens with the
+  quadratic form of the linears' input Hessian and re-runs the attention/MLP sub-block (all tokens)
+  on the identity and the 6 best of them only (``rerun_top``), the peers re-run every candidate; ours
+  keeps s = 1 (plain RTN) as a candidate, the peers' duo grid does not; AutoAWQ rounds the final
+  weights in fp16 (``_apply_quant`` casts each linear to half);
   GQA ref-llama: nobody scales v_proj -> o_proj (shapes differ);
+* our other rows: "ours, 8192 search tokens" is the previous default (every candidate re-run on the
+  first 8192 tokens: ``search_tokens=8192, rerun_top=-1``); "ours, every candidate re-run" (tool
+  ``ours-rerun-all``, not run unless asked) re-runs all 21 on all tokens, like the peers;
 * RTN row: our AWQ stage with ``scale_search=False, clip=False`` (round-to-nearest, same format);
 * each quantization runs in a fresh subprocess (wall time end to end: load, quantize, write; and
   peak RSS); every output is evaluated by *our* eval, the peers' read back with our
@@ -67,11 +72,14 @@ import common as c  # noqa: E402
 SETTINGS = dict(bits=4, group_size=128, zero_point=True)
 AUTOAWQ_PYTHON = c.repo_root() / ".venv-autoawq" / "bin" / "python"
 CHILD_TIMEOUT_S = 3 * 3600
-TOOLS = ("ours", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
-OURS = ("ours", "rtn")  # their failure is an error; a peer's is a row
+TOOLS = ("ours", "ours-8192", "ours-rerun-all", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
+DEFAULT_TOOLS = tuple(t for t in TOOLS if t != "ours-rerun-all")
+OURS = ("ours", "ours-8192", "ours-rerun-all", "rtn")  # their failure is an error; a peer's is a row
+OUR_SETTINGS = {"ours": {}, "ours-8192": {"search_tokens": 8192, "rerun_top": -1}, "ours-rerun-all": {"rerun_top": -1},
+                "rtn": {"scale_search": False, "clip": False}}
 
 
-def child_ours(model: Path, cal: Path, out: Path, batch_size: int, rtn: bool = False) -> dict:
+def child_ours(model: Path, cal: Path, out: Path, batch_size: int, tool: str = "ours") -> dict:
     # import what the pipeline imports lazily first: the peers' timing starts after their (larger) imports
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig
@@ -79,7 +87,7 @@ def child_ours(model: Path, cal: Path, out: Path, batch_size: int, rtn: bool = F
     from quantize.commands.awq import quantize_awq
 
     AutoConfig.from_pretrained(str(model))
-    search = {"scale_search": False, "clip": False} if rtn else {}
+    search = OUR_SETTINGS[tool]
     t0 = time.perf_counter()
     quantize_awq(model_dir=model, calibration=cal, out=out, exec_cfg=c.exec_config(batch_size),
                  bits=SETTINGS["bits"], group_size=SETTINGS["group_size"], overwrite=True, **search)
@@ -166,8 +174,7 @@ def child_autoawq(model: Path, tokens_json: Path, out: Path, batch_size: int, co
 
 
 CHILDREN = {
-    "ours": child_ours,
-    "rtn": lambda *a: child_ours(*a, rtn=True),
+    **{t: (lambda *a, _t=t: child_ours(*a, tool=_t)) for t in OUR_SETTINGS},
     "gptqmodel": child_gptqmodel,
     "gptqmodel-bf16": lambda *a: child_gptqmodel(*a, dtype="bfloat16"),
     "autoawq": child_autoawq,
@@ -214,7 +221,7 @@ def weight_distances(model: Path, ours: Path, peers: dict[str, Path]) -> dict[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     c.add_peer_args(ap)
-    ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
+    ap.add_argument("--tools", nargs="+", choices=TOOLS, default=list(DEFAULT_TOOLS),
                     help="quantizers to run (ours always runs: the ratios are ours / peer)")
     args = ap.parse_args()
     n_threads, threads = c.set_threads(args.threads)
@@ -291,7 +298,8 @@ def main() -> int:
         return next((r["version"] for t, r in runs.items() if t.startswith(tool) and "version" in r), default)
 
     gm, aa = f"GPTQModel {version('gptqmodel', '7.6.0')}", f"AutoAWQ {version('autoawq', '0.2.9')}"
-    labels = {"ours": "ours", "rtn": "RTN (ours, no search)", "gptqmodel": f"{gm} fp32",
+    labels = {"ours": "ours (default: all tokens)", "ours-8192": "ours, 8192 search tokens (old default)",
+              "ours-rerun-all": "ours, every candidate re-run", "rtn": "RTN (ours, no search)", "gptqmodel": f"{gm} fp32",
               "gptqmodel-bf16": f"{gm} bf16", "autoawq": f"{aa} fp32", "autoawq-copyfix": f"{aa} fp32, copy fix"}
     print()
     rows = [["fp", None, None, fp.fp.perplexity, 0.0, 1.0]]

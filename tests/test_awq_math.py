@@ -225,3 +225,95 @@ def test_take_sequences_slices_batch_tensors_only():
     out = take_sequences(calls, 40)
     assert [o[1]["hidden_states"].shape[0] for o in out] == [4, 1]
     assert take_sequences([((hidden,), {})], 10**6)[0][0][0] is hidden
+
+
+# -- the all-token scale search (quadratic form over XᵀX, candidates batched) ------------------------
+
+
+def _layer_problem(seed: int, K: int = 64, T: int = 600):
+    """Random linears sharing an input with outlier channels, their input Hessian over all ``T``
+    tokens (fed in batches, as the pipeline does) and the brute-force token loop over all tokens."""
+    from quantize.methods.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, K, generator=g) * (1 + 20 * (torch.rand(K, generator=g) < 0.1))
+    Ws = [torch.randn(n, K, generator=g) * 0.1 for n in (24, 8, 40)]
+    acc = HessianAccumulator()
+    for chunk in X.split(128):
+        acc.add(chunk)
+
+    def token_loop(effective):  # the old per-candidate loss: re-run every token through the linears
+        sq = sum(float((X @ (e - w).T).pow(2).sum()) for e, w in zip(effective, Ws))
+        return sq / (T * sum(w.shape[0] for w in Ws))
+
+    return X, Ws, acc.H, token_loop
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_quadratic_losses_are_the_token_loop_losses(seed):
+    X, Ws, H, token_loop = _layer_problem(seed)
+    cands = A.scale_candidates(X.abs().mean(0), Ws, 32)
+    q = A.quadratic_losses(Ws, torch.stack([s for _, s in cands]), H, 32)
+    direct = [token_loop([A.scaled_fake_quant(w, s, 32) for w in Ws]) for _, s in cands]
+    assert q.shape == (len(cands),) == (A.SCALE_GRID + 1,)
+    torch.testing.assert_close(q, torch.tensor(direct, dtype=torch.float64), rtol=1e-4, atol=0)
+    # row blocks (bounded temporaries) give the same numbers as one block
+    small = A._CHUNK_ELEMS
+    try:
+        A._CHUNK_ELEMS = 64 * len(cands) * 5  # 5 rows per block
+        torch.testing.assert_close(A.quadratic_losses(Ws, torch.stack([s for _, s in cands]), H, 32), q,
+                                   rtol=1e-6, atol=0)
+    finally:
+        A._CHUNK_ELEMS = small
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_all_token_search_chooses_what_the_brute_force_token_loop_chooses(seed):
+    X, Ws, H, token_loop = _layer_problem(seed)
+    x_mean = X.abs().mean(0)
+    brute = A.search_scales(x_mean, Ws, token_loop, 32)  # every candidate through every token
+    fast = A.search_scales(x_mean, Ws, None, 32, H=H)  # the quadratic form, batched
+    assert fast.alpha == brute.alpha and torch.equal(fast.scales, brute.scales)
+    assert fast.loss == pytest.approx(brute.loss, rel=1e-4) and fast.rtn_loss == pytest.approx(brute.rtn_loss, rel=1e-4)
+    for a, v in brute.losses.items():
+        assert fast.losses[a] == pytest.approx(v, rel=1e-4), a
+    assert fast.alpha is not None and fast.loss < fast.rtn_loss  # outlier channels: the search matters
+    # with a sub-block loss and H: re-running every candidate (refine=None) is the brute force; with
+    # refine=k only the identity and the quadratic form's k best are re-run
+    both = A.search_scales(x_mean, Ws, token_loop, 32, H=H)
+    assert both.alpha == brute.alpha and both.losses == brute.losses
+    calls = []
+    top = A.search_scales(x_mean, Ws, lambda eff: calls.append(1) or token_loop(eff), 32, H=H, refine=3)
+    assert len(calls) == 4 and top.alpha == brute.alpha and top.loss == brute.loss
+    assert sum(math.isfinite(v) for v in top.losses.values()) == 3 and top.rtn_loss == brute.rtn_loss
+
+
+def test_all_token_search_can_fail_against_a_subsample():
+    """The quadratic form is over the tokens H was accumulated on: a Hessian of a subsample (the old
+    default's search tokens) scores different losses, so the equality above is not vacuous."""
+    from quantize.methods.hessian import HessianAccumulator
+
+    X, Ws, H, token_loop = _layer_problem(0)
+    sub = HessianAccumulator()
+    sub.add(X[:64])
+    fast = A.search_scales(X.abs().mean(0), Ws, None, 32, H=sub.H)
+    brute = A.search_scales(X.abs().mean(0), Ws, token_loop, 32)
+    assert any(abs(fast.losses[a] - v) > 1e-3 * v for a, v in brute.losses.items())
+
+
+def test_all_token_search_is_deterministic():
+    X, Ws, H, token_loop = _layer_problem(7)
+    runs = [A.search_scales(X.abs().mean(0), Ws, None, 32, H=H) for _ in range(2)]
+    assert torch.equal(runs[0].scales, runs[1].scales) and runs[0].losses == runs[1].losses
+    assert runs[0].proxy == runs[1].proxy and runs[0].alpha == runs[1].alpha
+
+
+def test_quadratic_search_skips_non_finite_candidates_and_needs_a_loss():
+    X, Ws, H, _ = _layer_problem(1)
+    x_mean = X.abs().mean(0)
+    x_mean[5] = math.inf  # every s(α > 0) is non-finite; s(0) and the identity are not
+    found = A.search_scales(x_mean, Ws, None, 32, H=H)
+    assert found.alpha in (None, 0.0) and bool(torch.isfinite(found.scales).all())
+    assert all(math.isnan(v) for a, v in found.losses.items() if a > 0)
+    with pytest.raises(ValueError, match="loss_fn"):
+        A.search_scales(x_mean, Ws, None, 32)

@@ -168,3 +168,43 @@ def test_run_recipe_with_awq(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "run/model/config.json").read_text())["quantization_config"]["quant_method"] == "awq"
     assert main(args) == 0  # a rerun skips every completed stage
     assert [s["status"] for s in mf.load_manifest(tmp_path / "run").metrics["stages"]] == ["skipped"] * 3
+
+
+def test_scale_search_runs_on_every_calibration_token_by_default(tiny_llama, calib_for, tmp_path, monkeypatch):
+    """36 x 256 = 9216 calibration tokens, more than the old default's 8192 search tokens: by default
+    every sub-block re-run and every Hessian covers all of them; ``search_tokens`` still subsamples."""
+    from quantize.methods import awq as A
+    from quantize.methods import awq_layer as AL
+
+    torch.set_num_threads(1)
+    cal = calib_for(tiny_llama, n=36, seq_len=256)
+    rerun_tokens, hessians = [], []
+    real_loss, real_search = AL.sub_block_loss, A.search_scales
+
+    def spy_loss(ctx, pair, calls):
+        rerun_tokens.append(sum(AL._hidden(a, k).shape[:-1].numel() for a, k in calls))
+        return real_loss(ctx, pair, calls)
+
+    def spy_search(*args, **kw):
+        hessians.append(kw.get("H") is not None)
+        return real_search(*args, **kw)
+
+    monkeypatch.setattr(AL, "sub_block_loss", spy_loss)
+    monkeypatch.setattr(A, "search_scales", spy_search)
+    assert AL.AWQParams().search_tokens is None
+    m = _awq(tiny_llama, cal, tmp_path / "all")
+    n_layers = len(m.metrics["layers"])
+    assert rerun_tokens == [36 * 256] * (2 * n_layers)  # q/k/v -> self_attn and gate/up -> mlp, every layer
+    assert hessians and all(hessians)
+    rerun_tokens.clear()
+    _awq(tiny_llama, cal, tmp_path / "sub", search_tokens=8192)
+    assert rerun_tokens == [8192] * (2 * n_layers)
+
+
+def test_cli_defaults_are_the_methods(capsys):
+    """The CLI leaves search_tokens and rerun_top to AWQParams; its help states the same default."""
+    from quantize.methods.awq_layer import RERUN_TOP, AWQParams
+
+    assert main(["awq", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"[default: {RERUN_TOP}]" in out and "[default: all]" in out and AWQParams().rerun_top == RERUN_TOP

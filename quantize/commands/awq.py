@@ -13,7 +13,8 @@ from .common import exec_options, format_options, make_exec_config, out_option, 
 
 def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bits: int = 4, group_size: int = 128,
                  scale_search: bool = True, clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
-                 search_tokens: int = 8192, clip_grid: int = 20, max_shrink: float = 0.5, seed: int = 0,
+                 search_tokens: int | None = None, rerun_top: int | None = None, clip_grid: int = 20,
+                 max_shrink: float = 0.5, seed: int = 0,
                  overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9, format: str = "awq",
                  scale_dtype: str = "auto"):
     """Library entry point (the CLI and `quantize run` call this). Returns the output manifest."""
@@ -28,7 +29,8 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
     if bits != 4:
         raise InputError(f"--bits {bits}: AWQ here is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
     awq = AWQParams.parse(dict(group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
-                               n_grid=n_grid, search_tokens=search_tokens, clip_grid=clip_grid, max_shrink=max_shrink))
+                               n_grid=n_grid, search_tokens=search_tokens, clip_grid=clip_grid, max_shrink=max_shrink,
+                               **({} if rerun_top is None else {"rerun_top": rerun_top})))
     torch.manual_seed(seed)
     method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir))
     if format == "compressed-tensors":
@@ -66,21 +68,26 @@ def _ratio(layers: list[dict]) -> float:
 @click.option("--duo-scaling/--no-duo-scaling", default=True, show_default=True,
               help="Scales from activation and weight magnitudes (x^a / w^(1-a)); off: x^a.")
 @click.option("--grid", "n_grid", default=20, show_default=True, type=click.IntRange(min=1), help="Grid points of the scale search.")
-@click.option("--search-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="Calibration tokens (whole sequences) the scale search re-runs sub-blocks on; statistics use all tokens.")
+@click.option("--search-tokens", default=None, type=click.IntRange(min=1),
+              help="Calibration tokens (whole sequences) the scale search re-runs sub-blocks on  [default: all]; "
+                   "statistics use all tokens.")
+@click.option("--rerun-top", default=None, type=click.IntRange(min=-1),
+              help="Scale candidates (best by the all-token output error of the linears) whose attention/MLP "
+                   "sub-block error is measured by re-running it; -1: all, 0: none  [default: 6].")
 @format_options(["awq", "compressed-tensors"])
 @quantize_output_options
 @out_option()
 @exec_options
 @stage_options
-def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens,
+def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens, rerun_top,
                 format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
                 host_heap, device, seed, overwrite):
     """Quantize with AWQ (activation-aware scales + clipping), one decoder layer resident at a time."""
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_awq(model_dir=model_dir, calibration=calibration, out=out, exec_cfg=cfg, bits=bits,
                      group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
-                     n_grid=n_grid, search_tokens=search_tokens, seed=seed, overwrite=overwrite, resume=resume,
+                     n_grid=n_grid, search_tokens=search_tokens, rerun_top=rerun_top, seed=seed,
+                     overwrite=overwrite, resume=resume,
                      max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
     layers = m.metrics.get("layers", [])
     click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}; "

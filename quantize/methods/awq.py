@@ -174,58 +174,125 @@ def scaled_fake_quant(W: Tensor, s: Tensor, group_size: int) -> Tensor:
     return fake_quantize(W.float() * s, group_size) / s
 
 
+def scale_candidates(x_mean: Tensor, weights: Sequence[Tensor], group_size: int, *, n_grid: int = SCALE_GRID,
+                     duo_scaling: bool = True) -> list[tuple[float | None, Tensor]]:
+    """The scale search's candidates in tie-break order: ``(None, ones)`` (the identity, plain RTN),
+    then ``(α, s(α))`` for α = i / n_grid, i < n_grid (:func:`duo_scales`; possibly non-finite)."""
+    w_mean = weight_mean(weights, group_size) if duo_scaling else None
+    ones = torch.ones(x_mean.numel(), dtype=torch.float32, device=x_mean.device)
+    return [(None, ones)] + [(i / n_grid, duo_scales(x_mean, w_mean, i / n_grid)) for i in range(n_grid)]
+
+
+def quadratic_losses(weights: Sequence[Tensor], scales: Tensor, H: Tensor, group_size: int) -> Tensor:
+    """Per candidate ``scales [C, K]``: the mean squared output error of the linears ``weights``
+    (``[N_i, K]``) with ``Q(W·s)/s`` in place of ``W``, on inputs with Hessian ``H = 2/n XᵀX``:
+    ``Σ_i tr(ΔW_i H ΔW_iᵀ) / (2 Σ_i N_i)`` (:func:`output_mse` of every candidate at once). fp64 ``[C]``.
+
+    Every candidate is scored over all the tokens ``H`` was accumulated on, with no token pass: the
+    candidates are quantized together (one batched fake-quantize and one batched matmul per block of
+    rows; groups lie within a row, so row blocks are independent and bound the temporaries)."""
+    C, K = scales.shape
+    g = _group_width(K, group_size)
+    H = H.float()
+    S = scales.float().unsqueeze(1)  # [C, 1, K]
+    total = torch.zeros(C, dtype=torch.float64, device=scales.device)
+    rows_total = 0
+    step = max(1, _CHUNK_ELEMS // (C * K))
+    for W in weights:
+        W = W.float()
+        N = W.shape[0]
+        rows_total += N
+        for r0 in range(0, N, step):
+            w = W[r0 : r0 + step]  # [n, K]
+            n = w.shape[0]
+            groups = (w.unsqueeze(0) * S).view(C, n, K // g, g)
+            scale, zero = _grid_params(groups)
+            sc, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+            q = ((torch.clamp(torch.round(groups / sc) + z, 0, MAXQ) - z) * sc).view(C, n, K)
+            D = q / S - w  # [C, n, K]
+            total += (torch.matmul(D, H) * D).sum(dim=(1, 2)).double()
+    return total / (2 * rows_total)
+
+
 @dataclass(frozen=True)
 class ScaleSearch:
     scales: Tensor  # fp32 [K], the chosen s (all ones when the identity won)
     alpha: float | None  # the chosen α; None: the identity (plain RTN) was best
-    loss: float  # the caller's loss at the chosen scales
+    loss: float  # the loss at the chosen scales (the caller's, else the quadratic form's)
     rtn_loss: float  # the loss at s = 1
-    losses: dict[float, float]  # α -> loss over the grid (nan where non-finite)
+    losses: dict[float, float]  # α -> loss over the grid (nan where non-finite or not evaluated)
+    proxy: dict[float | None, float] | None = None  # α (None: identity) -> quadratic-form loss, when ``H`` was given
 
 
 def search_scales(
     x_mean: Tensor,
     weights: Sequence[Tensor],
-    loss_fn: Callable[[list[Tensor]], float],
+    loss_fn: Callable[[list[Tensor]], float] | None,
     group_size: int,
     *,
     n_grid: int = SCALE_GRID,
     duo_scaling: bool = True,
+    H: Tensor | None = None,
+    refine: int | None = None,
 ) -> ScaleSearch:
     """Grid-search the per-channel scales of one smoothing pair.
 
-    ``weights``: the pair's linears ``[N_i, K]`` (fp, current values). ``loss_fn(effective)`` gets,
-    per linear, the weight ``Q(W·s)/s`` to apply to the unscaled input and returns the sub-block's
-    output error. Candidates: ``s(α)`` for α = i / n_grid, i < n_grid, and ``s = 1``; ties keep the
-    identity, then the smaller α. A candidate with a non-finite scale or loss never wins; if none is
-    finite a ``ValueError`` is raised (the caller names the layer and module).
+    ``weights``: the pair's linears ``[N_i, K]`` (fp, current values). Candidates
+    (:func:`scale_candidates`): ``s = 1`` and ``s(α)`` for α = i / n_grid, i < n_grid; ties keep the
+    identity, then the smaller α. Two losses, either or both:
+
+    * ``H`` (``2/n XᵀX`` of the linears' input over all calibration tokens): every candidate's
+      :func:`quadratic_losses`, batched: the exact output error of the linears themselves;
+    * ``loss_fn(effective)``: gets, per linear, the weight ``Q(W·s)/s`` to apply to the unscaled
+      input and returns an output error (e.g. of the sub-block the linears feed). Without ``H`` or
+      ``refine`` it is evaluated on every candidate; with both, on the identity and the ``refine``
+      candidates of lowest quadratic loss only (the quadratic form ranks, the caller's loss decides).
+
+    Without ``loss_fn`` the quadratic loss decides. A candidate with a non-finite scale or loss never
+    wins; if none is finite a ``ValueError`` is raised (the caller names the layer and module).
     """
-    K = x_mean.numel()
-    w_mean = weight_mean(weights, group_size) if duo_scaling else None
-    ones = torch.ones(K, dtype=torch.float32, device=x_mean.device)
-    rtn_loss = float(loss_fn([fake_quantize(w, group_size) for w in weights]))
-    best_s, best_alpha, best = ones, None, rtn_loss if math.isfinite(rtn_loss) else math.inf
-    losses: dict[float, float] = {}
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = duo_scales(x_mean, w_mean, alpha)
-        if not bool(torch.isfinite(s).all()):
-            losses[alpha] = math.nan
-            continue
-        loss = float(loss_fn([scaled_fake_quant(w, s, group_size) for w in weights]))
-        losses[alpha] = loss if math.isfinite(loss) else math.nan
-        if math.isfinite(loss) and loss < best:
-            best_s, best_alpha, best = s, alpha, loss
+    if loss_fn is None and H is None:
+        raise ValueError("search_scales needs a loss_fn, a Hessian H, or both")
+    cands = scale_candidates(x_mean, weights, group_size, n_grid=n_grid, duo_scaling=duo_scaling)
+    finite = [bool(torch.isfinite(s).all()) for _, s in cands]
+    proxy: dict[float | None, float] | None = None
+    if H is not None:
+        idx = [i for i, ok in enumerate(finite) if ok]
+        q = quadratic_losses(weights, torch.stack([cands[i][1] for i in idx]), H, group_size).tolist()
+        proxy = {a: math.nan for a, _ in cands}
+        proxy.update({cands[i][0]: v if math.isfinite(v) else math.nan for i, v in zip(idx, q)})
+    if loss_fn is None:
+        scores = proxy
+    else:
+        chosen = [i for i, ok in enumerate(finite) if ok]
+        if proxy is not None and refine is not None:
+            ranked = sorted((i for i in chosen if math.isfinite(proxy[cands[i][0]])), key=lambda i: proxy[cands[i][0]])
+            keep = {0, *ranked[:refine]}
+            chosen = [i for i in chosen if i in keep]
+        scores = {a: math.nan for a, _ in cands}
+        for i in chosen:
+            a, s = cands[i]
+            loss = float(loss_fn([fake_quantize(w, group_size) if a is None else scaled_fake_quant(w, s, group_size)
+                                  for w in weights]))
+            scores[a] = loss if math.isfinite(loss) else math.nan
+    best_i, best = 0, math.inf
+    for i, (a, _) in enumerate(cands):  # in tie-break order: strictly better wins
+        v = scores[a]
+        if finite[i] and math.isfinite(v) and v < best:
+            best_i, best = i, v
     if not math.isfinite(best):
         raise ValueError("every candidate scale gave a non-finite loss")
-    return ScaleSearch(scales=best_s, alpha=best_alpha, loss=best, rtn_loss=rtn_loss, losses=losses)
+    alpha, s = cands[best_i]
+    rtn = scores[None]
+    return ScaleSearch(scales=s, alpha=alpha, loss=best, rtn_loss=rtn if math.isfinite(rtn) else math.nan,
+                       losses={a: v for a, v in scores.items() if a is not None}, proxy=proxy)
 
 
 def output_mse(deltas: Sequence[Tensor], H: Tensor) -> float:
     """Mean squared output error of linears perturbed by ``deltas`` (``Ŵ − W``, ``[N_i, K]``) on inputs
     with Hessian ``H = 2/n XᵀX``: ``Σ_i tr(ΔW_i H ΔW_iᵀ) / (2 Σ_i N_i)`` = mean over tokens and outputs
-    of ``(x ΔWᵀ)²``. The scale-search loss of a pair whose affected sub-block is the linears themselves,
-    computed from all tokens without re-running them."""
+    of ``(x ΔWᵀ)²``, computed from all tokens without re-running them (one candidate; the search
+    scores all at once with :func:`quadratic_losses`)."""
     total = sum(float(((d.float() @ H) * d.float()).sum()) for d in deltas)
     return total / (2 * sum(d.shape[0] for d in deltas))
 

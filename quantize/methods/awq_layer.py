@@ -54,6 +54,7 @@ from . import awq as A
 # Linears whose error reaches the layer output through softmax(q·kᵀ): clipping them is judged by a
 # linear proxy that does not hold there (AutoAWQ skips them too). Suffixes are family independent.
 _NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+RERUN_TOP = 6  # measured on ref-llama: the sub-block's best candidate was always among the quadratic form's 6 best
 
 
 class AWQParams(Settings):
@@ -63,7 +64,10 @@ class AWQParams(Settings):
     scale_search: bool = Field(True, description="search and fold per-channel scales (off: RTN + clip)")
     n_grid: int = Field(A.SCALE_GRID, ge=1, description="α grid points of the scale search")
     duo_scaling: bool = Field(True, description="s = x^α / w^(1−α); off: s = x^α")
-    search_tokens: int = Field(8192, ge=1, description="tokens (whole sequences) the scale search runs on")
+    search_tokens: int | None = Field(None, ge=1, description="tokens (whole sequences) the scale search re-runs "
+                                      "sub-blocks on; None: all calibration tokens")
+    rerun_top: int = Field(RERUN_TOP, ge=-1, description="scale candidates (lowest all-token quadratic loss of the "
+                           "linears) whose sub-block error is measured by re-running it; -1: all, 0: none")
     clip: bool = Field(True, description="search per-group clip thresholds")
     clip_grid: int = Field(A.CLIP_GRID, ge=1)
     max_shrink: float = Field(A.CLIP_MAX_SHRINK, ge=0.0, lt=1.0, description="clip range down to (1 − max_shrink)")
@@ -185,42 +189,27 @@ class AWQMethod:
     def _search_pair(self, ctx: LayerContext, pair: ScalePair, W: dict[str, Tensor]) -> A.ScaleSearch:
         p = self.params
         where = f"{pair.prev} -> {', '.join(pair.linears)}"
-        # one pass over all tokens: mean |x| of the linears' input, and what the loss needs: for a
-        # sub-block (self_attn, mlp) its call arguments on a token subsample, to re-run it; for the
-        # linears themselves their input Hessian (the loss is then a quadratic form: no re-runs)
+        # one pass over all tokens: mean |x| and the Hessian H of the linears' input (every candidate's
+        # output error of the linears is a quadratic form in H: scored in one batch, no re-runs), and
+        # for a sub-block (self_attn, mlp) also its call arguments (all tokens, or search_tokens of
+        # them), to re-run it on the candidates the quadratic form ranks best
         stats, hess = A.AbsMean(), HessianAccumulator()
         if pair.inspect:
             with ctx.recording_calls(pair.inspect, max_tokens=p.search_tokens) as recorded:
-                ctx.observe([pair.linears[0]], lambda _n, x: stats.add(x))
+                ctx.observe([pair.linears[0]], lambda _n, x: (stats.add(x), hess.add(x)))
         else:
             ctx.observe([pair.linears[0]], lambda _n, x: (stats.add(x), hess.add(x)))
         x_mean = stats.mean
-        if not bool(torch.isfinite(x_mean).all()) or (hess.H is not None and not bool(torch.isfinite(hess.H).all())):
+        if not bool(torch.isfinite(x_mean).all()) or not bool(torch.isfinite(hess.H).all()):
             raise self._fault(ctx, where, "non-finite input activations")
 
-        if pair.inspect:
-            module = ctx.module(pair.inspect)
-            calls = take_sequences(recorded, p.search_tokens)
-            with torch.no_grad():
-                reference = [_output(module(*a, **k)) for a, k in calls]
-
-            def loss(effective: list[Tensor]) -> float:
-                for name, w in zip(pair.linears, effective):
-                    ctx.set_weight(name, w)
-                total, count = 0.0, 0
-                with torch.no_grad():
-                    for (a, k), ref in zip(calls, reference):
-                        out = _output(module(*a, **k))
-                        total += float((out.float() - ref.float()).pow(2).sum())
-                        count += out.numel()
-                return total / max(count, 1)
-        else:
-            def loss(effective: list[Tensor]) -> float:
-                return A.output_mse([e - W[n] for n, e in zip(pair.linears, effective)], hess.H)
-
+        loss = None
+        if pair.inspect and p.rerun_top != 0:
+            loss = sub_block_loss(ctx, pair, recorded if p.search_tokens is None else take_sequences(recorded, p.search_tokens))
         try:
-            found = A.search_scales(x_mean, [W[n] for n in pair.linears], loss, p.group_size,
-                                    n_grid=p.n_grid, duo_scaling=p.duo_scaling)
+            found = A.search_scales(x_mean, [W[n] for n in pair.linears], loss, p.group_size, n_grid=p.n_grid,
+                                    duo_scaling=p.duo_scaling, H=hess.H,
+                                    refine=None if p.rerun_top == -1 else p.rerun_top)
         except ValueError as e:
             raise self._fault(ctx, where, f"AWQ scale search failed ({e})") from None
         finally:
@@ -238,6 +227,28 @@ class AWQMethod:
             if not bool(torch.isfinite(t).all()):
                 raise self._fault(ctx, where, f"non-finite {rel} after folding the AWQ scales")
         tensors.update(new)
+
+
+def sub_block_loss(ctx: LayerContext, pair: ScalePair, calls: list[tuple[tuple, dict]]) -> Callable[[list[Tensor]], float]:
+    """The scale search's sub-block loss: with the candidate weights of ``pair.linears`` in place, the
+    mean squared output error of ``pair.inspect`` re-run on ``calls`` against its output with the
+    current weights (computed once, here). The caller restores the weights."""
+    module = ctx.module(pair.inspect)
+    with torch.no_grad():
+        reference = [_output(module(*a, **k)) for a, k in calls]
+
+    def loss(effective: list[Tensor]) -> float:
+        for name, w in zip(pair.linears, effective):
+            ctx.set_weight(name, w)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for (a, k), ref in zip(calls, reference):
+                out = _output(module(*a, **k))
+                total += float((out.float() - ref.float()).pow(2).sum())
+                count += out.numel()
+        return total / max(count, 1)
+
+    return loss
 
 
 def fold_pair(layer: nn.Module, arch: Arch, config: Mapping[str, Any], pair: ScalePair, s: Tensor,
