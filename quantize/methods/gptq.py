@@ -286,10 +286,15 @@ def gptq_solve_batched(W: Tensor, prepared: list[PreparedHessian], spec: QuantSp
     per problem, in order."""
     if W.ndim != 3 or W.shape[0] != len(prepared) or len(names) != len(prepared):
         raise ValueError(f"gptq_solve_batched: W {tuple(W.shape)} for {len(prepared)} prepared Hessians, {len(names)} names")
-    E, N, K = W.shape
+    return _solve_batched(W.detach().to(torch.float32, copy=True), prepared, spec, names)
+
+
+def _solve_batched(W32: Tensor, prepared: list[PreparedHessian], spec: QuantSpec,
+                   names: list[str]) -> list[tuple[QuantResult, Tensor]]:
+    """:func:`gptq_solve_batched` on ``W32``, an fp32 copy the caller hands over (overwritten)."""
+    E, N, K = W32.shape
     if E == 0:
         return []
-    W32 = W.detach().to(torch.float32, copy=True)
     if not all_finite(W32):
         for w, name in zip(W32.unbind(0), names):
             check_weight(w, name)  # names the weight
@@ -316,7 +321,9 @@ def gptq_solve_batched(W: Tensor, prepared: list[PreparedHessian], spec: QuantSp
         zeros.copy_(z.transpose(1, 2))
         group_at = order // g  # [E, K] group of the column processed at each position
 
-    Wt = (W32.gather(2, order.unsqueeze(1).expand(E, N, K)) if spec.act_order else W32).transpose(1, 2).contiguous()
+    # [E, K, N] in processing order, gathered straight into the transposed layout (one copy)
+    Wt = (W32.transpose(1, 2).gather(1, order.unsqueeze(2).expand(E, K, N)) if spec.act_order
+          else W32.transpose(1, 2).contiguous())
     del W32
     Qt = torch.empty_like(Wt)
     row_loss = Wt.new_zeros(E, N)
@@ -392,10 +399,17 @@ def gptq_quantize_experts(groups: list[list[Tensor]], prepared: list[PreparedHes
     ``gptq_quantize_shared(group, spec, prepared[e])``'s bit for bit (tested)."""
     if not groups:
         return []
-    rows = [W.shape[0] for W in groups[0]]
-    stacked = torch.stack([torch.cat([W.float() for W in Ws]) if len(Ws) > 1 else Ws[0] for Ws in groups])
-    solved = gptq_solve_batched(stacked, prepared, spec, names=["+".join(ns) for ns in names])
-    del stacked
+    if len(prepared) != len(groups) or len(names) != len(groups):
+        raise ValueError(f"gptq_quantize_experts: {len(groups)} groups, {len(prepared)} prepared Hessians, {len(names)} names")
+    # the row-stacked weights, written into one fresh fp32 tensor handed to the solve (no second copy)
+    rows, K = [W.shape[0] for W in groups[0]], groups[0][0].shape[1]
+    stacked = torch.empty(len(groups), sum(rows), K, dtype=torch.float32, device=groups[0][0].device)
+    for out, Ws, ns in zip(stacked, groups, names):
+        if [tuple(W.shape) for W in Ws] != [(n, K) for n in rows]:
+            raise ValueError(f"gptq_quantize_experts: {'+'.join(ns)} is not of the first group's shapes")
+        for part, W in zip(out.split(rows), Ws):
+            part.copy_(W.detach())
+    solved = _solve_batched(stacked, prepared, spec, ["+".join(ns) for ns in names])
     return [_split_rows(r, row_loss, rows, spec) for r, row_loss in solved]
 
 
