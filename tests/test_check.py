@@ -160,3 +160,32 @@ def test_llama_cpp_passes_our_gguf(ftype, tiny_model_dir, tmp_path, monkeypatch,
     assert c.figures.rel <= 0.02
     if ftype == "Q4_K_M":
         assert "KL(source||ours)" in c.reason  # the ratio gate ran
+
+
+def test_exl2_is_served_by_exllamav2_only_and_never_passes_without_it(tmp_path, monkeypatch):
+    """EXL2 has no CPU engine: exllamav2 needs CUDA. Without its virtualenv the verdict is "not
+    installed" with the way to get it, and `check` exits 1 when it is named."""
+    from quantize.check import check_output
+
+    monkeypatch.setenv("QUANTIZE_EXLLAMAV2_PYTHON", str(tmp_path / "none" / "python"))
+    out = tmp_path / "exl2"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "exl2"}}))
+    fmt, engines, (rec,) = check_output(out, "auto")
+    assert (fmt, engines) == ("exl2", ["exllamav2"])
+    assert rec.verdict == "not installed" and "CUDA" in rec.reason and "QUANTIZE_EXLLAMAV2_PYTHON" in rec.reason
+
+
+def test_auto_leaves_out_an_engine_known_to_refuse_the_configuration(tmp_path):
+    """vLLM serves GPTQ 4/8-bit symmetric only: `auto` leaves it out for 2/3-bit or asymmetric GPTQ
+    (transformers + gptqmodel serve those); `all` keeps it, so its refusal is recorded."""
+    from quantize.check.engines import refused_by, select
+
+    for bits, sym, refused in [(4, True, False), (8, True, False), (2, True, True), (3, True, True), (4, False, True)]:
+        d = tmp_path / f"g{bits}{sym}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+            "quant_method": "gptq", "bits": bits, "sym": sym}}))
+        assert (refused_by("vllm", "gptq", d) is not None) == refused
+        assert ("vllm" in select("auto", "gptq", "llama", d)) == (not refused)
+        assert select("all", "gptq", "llama", d) == ["transformers", "gptqmodel", "vllm"]
