@@ -420,10 +420,11 @@ def eval_windows(model_dir: Path, dataset: str, seq_len: int, n: int):
     return windows
 
 
-def gptqmodel_quantize(model: Path, cal: Path, out: Path, qcfg, batch_size: int) -> dict:
-    """GPTQModel's own quantization of ``model`` (fp32, CPU) on our calibration windows (as
-    ``input_ids`` + all-ones ``attention_mask``), saved to ``out``; wall and CPU seconds from the
-    load on (its imports excluded), split into load / quantize / save, and its version."""
+def gptqmodel_quantize(model: Path, cal: Path, out: Path, qcfg, batch_size: int, dtype: str = "float32") -> dict:
+    """GPTQModel's own quantization of ``model`` (fp32 unless ``dtype``, CPU) on our calibration
+    windows (as ``input_ids`` + all-ones ``attention_mask``), saved to ``out``; wall and CPU seconds
+    from the load on (its imports excluded), split into load / quantize / save, and its version.
+    Runs in .venv-interop (needs ``quantize`` there too, to read the calibration)."""
     import gptqmodel
     import torch
     from gptqmodel import GPTQModel
@@ -433,7 +434,7 @@ def gptqmodel_quantize(model: Path, cal: Path, out: Path, qcfg, batch_size: int)
     ids, _ = load_calibration(cal)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch.float32)
+    m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     t1 = time.perf_counter()
     m.quantize(data, batch_size=batch_size)
     t2 = time.perf_counter()
@@ -457,3 +458,62 @@ def failure_reason(err: BaseException) -> str:
             return ln[:200]
     return (lines[-1] if lines else type(err).__name__)[:200]
 
+
+
+# -- peers in their own environments (child processes) -----------------------------------------------
+
+LLMC_PYTHON = repo_root() / ".venv-llmcompressor" / "bin" / "python"
+INTEROP_PYTHON = repo_root() / ".venv-interop" / "bin" / "python"
+
+
+def llmcompressor_quantize(model: Path, tokens_json: Path, out: Path, batch_size: int, dtype: str = "auto", *,
+                           bits: int = 4, group_size: int = 128, sym: bool = True) -> dict:
+    """llm-compressor's GPTQ (``oneshot`` + ``GPTQModifier``, everything else as it ships: actorder
+    "static", block 128, dampening 0.01, ``lm_head`` left unquantized) on the token windows in
+    ``tokens_json`` (a JSON list of lists, handed over as an already tokenized ``datasets.Dataset``
+    of ``input_ids`` + all-ones ``attention_mask``), saved compressed (pack-quantized) to ``out``.
+    W4 g128 sym is its "W4A16" preset; other widths are the same weights args in ``config_groups``.
+
+    Runs under .venv-llmcompressor and needs nothing of this package (whose requirements may not fit
+    there: scripts/setup_llmcompressor.sh): start it as a child with :data:`LLMC_PYTHON`. Seconds
+    from the load on (imports excluded), split into load / quantize / save."""
+    import importlib.metadata as md
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = json.loads(Path(tokens_json).read_text())
+    n, seq_len = len(rows), len(rows[0])
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]})
+    if (bits, group_size, sym) == (4, 128, True):
+        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    else:
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group_size}
+        recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                              ignore=["lm_head"])
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    t1 = time.perf_counter()
+    oneshot(model=m, tokenizer=tok, dataset=data, recipe=recipe, num_calibration_samples=n, max_seq_length=seq_len,
+            batch_size=batch_size)
+    t2 = time.perf_counter()
+    m.save_pretrained(str(out), save_compressed=True)
+    tok.save_pretrained(str(out))
+    t3 = time.perf_counter()
+    return {"seconds": t3 - t0, "cpu_s": time.process_time() - cpu0, "load_s": t1 - t0, "quantize_s": t2 - t1,
+            "save_s": t3 - t2, "model_dtype": str(m.dtype).removeprefix("torch."), "peak_mb": maxrss_mb(),
+            "version": md.version("llmcompressor"),
+            "versions": {p: md.version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}}
+
+
+def write_tokens_json(cal: Path, out: Path) -> Path:
+    """The calibration token ids of a ``quantize sample`` output as JSON (for peers whose environment
+    has no ``quantize``)."""
+    from quantize.calibration import load_calibration
+
+    Path(out).write_text(json.dumps(load_calibration(cal)[0].tolist()))
+    return Path(out)

@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 SETTINGS = dict(bits=4, group_size=128, sym=True, damp=0.01)
-LLMC_PYTHON = c.repo_root() / ".venv-llmcompressor" / "bin" / "python"
+SETTINGS_LLMC = dict(bits=4, group_size=128, sym=True)  # damp 0.01: its default
+LLMC_PYTHON = c.LLMC_PYTHON
 CHILD_TIMEOUT_S = 3 * 3600
 TOOLS = ("ours", "llmcompressor", "llmcompressor-fp32")
 OURS = ("ours",)  # its failure is an error; a peer's is a row
@@ -86,33 +87,9 @@ def child_ours(model: Path, cal: Path, out: Path, batch_size: int) -> dict:
 
 
 def child_llmcompressor(model: Path, tokens_json: Path, out: Path, batch_size: int, dtype: str = "auto") -> dict:
-    """Runs under .venv-llmcompressor. Needs nothing of this package (whose requirements may not fit
-    there: see scripts/setup_llmcompressor.sh): the tokens come as JSON."""
-    import importlib.metadata as md
-
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    rows = json.loads(Path(tokens_json).read_text())
-    n, seq_len = len(rows), len(rows[0])
-    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]})
-    t0 = time.perf_counter()
-    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    tok = AutoTokenizer.from_pretrained(str(model))
-    t1 = time.perf_counter()
-    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-    oneshot(model=m, tokenizer=tok, dataset=data, recipe=recipe, num_calibration_samples=n, max_seq_length=seq_len,
-            batch_size=batch_size)
-    t2 = time.perf_counter()
-    m.save_pretrained(str(out), save_compressed=True)
-    tok.save_pretrained(str(out))
-    t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2, "model_dtype": str(m.dtype).removeprefix("torch."),
-            "peak_mb": c.maxrss_mb(),
-            "versions": {p: md.version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}}
+    """Runs under .venv-llmcompressor (common.llmcompressor_quantize, at W4A16 g128)."""
+    r = c.llmcompressor_quantize(model, tokens_json, out, batch_size, dtype, **SETTINGS_LLMC)
+    return {k: r[k] for k in ("load_s", "quantize_s", "save_s", "model_dtype", "peak_mb", "versions")}
 
 
 CHILDREN = {
@@ -209,10 +186,8 @@ def main() -> int:
               f"{valid.name}, batch {args.batch_size}; eval: first {args.windows} windows x {args.seq_len} of {test.name}")
         cal = c.calibrate(model, str(valid), args.samples, args.seq_len, tmp / "cal")
 
-        from quantize.calibration import load_calibration
-
-        tokens_json = tmp / "calibration_tokens.json"  # for llm-compressor, whose environment needs no `quantize`
-        tokens_json.write_text(json.dumps(load_calibration(cal)[0].tolist()))
+        # for llm-compressor, whose environment needs no `quantize`
+        tokens_json = c.write_tokens_json(cal, tmp / "calibration_tokens.json")
 
         # Alternate the tools and keep each one's fastest run (and highest peak): on a shared machine a
         # burst of outside load then hits every side alike.

@@ -1,30 +1,48 @@
-"""Low bits on ref-llama: RTN, GPTQ, GPTQ+SignRound, RTN+SignRound (ours) against AutoRound 0.16.
+"""GPTQ quality at the defaults, and low bits: ours (RTN, GPTQ variants, SignRound refinement) against
+GPTQModel, llm-compressor and AutoRound on ref-llama, same calibration ids, same eval.
 
 Every row quantizes shared/models/ref-llama with the SAME calibration token ids (``quantize sample``
-of wikitext-2 valid, seed 0; AutoRound gets them exported to a file) and is evaluated by OUR eval on
-the first ``--windows`` windows of wikitext-2 test: mean KL(fp || quantized) per token and top-1
-agreement with the fp model; plus quantization wall seconds and peak RSS of AutoRound's process.
+of wikitext-2 valid, seed 0; peers get them as ids) in a fresh child process, and is evaluated by
+OUR eval on the first ``--windows`` windows of wikitext-2 test: mean KL(fp || quantized) per token
+and top-1 agreement with the fp model; plus the child's quantization wall seconds (model load,
+quantize, save; interpreter start and imports excluded, on every side) and its peak RSS (imports
+included).
 
 Rows per setting (default W3 g128 and W2 g64, all symmetric):
-  RTN                      ``quantize rtn``
-  GPTQ                     ``quantize gptq`` at its defaults (act-order, static groups)
-  GPTQ + signround         ``quantize gptq --refine signround`` (methods/signround.py)
-  RTN + signround          ``quantize rtn --refine signround``
-  AutoRound default        its default recipe: iters 200, batch 8 (nsamples: ours, see below)
-  AutoRound best           its "best" recipe (auto-round-best): iters 1000, nsamples 512 -- run on
-                           at most our ``--samples`` calibration windows (``--best-iters`` to shorten)
-AutoRound runs in a child process of .venv-autoround (scripts/setup_autoround.sh), saves the GPTQ
-format (``auto_gptq``, sym), which our reader dequantizes. A failing AutoRound run is a row with its
-error. AutoRound's recipes use seqlen 2048; here every tool gets the same ``--seq-len`` windows.
+  rtn            ``quantize rtn``
+  gptq           ``quantize gptq`` at its defaults (static act-order, the default --grid)
+  gptq-minmax    the defaults with ``--grid minmax`` (each group's min/max range)
+  gptq-mse       the defaults with ``--grid mse`` (range shrunk to minimise |w - w_hat|^2.4)
+  gptq-dynamic   ``--no-static-groups``: dynamic act-order (desc_act true; vLLM refuses it)
+  gptq-noact     ``--no-act-order``
+  gptq+sr        ``quantize gptq --refine signround`` (methods/signround.py)
+  rtn+sr         ``quantize rtn --refine signround``
+  gptqmodel      GPTQModel (.venv-interop) GPTQ as a user gets it: ``GPTQConfig(bits, group_size, sym=True)``,
+                 everything else its defaults (damp 0.05, desc_act False with act_group_aware, mse 0,
+                 offload to disk), fp32 model, v1 ``gptq`` format
+  llmc           llm-compressor (.venv-llmcompressor) ``GPTQModifier`` as it ships (actorder static,
+                 dampening 0.01; W4 g128 is its W4A16 preset, other widths the same weights args),
+                 bf16 model as its examples load it (dtype auto), pack-quantized compressed-tensors
+  ar             AutoRound default recipe: iters 200, batch 8 (nsamples: ours, see below)
+  ar-best        AutoRound "best" recipe (auto-round-best): iters 1000, nsamples 512 -- run on at
+                 most our ``--samples`` calibration windows (``--best-iters`` to shorten)
+Ours run the library entry point (what ``quantize gptq`` runs) under jemalloc where installed (what
+the command re-executes itself with), the peers under glibc; torch threads the same everywhere.
+AutoRound runs in .venv-autoround (scripts/setup_autoround.sh) and saves the GPTQ format
+(``auto_gptq``, sym), which our reader dequantizes; its wall seconds are of ``quantize_and_save``.
+A failing peer is a row with its error. AutoRound's recipes use seqlen 2048; here every tool gets
+the same ``--seq-len`` windows. The summary says, per setting, whether our GPTQ at its defaults has
+KL <= each peer's at no more than its wall time (issue #21).
 
     python benchmarks/lowbit_quality.py [--samples 128] [--seq-len 256] [--settings 3:128,2:64]
-        [--iters 200] [--best-iters 1000] [--rows rtn,gptq,gptq+sr,rtn+sr,ar,ar-best] [--json out.json]
+        [--iters 200] [--best-iters 1000] [--rows rtn,gptq,...] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -33,28 +51,112 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
-ROWS = ["rtn", "gptq", "gptq+sr", "rtn+sr", "ar", "ar-best"]
-LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq+sr": "GPTQ + signround", "rtn+sr": "RTN + signround",
-          "ar": "AutoRound default", "ar-best": "AutoRound best"}
+# our rows -> quantize_gptq keywords on top of the defaults (grid: None = the command's default)
+OURS = {
+    "rtn": dict(rtn=True, act_order=False),
+    "gptq": dict(),
+    "gptq-minmax": dict(grid="minmax"),
+    "gptq-mse": dict(grid="mse"),
+    "gptq-dynamic": dict(static_groups=False),
+    "gptq-noact": dict(act_order=False),
+    "gptq+sr": dict(refine="signround"),
+    "rtn+sr": dict(rtn=True, act_order=False, refine="signround"),
+}
+PEERS = ("gptqmodel", "llmc")
+ROWS = [*OURS, *PEERS, "ar", "ar-best"]
+LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq-minmax": "GPTQ --grid minmax",
+          "gptq-mse": "GPTQ --grid mse", "gptq-dynamic": "GPTQ dynamic act-order", "gptq-noact": "GPTQ no act-order",
+          "gptq+sr": "GPTQ + signround", "rtn+sr": "RTN + signround", "gptqmodel": "GPTQModel",
+          "llmc": "llm-compressor", "ar": "AutoRound default", "ar-best": "AutoRound best"}
 
 
-def ours(ref, cal, out, *, bits, group, row, iters, batch_size, verbose):
-    from quantize.commands.gptq import quantize_gptq
+def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group: int, iters: int,
+               batch_size: int) -> dict:
+    """One of our rows in this (fresh) process: ``quantize_gptq`` as the command calls it."""
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imports outside the timing, as for peers)
 
-    kw = dict(rtn=row.startswith("rtn"), act_order=not row.startswith("rtn"), static_groups=None)
-    if row.endswith("+sr"):
-        kw.update(refine="signround", refine_iters=iters)
-    t0 = time.perf_counter()
-    with c.quiet(not verbose):
-        m = quantize_gptq(model_dir=ref, calibration=cal, out=out, bits=bits, group_size=group, sym=True, damp=0.01,
+    from quantize.commands.gptq import DEFAULT_GRID, quantize_gptq
+
+    kw = {**dict(act_order=True, static_groups=None, grid=DEFAULT_GRID, rtn=False), **OURS[row]}
+    if kw.get("refine"):
+        kw["refine_iters"] = iters
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    with c.quiet():
+        m = quantize_gptq(model_dir=model, calibration=cal, out=out, bits=bits, group_size=group, sym=True, damp=0.01,
                           block_size=128, exec_cfg=c.exec_config(batch_size), overwrite=True, **kw)
     seconds = time.perf_counter() - t0
-    note = ""
-    if row.endswith("+sr"):
+    note = "" if kw["rtn"] else f"grid {kw['grid']}"
+    if kw.get("refine"):
         layers = [lm["signround"] for lm in m.metrics["layers"]]
         gain = [lm["mse_after"] / lm["mse_before"] for lm in layers if lm["mse_before"]]
-        note = f"layer output MSE after/before: mean {sum(gain) / len(gain):.3f}, kept {[lm['kept'] for lm in layers]}"
-    return seconds, None, note
+        note += (f"; layer output MSE after/before: mean {sum(gain) / len(gain):.3f}, "
+                 f"kept {[lm['kept'] for lm in layers]}")
+    return {"seconds": seconds, "cpu_s": time.process_time() - cpu0, "peak_mb": c.maxrss_mb(), "note": note,
+            "malloc": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"}
+
+
+def child_gptqmodel(model: Path, cal: Path, out: Path, *, bits: int, group: int, batch_size: int) -> dict:
+    """Runs under .venv-interop: GPTQModel at its defaults but for bits / group / sym."""
+    from gptqmodel.quantization.config import GPTQConfig
+
+    qcfg = GPTQConfig(bits=bits, group_size=group, sym=True)
+    r = c.gptqmodel_quantize(model, cal, out, qcfg, batch_size, dtype="float32")
+    settings = {k: getattr(qcfg, k, None) for k in ("damp_percent", "desc_act", "act_group_aware", "static_groups",
+                                                    "mse", "true_sequential")}
+    return {**r, "peak_mb": c.maxrss_mb(), "note": f"GPTQModel {r['version']}, fp32 model, "
+            + ", ".join(f"{k} {v}" for k, v in settings.items())}
+
+
+def child_llmc(model: Path, tokens_json: Path, out: Path, *, bits: int, group: int, batch_size: int) -> dict:
+    """Runs under .venv-llmcompressor: GPTQModifier as it ships but for bits / group / sym."""
+    r = c.llmcompressor_quantize(model, tokens_json, out, batch_size, "auto", bits=bits, group_size=group, sym=True)
+    note = f"llm-compressor {r['version']}, {r['model_dtype']} model, actorder static, damp 0.01"
+    if bits not in (2, 4, 8):  # our reader takes pack-quantized int 2/4/8 only: the library decompresses
+        r["path"] = str(decompress_ct(out, Path(str(out) + "-dense")))
+        note += f"; {bits}-bit read back by compressed-tensors' own decompressor (bf16)"
+    return {**r, "note": note}
+
+
+def decompress_ct(src: Path, dst: Path) -> Path:
+    """A compressed-tensors checkpoint decompressed by transformers + compressed-tensors (the
+    library's own dequantization, in the checkpoint's dtype), written as a plain dense checkpoint
+    without ``quantization_config``. Outside the timing."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto",
+                                             quantization_config=CompressedTensorsConfig(run_compressed=False))
+    drop = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale")
+    sd = {k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in m.state_dict().items()
+          if not k.endswith(drop)}
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def run_child(row: str, model: Path, data: Path, out: Path, *, bits: int, group: int, iters: int, batch_size: int,
+              threads: int, timeout: float) -> dict:
+    """``row`` in a fresh process of its tool's environment (ours: this interpreter)."""
+    python = {"gptqmodel": c.INTEROP_PYTHON, "llmc": c.LLMC_PYTHON}.get(row, Path(sys.executable))
+    if not python.exists():
+        raise RuntimeError(f"error: {python} not found (run `make peers`)")
+    env = {"OMP_NUM_THREADS": str(threads), "LD_PRELOAD": "",
+           "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
+    if row in OURS:
+        env.update(c.heap_setups().get("jemalloc", ("flat", {}))[1])
+    cmd = [str(python), str(Path(__file__).resolve()), "--threads", str(threads), "--batch-size", str(batch_size),
+           "--iters", str(iters), "--settings", f"{bits}:{group}", "--child", row, str(model), str(data), str(out)]
+    return c.run_json_child(cmd, env=env, timeout=timeout)
 
 
 def autoround(ref, ids_file, out, *, bits, group, iters, nsamples, threads, venv, timeout):
@@ -83,10 +185,24 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--autoround-venv", default=str(c.repo_root() / ".venv-autoround"))
-    ap.add_argument("--timeout", type=float, default=7200, help="seconds per AutoRound run")
+    ap.add_argument("--timeout", type=float, default=7200, help="seconds per child run")
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--child", nargs=4, metavar=("ROW", "MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    settings = [(int(b), int(g)) for b, g in (s.split(":") for s in args.settings.split(","))]
+
+    if args.child:  # one row in a fresh process (run_child)
+        row, model, data, out = args.child
+        bits, group = settings[0]
+        c.set_threads(args.threads)
+        kw = dict(bits=bits, group=group, batch_size=args.batch_size)
+        if row in OURS:
+            res = child_ours(row, Path(model), Path(data), Path(out), iters=args.iters, **kw)
+        else:
+            with c.quiet():
+                res = (child_gptqmodel if row == "gptqmodel" else child_llmc)(Path(model), Path(data), Path(out), **kw)
+        print(json.dumps(res), flush=True)
+        return 0
 
     ref, valid, test = c.ref_llama(), c.wikitext("valid"), c.wikitext("test")
     if ref is None or valid is None or test is None:
@@ -96,13 +212,14 @@ def main() -> int:
     if bad:
         print(f"error: unknown rows {bad}; choose from {ROWS}", file=sys.stderr)
         return 2
-    _, threads = c.set_threads(args.threads)
-    settings = [(int(b), int(g)) for b, g in (s.split(":") for s in args.settings.split(","))]
+    n_threads, threads = c.set_threads(args.threads)
+    from quantize.commands.gptq import DEFAULT_GRID
+
     print(f"model: {ref}")
-    print(f"device: {c.cpu_model()}, torch threads {threads}")
+    print(f"device: {c.cpu_model()}, torch threads {threads}; load average at start {os.getloadavg()[0]:.2f}")
     print(f"calibration: {args.samples} x {args.seq_len} tokens of {valid.name} (seed 0), the same ids for every tool; "
           f"eval: first {args.windows} windows of {args.seq_len} tokens of {test.name}; sym everywhere; "
-          f"signround {args.iters} steps/layer", flush=True)
+          f"our default grid: {DEFAULT_GRID}; signround {args.iters} steps/layer", flush=True)
 
     import torch
 
@@ -114,6 +231,7 @@ def main() -> int:
         cal = c.calibrate(ref, str(valid), args.samples, args.seq_len, tmp / "cal")
         ids_file = tmp / "ids.pt"
         torch.save(load_calibration(cal)[0].to(torch.int64), ids_file)
+        tokens_json = c.write_tokens_json(cal, tmp / "ids.json")
         windows = c.eval_windows(ref, str(test), args.seq_len, args.windows)
         fp = c.FpReference(ref, windows)
         table.append(["fp", "-", fp.fp.perplexity, 0.0, 1.0, None, None, ""])
@@ -121,6 +239,7 @@ def main() -> int:
             for row in rows_wanted:
                 out = tmp / f"{row}-{bits}-{group}"
                 label, setting = LABELS[row], f"W{bits} g{group}"
+                load = os.getloadavg()[0]
                 try:
                     if row.startswith("ar"):
                         best = row == "ar-best"
@@ -130,36 +249,50 @@ def main() -> int:
                             nsamples=min(args.best_samples, args.samples) if best else args.samples,
                             threads=args.threads, venv=args.autoround_venv, timeout=args.timeout)
                     else:
-                        seconds, rss, note = ours(ref, cal, out, bits=bits, group=group, row=row, iters=args.iters,
-                                                  batch_size=args.batch_size, verbose=args.verbose)
+                        r = run_child(row, ref, tokens_json if row == "llmc" else cal, out, bits=bits, group=group,
+                                      iters=args.iters, batch_size=args.batch_size, threads=n_threads,
+                                      timeout=args.timeout)
+                        seconds, rss, note = r["seconds"], r["peak_mb"], r["note"]
+                        out = Path(r.get("path", out))
+                        if row in OURS:
+                            note = f"{note}; {r['malloc']}".removeprefix("; ")
                     q = fp.compare(out)
-                    rec = dict(row=label, setting=setting, perplexity=q.perplexity, kl=q.kl, top1=q.top1,
-                               seconds=seconds, maxrss_mb=rss, note=note)
+                    rec = dict(row=label, key=row, setting=setting, perplexity=q.perplexity, kl=q.kl, top1=q.top1,
+                               seconds=seconds, maxrss_mb=rss, note=note, load=load)
                 except Exception as e:  # a failing tool is a row with its error, not a crash
-                    rec = dict(row=label, setting=setting, perplexity=None, kl=None, top1=None, seconds=None,
-                               maxrss_mb=None, note=f"FAILED: {c.failure_reason(e)}")
+                    rec = dict(row=label, key=row, setting=setting, perplexity=None, kl=None, top1=None, seconds=None,
+                               maxrss_mb=None, note=f"FAILED: {c.failure_reason(e)}", load=load)
                 records.append(rec)
                 table.append([rec["row"], setting, rec["perplexity"], rec["kl"], rec["top1"], rec["seconds"],
                               rec["maxrss_mb"], rec["note"]])
-                kl = "-" if rec["kl"] is None else f"{rec['kl']:.5f}"
-                sec = "-" if rec["seconds"] is None else f"{rec['seconds']:.0f}s"
-                print(f"  done: {label:20} {setting:8} KL {kl} ({sec}) {rec['note']}", flush=True)
+                kl = "-" if rec["kl"] is None else f"{rec['kl']:.6f}"
+                sec = "-" if rec["seconds"] is None else f"{rec['seconds']:.1f}s"
+                print(f"  done: {label:24} {setting:8} KL {kl} ({sec}, load {load:.1f}) {rec['note']}", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(records, indent=1))
     print()
     c.print_table(["weights", "setting", "perplexity", "KL vs fp", "top-1 agree", "quantize s", "peak RSS MB", "note"],
                   table)
     print()
+    ours_default = "gptq" if "gptq" in rows_wanted else f"gptq-{DEFAULT_GRID}"
     for bits, group in settings:
         s = f"W{bits} g{group}"
-        by = {r["row"]: r["kl"] for r in records if r["setting"] == s and r["kl"] is not None}
-        ours_best = min((by[LABELS[r]], LABELS[r]) for r in ("gptq+sr", "rtn+sr", "gptq", "rtn") if LABELS[r] in by) \
-            if any(LABELS[r] in by for r in ("gptq+sr", "rtn+sr", "gptq", "rtn")) else None
-        peers = [(by[LABELS[r]], LABELS[r]) for r in ("ar", "ar-best") if LABELS[r] in by]
-        if ours_best and peers:
-            peer = min(peers)
-            verdict = "PASS" if ours_best[0] <= peer[0] else "FAIL"
-            print(f"{verdict}: {s}: our best {ours_best[1]} KL {ours_best[0]:.5f} vs {peer[1]} KL {peer[0]:.5f}")
+        by = {r["key"]: r for r in records if r["setting"] == s and r["kl"] is not None}
+        if "gptq-minmax" in by and "gptq-mse" in by:
+            a, b = by["gptq-minmax"], by["gptq-mse"]
+            print(f"{s}: --grid mse / minmax: KL {b['kl'] / a['kl']:.3f}x, wall {b['seconds'] / a['seconds']:.2f}x")
+        o = by.get(ours_default)
+        for peer in ("gptqmodel", "llmc", "ar", "ar-best"):
+            if o is None or peer not in by:
+                continue
+            p = by[peer]
+            ok_kl, ok_t = o["kl"] <= p["kl"], o["seconds"] <= p["seconds"]
+            print(f"{'PASS' if ok_kl and ok_t else 'FAIL'}: {s}: ours ({LABELS[ours_default]}) KL {o['kl']:.6f} "
+                  f"{'<=' if ok_kl else '>'} {LABELS[peer]} {p['kl']:.6f} ({o['kl'] / p['kl']:.3f}x); wall "
+                  f"{o['seconds']:.1f}s {'<=' if ok_t else '>'} {p['seconds']:.1f}s ({o['seconds'] / p['seconds']:.2f}x)")
+        best = min(((r["kl"], k) for k, r in by.items() if k in OURS), default=None)
+        if best:
+            print(f"{s}: our lowest KL: {LABELS[best[1]]} {best[0]:.6f}")
     return 0
 
 

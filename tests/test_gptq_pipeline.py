@@ -100,6 +100,38 @@ def test_cli_gptq_errors(tiny_llama, calib_for, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("command", ["gptq", "rtn"])
+def test_grid_option_reaches_the_grid(command, tiny_llama, calib_for, tmp_path):
+    """``--grid``: recorded in the manifest (only when not the min/max grid, so earlier fingerprints
+    hold) and in the checkpoint's ``mse``; with RTN every group's |w - w_hat|^2.4 under mse is at most
+    min/max's (the search starts from the min/max range and keeps only strict improvements)."""
+    import json
+
+    from quantize.io.quantized import open_model
+
+    cal = calib_for(tiny_llama)
+    for grid in ("minmax", "mse"):
+        rc = main([command, "--model", str(tiny_llama), "--calibration", str(cal), "--out", str(tmp_path / grid),
+                   "--grid", grid, "--group-size", "32", "--device", "cpu"])
+        assert rc == 0
+    mm, ms = mf.load_manifest(tmp_path / "minmax"), mf.load_manifest(tmp_path / "mse")
+    assert "grid" not in mm.params and ms.params["grid"] == "mse"
+    qc = {g: json.loads((tmp_path / g / "config.json").read_text())["quantization_config"] for g in ("minmax", "mse")}
+    assert qc["minmax"]["meta"]["mse"] == 0.0 and qc["mse"]["meta"]["mse"] == 2.4
+    orig, a, b = open_model(tiny_llama), open_model(tmp_path / "minmax"), open_model(tmp_path / "mse")
+    names = [n for n in a.names() if n.endswith("_proj.weight")]
+    assert names
+    differ = 0
+    for n in names:
+        w0, wa, wb = (r.get(n, dtype=torch.float32) for r in (orig, a, b))
+        differ += int(not torch.equal(wa, wb))
+        if command == "rtn":
+            ea = (wa - w0).abs().pow(2.4).view(w0.shape[0], -1, 32).sum(-1)
+            eb = (wb - w0).abs().pow(2.4).view(w0.shape[0], -1, 32).sum(-1)
+            assert (eb <= ea * (1 + 1e-5) + 1e-12).all(), n
+    assert differ > 0
+
+
 def test_calibration_from_another_tokenizer_is_refused(tiny_llama, calib_for, tmp_path, capsys):
     import json
     import shutil

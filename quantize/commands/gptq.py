@@ -11,6 +11,10 @@ from .common import (exec_options, format_options, make_exec_config, moe_options
                      stage_options)
 
 
+GRIDS = ("minmax", "mse")
+DEFAULT_GRID = "minmax"  # measured: README "GPTQ quality at the defaults" (benchmarks/lowbit_quality.py)
+
+
 def resolve_static_groups(static_groups: bool | None, act_order: bool, rtn: bool) -> bool:
     """``None`` (the default): on with act-order -- static activation ordering, groups on the
     original columns, which every loader takes (vLLM refuses GPTQ ``desc_act: true``, and
@@ -25,7 +29,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                   seed: int = 0, overwrite: bool = False, resume: bool = False, checkpoint_format: str = "gptq",
                   max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto",
                   moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all",
-                  refine: str = "none", refine_iters: int = 200, refine_lr: float | None = None):
+                  refine: str = "none", refine_iters: int = 200, refine_lr: float | None = None,
+                  grid: str = DEFAULT_GRID):
     """Library entry point (the CLI and `quantize run` call this).
 
     ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
@@ -33,7 +38,9 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     ``formats.registry.resolve_scale_dtype``. ``moe_*``: where a Mixture-of-Experts model's experts
     take their statistics from (executor/moe.py); recorded only for MoE models. ``refine``:
     "signround" refines each layer's results by SignRound (methods/signround.py; ``refine_iters``
-    steps, ``refine_lr`` initial step, default 1/iters); dense models only."""
+    steps, ``refine_lr`` initial step, default 1/iters); dense models only. ``grid``: each group's
+    scale and zero from its "minmax" range, or "mse": the range shrunk (up to 20% in 1% steps) to
+    minimise sum |w - w_hat|^2.4 of the group (methods/grid.py, GPTQModel/IST ``mse=2.4``)."""
     import torch
 
     from ..errors import InputError
@@ -47,10 +54,12 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     if format not in ("gptq", "compressed-tensors"):
         raise InputError(f"--format {format!r}: `quantize gptq` writes gptq or compressed-tensors")
     ct = format == "compressed-tensors"
+    if grid not in GRIDS:
+        raise InputError(f"--grid {grid!r}: expected one of {', '.join(GRIDS)}")
     static_groups = resolve_static_groups(static_groups, act_order, rtn)
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp, block_size=block_size, scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
+                     damp=damp, block_size=block_size, mse=grid == "mse", scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
                      # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 and CT use the full grid
                      v1_safe_zeros=not ct and checkpoint_format == "gptq")
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
@@ -78,6 +87,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     params = {"method": method.name, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
               "static_groups": static_groups, "damp": damp, "block_size": block_size, "seed": seed,
               "format": format, "scale_dtype": spec.scale_dtype}
+    if grid != "minmax":  # absent for min/max: earlier runs' fingerprints stay valid
+        params["grid"] = grid
     if not ct:
         params["checkpoint_format"] = checkpoint_format
     if is_moe:
@@ -102,6 +113,9 @@ def _shared_options(calibration_help: str):
             click.option("--group-size", default=128, show_default=True, type=int,
                          help="Columns per quantization group; -1: one group per row."),
             click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
+            click.option("--grid", default=DEFAULT_GRID, show_default=True, type=click.Choice(GRIDS),
+                         help="Each group's scale/zero: its min/max range, or mse: the range shrunk (up to 20%) "
+                              "to minimise the group's |w - w_hat|^2.4."),
             click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
                          help="Zero-point convention of the written qzeros (--format gptq)."),
             click.option("--refine", default="none", show_default=True, type=click.Choice(["none", "signround"]),
@@ -118,12 +132,12 @@ def _shared_options(calibration_help: str):
     return deco
 
 
-def _run(*, model_dir, calibration, bits, group_size, sym, checkpoint_format, format, scale_dtype, max_shard_size,
+def _run(*, model_dir, calibration, bits, group_size, sym, grid, checkpoint_format, format, scale_dtype, max_shard_size,
          resume, out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite,
          expert_chunk=None, **solver):
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap, expert_chunk)
     m = quantize_gptq(model_dir=model_dir, calibration=calibration, out=out, bits=int(bits), group_size=group_size,
-                      sym=sym, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
+                      sym=sym, grid=grid, exec_cfg=cfg, seed=seed, overwrite=overwrite, resume=resume,
                       checkpoint_format=checkpoint_format, max_shard_bytes=int(max_shard_size * 1e9), format=format,
                       scale_dtype=scale_dtype, **solver)
     click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}")

@@ -61,8 +61,9 @@ class GPTQParams(_Strict):
     act_order: bool = True
     sym: bool = True
     damp: float = 0.01
-    static_groups: bool | None = None  # None: on for compressed-tensors with act-order, else off
+    static_groups: bool | None = None  # None: on with act-order (static activation ordering), off for rtn
     block_size: int = 128
+    grid: Literal["minmax", "mse"] = "minmax"  # `quantize gptq --grid`: min/max or MSE-searched clipping
 
 
 class MoESettings(_Strict):

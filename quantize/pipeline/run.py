@@ -116,6 +116,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
             return quantize_gptq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
                                  group_size=recipe.group_size, act_order=g.act_order, sym=g.sym, damp=g.damp,
                                  static_groups=g.static_groups, block_size=g.block_size, rtn=recipe.method == "rtn",
+                                 grid=g.grid,
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq",
                                  moe_calibration=moe.calibration, moe_min_tokens=moe.min_tokens,
                                  moe_fallback=moe.fallback)
@@ -124,6 +125,8 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
                    "static_groups": resolve_static_groups(g.static_groups, g.act_order,
                                                           recipe.method == "rtn")}
+        if g.grid != "minmax":  # as the stage records it
+            qparams["grid"] = g.grid
         if recipe.moe is not None:  # recorded in the manifest of an MoE model's stage
             qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
                             "moe_fallback": moe.fallback})
