@@ -286,12 +286,14 @@ def gptq_solve_batched(W: Tensor, prepared: list[PreparedHessian], spec: QuantSp
     per problem, in order."""
     if W.ndim != 3 or W.shape[0] != len(prepared) or len(names) != len(prepared):
         raise ValueError(f"gptq_solve_batched: W {tuple(W.shape)} for {len(prepared)} prepared Hessians, {len(names)} names")
-    return _solve_batched(W.detach().to(torch.float32, copy=True), prepared, spec, names)
+    return _solve_batched([W.detach().to(torch.float32, copy=True)], prepared, spec, names)
 
 
-def _solve_batched(W32: Tensor, prepared: list[PreparedHessian], spec: QuantSpec,
+def _solve_batched(buffer: list[Tensor], prepared: list[PreparedHessian], spec: QuantSpec,
                    names: list[str]) -> list[tuple[QuantResult, Tensor]]:
-    """:func:`gptq_solve_batched` on ``W32``, an fp32 copy the caller hands over (overwritten)."""
+    """:func:`gptq_solve_batched` on the fp32 ``[E, N, K]`` tensor the caller hands over in the
+    one-element ``buffer`` (taken out of it, so that it is freed once copied into processing order)."""
+    W32 = buffer.pop()
     E, N, K = W32.shape
     if E == 0:
         return []
@@ -409,8 +411,15 @@ def gptq_quantize_experts(groups: list[list[Tensor]], prepared: list[PreparedHes
             raise ValueError(f"gptq_quantize_experts: {'+'.join(ns)} is not of the first group's shapes")
         for part, W in zip(out.split(rows), Ws):
             part.copy_(W.detach())
-    solved = _solve_batched(stacked, prepared, spec, ["+".join(ns) for ns in names])
-    return [_split_rows(r, row_loss, rows, spec) for r, row_loss in solved]
+    buffer = [stacked]
+    del stacked
+    solved = _solve_batched(buffer, prepared, spec, ["+".join(ns) for ns in names])
+    solved.reverse()
+    out = []
+    while solved:  # each row-stacked result freed once split
+        r, row_loss = solved.pop()
+        out.append(_split_rows(r, row_loss, rows, spec))
+    return out
 
 
 def weighted_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
