@@ -18,12 +18,14 @@ shared/models/ref-llama (with shared WikiText-2) is absent. AutoAWQ runs in its 
   keeps s = 1 (plain RTN) as a candidate, the peers' duo grid does not; AutoAWQ rounds the final
   weights in fp16 (``_apply_quant`` casts each linear to half);
   GQA ref-llama: nobody scales v_proj -> o_proj (shapes differ);
-* our other rows: "ours, 8192 search tokens" is the previous default (every candidate re-run on the
+* our other rows: "ours, bf16 sub-block re-runs" is the default with ``rerun_dtype="bfloat16"``
+  (the re-runs on a bf16 copy of the sub-block); "ours, 8192 search tokens" is the previous default (every candidate re-run on the
   first 8192 tokens: ``search_tokens=8192, rerun_top=-1``); "ours, every candidate re-run" (tool
   ``ours-rerun-all``, not run unless asked) re-runs all 21 on all tokens, like the peers;
 * RTN row: our AWQ stage with ``scale_search=False, clip=False`` (round-to-nearest, same format);
-* each quantization runs in a fresh subprocess (wall time end to end: load, quantize, write; and
-  peak RSS); every output is evaluated by *our* eval, the peers' read back with our
+* each quantization runs in a fresh subprocess (wall time end to end: load, quantize, write; the
+  process's CPU time over the same span, all threads, less sensitive to other jobs on a shared
+  machine; and peak RSS); every output is evaluated by *our* eval, the peers' read back with our
   ``DequantReader`` (same AWQ GEMM format; checked equal to GPTQModel's own ``dequantize_gemm`` on
   both peers' outputs): perplexity, KL vs fp, top-1 agreement. A peer that fails gets a
   ``failed: <reason>`` row and the script still exits 0; only our own failure is an error.
@@ -72,10 +74,11 @@ import common as c  # noqa: E402
 SETTINGS = dict(bits=4, group_size=128, zero_point=True)
 AUTOAWQ_PYTHON = c.repo_root() / ".venv-autoawq" / "bin" / "python"
 CHILD_TIMEOUT_S = 3 * 3600
-TOOLS = ("ours", "ours-8192", "ours-rerun-all", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
+TOOLS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
 DEFAULT_TOOLS = tuple(t for t in TOOLS if t != "ours-rerun-all")
-OURS = ("ours", "ours-8192", "ours-rerun-all", "rtn")  # their failure is an error; a peer's is a row
-OUR_SETTINGS = {"ours": {}, "ours-8192": {"search_tokens": 8192, "rerun_top": -1}, "ours-rerun-all": {"rerun_top": -1},
+OURS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "rtn")  # their failure is an error; a peer's is a row
+OUR_SETTINGS = {"ours": {}, "ours-bf16": {"rerun_dtype": "bfloat16"},
+                "ours-8192": {"search_tokens": 8192, "rerun_top": -1}, "ours-rerun-all": {"rerun_top": -1},
                 "rtn": {"scale_search": False, "clip": False}}
 
 
@@ -88,10 +91,10 @@ def child_ours(model: Path, cal: Path, out: Path, batch_size: int, tool: str = "
 
     AutoConfig.from_pretrained(str(model))
     search = OUR_SETTINGS[tool]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     quantize_awq(model_dir=model, calibration=cal, out=out, exec_cfg=c.exec_config(batch_size),
                  bits=SETTINGS["bits"], group_size=SETTINGS["group_size"], overwrite=True, **search)
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int, dtype: str = "float32") -> dict:
@@ -119,17 +122,17 @@ def child_gptqmodel(model: Path, cal: Path, out: Path, batch_size: int, dtype: s
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids.long()]
     qcfg = AWQConfig(bits=SETTINGS["bits"], group_size=SETTINGS["group_size"], sym=not SETTINGS["zero_point"],
                      format=FORMAT.GEMM, offload_to_disk=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m = GPTQModel.load(str(model), qcfg, device="cpu", dtype=torch_dtype)
     t1 = time.perf_counter()
     m.quantize(data, batch_size=batch_size, backend=BACKEND.AWQ_TORCH)
     t2 = time.perf_counter()
     calls = kernel_calls[0]
     m.save(str(out))
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     import gptqmodel
 
-    return {"seconds": t3 - t0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
+    return {"seconds": t3 - t0, "cpu_s": c3 - c0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
             "version": gptqmodel.__version__, "kernel": m.qlinear_kernel.__name__, "kernel_forward_calls": calls}
 
 
@@ -157,7 +160,7 @@ def child_autoawq(model: Path, tokens_json: Path, out: Path, batch_size: int, co
                 del target.state_dict
 
     tokens = json.loads(tokens_json.read_text())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m = AutoAWQForCausalLM.from_pretrained(str(model), torch_dtype=torch.float32, trust_remote_code=False,
                                            device_map=None)
     t1 = time.perf_counter()
@@ -168,8 +171,8 @@ def child_autoawq(model: Path, tokens_json: Path, out: Path, batch_size: int, co
                quantizer_cls=CopyingQuantizer if copy_fix else AwqQuantizer)
     t2 = time.perf_counter()
     m.save_quantized(str(out))
-    t3 = time.perf_counter()
-    return {"seconds": t3 - t0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
+    t3, c3 = time.perf_counter(), time.process_time()
+    return {"seconds": t3 - t0, "cpu_s": c3 - c0, "load_s": t1 - t0, "quantize_s": t2 - t1, "save_s": t3 - t2,
             "version": awq.__version__}
 
 
@@ -277,7 +280,8 @@ def main() -> int:
                 failed[tool] = f"failed: {failure_reason(e)}"
                 print(f"  {tool}: {failed[tool]}", flush=True)
                 continue
-            print(f"  {tool}: {runs[tool]['seconds']:.1f}s, peak RSS {runs[tool]['peak_mb']:.0f} MB; "
+            r = runs[tool]
+            print(f"  {tool}: {r['seconds']:.1f}s (CPU {r.get('cpu_s', float('nan')):.1f}s), peak RSS {r['peak_mb']:.0f} MB; "
                   f"load average {os.getloadavg()[0]:.2f}", flush=True)
         peers = [t for t in tools if t not in OURS]
         peer_cfg = {t: saved_config(tmp / t) for t in peers if t in runs}
@@ -298,28 +302,32 @@ def main() -> int:
         return next((r["version"] for t, r in runs.items() if t.startswith(tool) and "version" in r), default)
 
     gm, aa = f"GPTQModel {version('gptqmodel', '7.6.0')}", f"AutoAWQ {version('autoawq', '0.2.9')}"
-    labels = {"ours": "ours (default: all tokens)", "ours-8192": "ours, 8192 search tokens (old default)",
+    labels = {"ours": "ours (default: all tokens)", "ours-bf16": "ours, bf16 sub-block re-runs",
+              "ours-8192": "ours, 8192 search tokens (old default)",
               "ours-rerun-all": "ours, every candidate re-run", "rtn": "RTN (ours, no search)", "gptqmodel": f"{gm} fp32",
               "gptqmodel-bf16": f"{gm} bf16", "autoawq": f"{aa} fp32", "autoawq-copyfix": f"{aa} fp32, copy fix"}
     print()
-    rows = [["fp", None, None, fp.fp.perplexity, 0.0, 1.0]]
+    rows = [["fp", None, None, None, fp.fp.perplexity, 0.0, 1.0]]
     for tool in tools:
         if tool in quality:
             q, r = quality[tool], runs[tool]
-            rows.append([labels[tool], r["seconds"], r["peak_mb"], q.perplexity, q.kl, q.top1])
+            rows.append([labels[tool], r["seconds"], r.get("cpu_s"), r["peak_mb"], q.perplexity, q.kl, q.top1])
         else:
-            rows.append([f"{labels[tool]}: {failed[tool]}", None, None, None, None, None])
-    c.print_table(["AWQ quantizer", "wall s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
+            rows.append([f"{labels[tool]}: {failed[tool]}", None, None, None, None, None, None])
+    c.print_table(["AWQ quantizer", "wall s", "CPU s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"], rows)
 
     others = [t for t in tools if t != "ours" and t in quality]
     if others:
         print()
         mine, mq = runs["ours"], quality["ours"]
-        c.print_table(["ours / peer", "wall s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"],
-                      [[labels[t], mine["seconds"] / runs[t]["seconds"], mine["peak_mb"] / runs[t]["peak_mb"],
+        nan = float("nan")
+        c.print_table(["ours / peer", "wall s", "CPU s", "peak RSS MB", "perplexity", "KL vs fp", "top-1 agree"],
+                      [[labels[t], mine["seconds"] / runs[t]["seconds"], mine.get("cpu_s", nan) / runs[t].get("cpu_s", nan),
+                        mine["peak_mb"] / runs[t]["peak_mb"],
                         mq.perplexity / quality[t].perplexity, mq.kl / quality[t].kl, mq.top1 / quality[t].top1]
                        for t in others], digits=3)
-    print("(wall times: 2 shared cores, noisy; the peers' CPU bugs and the shim: see the script's docstring)")
+    print("(wall times: 2 shared cores, noisy; CPU s: the process's CPU time over the same span, all threads; "
+          "the peers' CPU bugs and the shim: see the script's docstring)")
     keys = ("quant_method", "bits", "group_size", "zero_point", "sym", "version", "format", "checkpoint_format")
     for tool, cfg in peer_cfg.items():
         r = runs[tool]

@@ -181,9 +181,9 @@ def test_scale_search_runs_on_every_calibration_token_by_default(tiny_llama, cal
     rerun_tokens, hessians = [], []
     real_loss, real_search = AL.sub_block_loss, A.search_scales
 
-    def spy_loss(ctx, pair, calls):
+    def spy_loss(ctx, pair, calls, *rest):
         rerun_tokens.append(sum(AL._hidden(a, k).shape[:-1].numel() for a, k in calls))
-        return real_loss(ctx, pair, calls)
+        return real_loss(ctx, pair, calls, *rest)
 
     def spy_search(*args, **kw):
         hessians.append(kw.get("H") is not None)
@@ -208,3 +208,16 @@ def test_cli_defaults_are_the_methods(capsys):
     assert main(["awq", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"[default: {RERUN_TOP}]" in out and "[default: all]" in out and AWQParams().rerun_top == RERUN_TOP
+
+
+def test_bf16_reruns_run_on_a_copy_and_still_beat_rtn(tiny_llama, calib_for, tmp_path):
+    """``rerun_dtype="bfloat16"``: the sub-block re-runs use a bf16 copy; the layer keeps its fp32
+    weights (the result reads back like the fp32 re-runs' does) and no pair ends worse than RTN."""
+    torch.set_num_threads(1)
+    cal = calib_for(tiny_llama)
+    m = _awq(tiny_llama, cal, tmp_path / "bf16", rerun_dtype="bfloat16")
+    assert m.params["rerun_dtype"] == "bfloat16" and m.status == "complete"
+    for layer in m.metrics["layers"]:
+        for prev, loss in layer["scale_loss"].items():
+            assert loss <= layer["rtn_loss"][prev]
+    assert_reads_back_close(tiny_llama, tmp_path / "bf16", "llama")

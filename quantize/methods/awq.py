@@ -8,10 +8,13 @@ from the channels that carry large activations. Per pair:
 1. statistics: ``x_mean[k] = mean_t |x[t, k]|`` over all calibration tokens, and ``w_mean[k]`` the
    mean over output rows of ``|W[n, k]| / max_{k' in group(k)} |W[n, k']|`` (:func:`weight_mean`);
 2. scale search (:func:`search_scales`): ``s(α) = x_mean^α / w_mean^(1−α)`` ("duo scaling"),
-   normalised so ``max(s)·min(s) = 1``, for α on a 20-point grid; the caller's loss runs the affected
-   sub-block with the weights ``Q(W·s)/s`` and returns its output error against the fp output.
-   ``s = 1`` (plain round-to-nearest) is always a candidate too, so the chosen scales never do worse
-   than RTN on the search tokens;
+   normalised so ``max(s)·min(s) = 1``, for α on a 20-point grid, and ``s = 1`` (plain
+   round-to-nearest), so the chosen scales never do worse than RTN. Every candidate is scored at once
+   by the output error of the linears with the weights ``Q(W·s)/s`` over *all* calibration tokens,
+   ``tr(ΔW H ΔWᵀ)`` with ``H`` their input Hessian (:func:`quadratic_losses`: no token pass per
+   candidate). Where the linears feed a nonlinear sub-block (attention, a gated MLP) the caller's
+   loss re-runs that sub-block with the candidate weights and returns its output error: on every
+   candidate, or on the identity and the quadratic form's best few (``refine``);
 3. folding (:func:`fold_into_norm`, :func:`fold_into_rows`, :func:`scale_columns`);
 4. clip search (:func:`search_clip`): per output row and group, shrink the range to
    ``[−r·max|w|, r·max|w|]`` for r = 1, 0.95, …, 0.55 and keep the r minimising the group's output

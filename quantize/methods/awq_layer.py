@@ -5,15 +5,17 @@ Lifecycle of one decoder layer (``AWQMethod.process_layer``):
   [STEP 1] scales, for each smoothing pair of the architecture table in execution order
            (``Arch.scale_pairs_for``: input norm -> q/k/v, v -> o without GQA, MLP norm -> gate/up,
            up -> down):
-           - one pass: ``mean |x|`` per input channel of the pair's linears, over all tokens, and
-             either the call arguments of the inspected sub-block (``self_attn`` for q/k/v, ``mlp``
-             for gate/up), kept for at most ``search_tokens`` tokens (whole sequences, since
-             attention needs them), or, when the affected block is the linears themselves (v -> o,
-             up -> down), their input Hessian over all tokens;
+           - one pass over all tokens: ``mean |x|`` per input channel of the pair's linears and
+             their input Hessian ``H``, and, when they feed a sub-block (``self_attn`` for q/k/v,
+             ``mlp`` for gate/up), its call arguments (all tokens by default; ``search_tokens``
+             keeps a subsample of whole sequences, since attention needs them);
            - grid search (``methods.awq.search_scales``) of the mean squared output error against
-             the fp output with ``Q(W·s)/s`` in place of each linear: the sub-block is re-run on the
-             recorded calls, or the error of the linears is the quadratic form ``ΔW H ΔWᵀ``
-             (``methods.awq.output_mse``: exact, over all tokens, no re-runs);
+             the fp output with ``Q(W·s)/s`` in place of each linear: every candidate is scored in
+             one batch by the quadratic form ``ΔW H ΔWᵀ`` (exact over all tokens, no re-runs: it
+             decides where the affected block is the linears themselves, v -> o and up -> down);
+             for a sub-block, the identity and the ``rerun_top`` candidates it ranks best are
+             re-run on the recorded calls and the sub-block's output error decides (``rerun_top``
+             -1: every candidate, the brute force);
            - the scales are folded at once: into the norm weight (``(offset + w)/s − offset``) or
              the previous linear's output rows (and bias), and into the linears' input columns.
              The fp function of the layer is unchanged, so later pairs see the same activations
@@ -37,7 +39,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextlib import nullcontext
+import copy
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -68,6 +72,8 @@ class AWQParams(Settings):
                                       "sub-blocks on; None: all calibration tokens")
     rerun_top: int = Field(RERUN_TOP, ge=-1, description="scale candidates (lowest all-token quadratic loss of the "
                            "linears) whose sub-block error is measured by re-running it; -1: all, 0: none")
+    rerun_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the sub-block re-runs "
+                                                        "(a copy of the sub-block; the fp32 statistics are unchanged)")
     clip: bool = Field(True, description="search per-group clip thresholds")
     clip_grid: int = Field(A.CLIP_GRID, ge=1)
     max_shrink: float = Field(A.CLIP_MAX_SHRINK, ge=0.0, lt=1.0, description="clip range down to (1 − max_shrink)")
@@ -194,10 +200,8 @@ class AWQMethod:
         # for a sub-block (self_attn, mlp) also its call arguments (all tokens, or search_tokens of
         # them), to re-run it on the candidates the quadratic form ranks best
         stats, hess = A.AbsMean(), HessianAccumulator()
-        if pair.inspect:
-            with ctx.recording_calls(pair.inspect, max_tokens=p.search_tokens) as recorded:
-                ctx.observe([pair.linears[0]], lambda _n, x: (stats.add(x), hess.add(x)))
-        else:
+        recording = ctx.recording_calls(pair.inspect, max_tokens=p.search_tokens) if pair.inspect else nullcontext([])
+        with recording as recorded:
             ctx.observe([pair.linears[0]], lambda _n, x: (stats.add(x), hess.add(x)))
         x_mean = stats.mean
         if not bool(torch.isfinite(x_mean).all()) or not bool(torch.isfinite(hess.H).all()):
@@ -205,7 +209,8 @@ class AWQMethod:
 
         loss = None
         if pair.inspect and p.rerun_top != 0:
-            loss = sub_block_loss(ctx, pair, recorded if p.search_tokens is None else take_sequences(recorded, p.search_tokens))
+            calls = recorded if p.search_tokens is None else take_sequences(recorded, p.search_tokens)
+            loss = sub_block_loss(ctx, pair, calls, getattr(torch, p.rerun_dtype))
         try:
             found = A.search_scales(x_mean, [W[n] for n in pair.linears], loss, p.group_size, n_grid=p.n_grid,
                                     duo_scaling=p.duo_scaling, H=hess.H,
@@ -229,17 +234,43 @@ class AWQMethod:
         tensors.update(new)
 
 
-def sub_block_loss(ctx: LayerContext, pair: ScalePair, calls: list[tuple[tuple, dict]]) -> Callable[[list[Tensor]], float]:
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Every floating tensor in ``obj`` (nested tuples, lists, dicts) as ``dtype``."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def sub_block_loss(ctx: LayerContext, pair: ScalePair, calls: list[tuple[tuple, dict]],
+                   dtype: torch.dtype = torch.float32) -> Callable[[list[Tensor]], float]:
     """The scale search's sub-block loss: with the candidate weights of ``pair.linears`` in place, the
     mean squared output error of ``pair.inspect`` re-run on ``calls`` against its output with the
-    current weights (computed once, here). The caller restores the weights."""
+    current weights (computed once, here). The caller restores the weights.
+
+    With a ``dtype`` other than the layer's, the sub-block is re-run as a copy in ``dtype`` (calls,
+    reference and candidates alike; the error is summed in fp32): faster matmuls on CPUs with bf16
+    dot products, at the cost of ``dtype``'s rounding in every output compared."""
     module = ctx.module(pair.inspect)
+    set_weight = ctx.set_weight
+    if dtype != next(module.parameters()).dtype:
+        module = copy.deepcopy(module).to(dtype)
+        calls = [_cast(c, dtype) for c in calls]
+        prefix = pair.inspect + "."
+
+        def set_weight(name: str, w: Tensor) -> None:
+            lin = module.get_submodule(name[len(prefix):])
+            lin.weight.data = w.to(device=lin.weight.device, dtype=dtype).reshape(lin.weight.shape)
+
     with torch.no_grad():
         reference = [_output(module(*a, **k)) for a, k in calls]
 
     def loss(effective: list[Tensor]) -> float:
         for name, w in zip(pair.linears, effective):
-            ctx.set_weight(name, w)
+            set_weight(name, w)
         total, count = 0.0, 0
         with torch.no_grad():
             for (a, k), ref in zip(calls, reference):
