@@ -62,7 +62,6 @@ def outputs(model, calib_for, tmp_path_factory):
     build = {
         "gptq-4": lambda o: run_gptq(model, cal, o, static_groups=True),  # the default: static groups
         "gptq-2": lambda o: run_gptq(model, cal, o, bits=2, static_groups=True),
-        "gptq-3": lambda o: run_gptq(model, cal, o, bits=3, static_groups=True),
         "gptq-8": lambda o: run_gptq(model, cal, o, bits=8, static_groups=True),
         "gptq-4-asym": lambda o: run_gptq(model, cal, o, sym=False, static_groups=True),
         "ct-w4a16": lambda o: run_gptq(model, cal, o, static_groups=True, format="compressed-tensors"),
