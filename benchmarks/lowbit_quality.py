@@ -5,12 +5,12 @@ Every row quantizes shared/models/ref-llama with the SAME calibration token ids 
 of wikitext-2 valid, seed 0; peers get them as ids) in a fresh child process, and is evaluated by
 OUR eval on the first ``--windows`` windows of wikitext-2 test: mean KL(fp || quantized) per token
 and top-1 agreement with the fp model; plus the child's quantization wall seconds (model load,
-quantize, save; interpreter start and imports excluded, on every side) and its peak RSS (imports
-included).
+quantize, save; interpreter start and imports excluded, on every side; with ``--repeat N`` the
+fastest of N alternating runs) and its peak RSS (imports included).
 
 Rows per setting (default W3 g128 and W2 g64, all symmetric):
   rtn            ``quantize rtn``
-  gptq           ``quantize gptq`` at its defaults (static act-order, the default --grid)
+  gptq           ``quantize gptq`` at its defaults (static act-order, --grid auto: mse at 3-4 bits, else minmax)
   gptq-minmax    the defaults with ``--grid minmax`` (each group's min/max range)
   gptq-mse       the defaults with ``--grid mse`` (range shrunk to minimise |w - w_hat|^2.4)
   gptq-dynamic   ``--no-static-groups``: dynamic act-order (desc_act true; vLLM refuses it)
@@ -35,7 +35,7 @@ the same ``--seq-len`` windows. The summary says, per setting, whether our GPTQ 
 KL <= each peer's at no more than its wall time (issue #21).
 
     python benchmarks/lowbit_quality.py [--samples 128] [--seq-len 256] [--settings 3:128,2:64]
-        [--iters 200] [--best-iters 1000] [--rows rtn,gptq,...] [--json out.json]
+        [--iters 200] [--best-iters 1000] [--rows rtn,gptq,...] [--repeat 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -75,7 +76,7 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
     """One of our rows in this (fresh) process: ``quantize_gptq`` as the command calls it."""
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports outside the timing, as for peers)
 
-    from quantize.commands.gptq import DEFAULT_GRID, quantize_gptq
+    from quantize.commands.gptq import DEFAULT_GRID, quantize_gptq, resolve_grid
 
     kw = {**dict(act_order=True, static_groups=None, grid=DEFAULT_GRID, rtn=False), **OURS[row]}
     if kw.get("refine"):
@@ -85,7 +86,8 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
         m = quantize_gptq(model_dir=model, calibration=cal, out=out, bits=bits, group_size=group, sym=True, damp=0.01,
                           block_size=128, exec_cfg=c.exec_config(batch_size), overwrite=True, **kw)
     seconds = time.perf_counter() - t0
-    note = "" if kw["rtn"] else f"grid {kw['grid']}"
+    grid = resolve_grid(kw["grid"], bits, kw["rtn"])
+    note = f"grid {kw['grid']}" + (f" ({grid})" if grid != kw["grid"] else "")
     if kw.get("refine"):
         layers = [lm["signround"] for lm in m.metrics["layers"]]
         gain = [lm["mse_after"] / lm["mse_before"] for lm in layers if lm["mse_before"]]
@@ -186,6 +188,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--autoround-venv", default=str(c.repo_root() / ".venv-autoround"))
     ap.add_argument("--timeout", type=float, default=7200, help="seconds per child run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each row per setting, alternating; the fastest is kept")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--child", nargs=4, metavar=("ROW", "MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,7 +216,7 @@ def main() -> int:
         print(f"error: unknown rows {bad}; choose from {ROWS}", file=sys.stderr)
         return 2
     n_threads, threads = c.set_threads(args.threads)
-    from quantize.commands.gptq import DEFAULT_GRID
+    from quantize.commands.gptq import DEFAULT_GRID, resolve_grid
 
     print(f"model: {ref}")
     print(f"device: {c.cpu_model()}, torch threads {threads}; load average at start {os.getloadavg()[0]:.2f}")
@@ -236,47 +239,67 @@ def main() -> int:
         fp = c.FpReference(ref, windows)
         table.append(["fp", "-", fp.fp.perplexity, 0.0, 1.0, None, None, ""])
         for bits, group in settings:
+            setting = f"W{bits} g{group}"
+            runs: dict[str, dict] = {}  # row -> fastest run (seconds), highest peak, output path, note
+            for rep in range(args.repeat):  # alternating: a burst of outside load hits every row alike
+                for row in [r for r in rows_wanted if "error" not in runs.get(r, {})]:
+                    out = tmp / f"{row}-{bits}-{group}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    load = os.getloadavg()[0]
+                    try:
+                        if row.startswith("ar"):
+                            best = row == "ar-best"
+                            seconds, rss, note, path = autoround(
+                                ref, ids_file, out, bits=bits, group=group,
+                                iters=args.best_iters if best else args.iters,
+                                nsamples=min(args.best_samples, args.samples) if best else args.samples,
+                                threads=args.threads, venv=args.autoround_venv, timeout=args.timeout)
+                        else:
+                            r = run_child(row, ref, tokens_json if row == "llmc" else cal, out, bits=bits, group=group,
+                                          iters=args.iters, batch_size=args.batch_size, threads=n_threads,
+                                          timeout=args.timeout)
+                            seconds, rss, note, path = r["seconds"], r["peak_mb"], r["note"], Path(r.get("path", out))
+                            if row in OURS:
+                                note = f"{note}; {r['malloc']}".removeprefix("; ")
+                    except Exception as e:  # a failing tool is a row with its error, not a crash
+                        runs[row] = {"error": f"FAILED: {c.failure_reason(e)}", "load": [load]}
+                        print(f"  run {rep + 1}/{args.repeat} {LABELS[row]:24} {setting:8} {runs[row]['error']}", flush=True)
+                        continue
+                    prev = runs.get(row)
+                    runs[row] = {"seconds": seconds if prev is None else min(prev["seconds"], seconds),
+                                 "maxrss_mb": rss if prev is None else max(prev["maxrss_mb"] or 0, rss or 0) or None,
+                                 "note": note, "path": path, "load": [*(prev or {}).get("load", []), load],
+                                 "all_seconds": [*(prev or {}).get("all_seconds", []), seconds]}
+                    print(f"  run {rep + 1}/{args.repeat} {LABELS[row]:24} {setting:8} {seconds:.1f}s "
+                          f"(load {load:.1f}) {note}", flush=True)
             for row in rows_wanted:
-                out = tmp / f"{row}-{bits}-{group}"
-                label, setting = LABELS[row], f"W{bits} g{group}"
-                load = os.getloadavg()[0]
-                try:
-                    if row.startswith("ar"):
-                        best = row == "ar-best"
-                        seconds, rss, note, out = autoround(
-                            ref, ids_file, out, bits=bits, group=group,
-                            iters=args.best_iters if best else args.iters,
-                            nsamples=min(args.best_samples, args.samples) if best else args.samples,
-                            threads=args.threads, venv=args.autoround_venv, timeout=args.timeout)
-                    else:
-                        r = run_child(row, ref, tokens_json if row == "llmc" else cal, out, bits=bits, group=group,
-                                      iters=args.iters, batch_size=args.batch_size, threads=n_threads,
-                                      timeout=args.timeout)
-                        seconds, rss, note = r["seconds"], r["peak_mb"], r["note"]
-                        out = Path(r.get("path", out))
-                        if row in OURS:
-                            note = f"{note}; {r['malloc']}".removeprefix("; ")
-                    q = fp.compare(out)
-                    rec = dict(row=label, key=row, setting=setting, perplexity=q.perplexity, kl=q.kl, top1=q.top1,
-                               seconds=seconds, maxrss_mb=rss, note=note, load=load)
-                except Exception as e:  # a failing tool is a row with its error, not a crash
-                    rec = dict(row=label, key=row, setting=setting, perplexity=None, kl=None, top1=None, seconds=None,
-                               maxrss_mb=None, note=f"FAILED: {c.failure_reason(e)}", load=load)
+                run = runs[row]
+                label = LABELS[row]
+                rec = dict(row=label, key=row, setting=setting, perplexity=None, kl=None, top1=None, seconds=None,
+                           maxrss_mb=None, note=run.get("error", run.get("note")), load=run["load"],
+                           all_seconds=run.get("all_seconds"))
+                if "error" not in run:
+                    try:
+                        q = fp.compare(run["path"])
+                        rec.update(perplexity=q.perplexity, kl=q.kl, top1=q.top1, seconds=run["seconds"],
+                                   maxrss_mb=run["maxrss_mb"])
+                    except Exception as e:  # an output our reader rejects: its row says why
+                        rec["note"] = f"FAILED: our eval cannot read its output: {c.failure_reason(e)}"
                 records.append(rec)
                 table.append([rec["row"], setting, rec["perplexity"], rec["kl"], rec["top1"], rec["seconds"],
                               rec["maxrss_mb"], rec["note"]])
                 kl = "-" if rec["kl"] is None else f"{rec['kl']:.6f}"
                 sec = "-" if rec["seconds"] is None else f"{rec['seconds']:.1f}s"
-                print(f"  done: {label:24} {setting:8} KL {kl} ({sec}, load {load:.1f}) {rec['note']}", flush=True)
+                print(f"  done: {label:24} {setting:8} KL {kl} ({sec}, best of {args.repeat}) {rec['note']}", flush=True)
                 if args.json:
                     args.json.write_text(json.dumps(records, indent=1))
     print()
     c.print_table(["weights", "setting", "perplexity", "KL vs fp", "top-1 agree", "quantize s", "peak RSS MB", "note"],
                   table)
     print()
-    ours_default = "gptq" if "gptq" in rows_wanted else f"gptq-{DEFAULT_GRID}"
     for bits, group in settings:
         s = f"W{bits} g{group}"
+        ours_default = "gptq" if "gptq" in rows_wanted else f"gptq-{resolve_grid(DEFAULT_GRID, bits, False)}"
         by = {r["key"]: r for r in records if r["setting"] == s and r["kl"] is not None}
         if "gptq-minmax" in by and "gptq-mse" in by:
             a, b = by["gptq-minmax"], by["gptq-mse"]

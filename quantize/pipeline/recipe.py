@@ -63,7 +63,7 @@ class GPTQParams(_Strict):
     damp: float = 0.01
     static_groups: bool | None = None  # None: on with act-order (static activation ordering), off for rtn
     block_size: int = 128
-    grid: Literal["minmax", "mse"] = "minmax"  # `quantize gptq --grid`: min/max or MSE-searched clipping
+    grid: Literal["auto", "minmax", "mse"] = "auto"  # `quantize gptq --grid` (auto: mse at 3-4 bits, else minmax)
 
 
 class MoESettings(_Strict):

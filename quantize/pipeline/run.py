@@ -120,13 +120,14 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                                  exec_cfg=exec_cfg, seed=cal.seed, overwrite=True, format=recipe.format or "gptq",
                                  moe_calibration=moe.calibration, moe_min_tokens=moe.min_tokens,
                                  moe_fallback=moe.fallback)
-        from ..commands.gptq import resolve_static_groups
+        from ..commands.gptq import resolve_grid, resolve_static_groups
         qparams = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
                    "static_groups": resolve_static_groups(g.static_groups, g.act_order,
                                                           recipe.method == "rtn")}
-        if g.grid != "minmax":  # as the stage records it
-            qparams["grid"] = g.grid
+        grid = resolve_grid(g.grid, recipe.bits, recipe.method == "rtn")
+        if grid != "minmax":  # as the stage records it
+            qparams["grid"] = grid
         if recipe.moe is not None:  # recorded in the manifest of an MoE model's stage
             qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
                             "moe_fallback": moe.fallback})
