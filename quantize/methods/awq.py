@@ -131,14 +131,15 @@ def _grid_params(groups: Tensor, scale_dtype: str = "float16") -> tuple[Tensor, 
 
 
 def fake_quantize(W: Tensor, group_size: int) -> Tensor:
-    """``Q(W)``: quantize-then-dequantize ``W [N, K]`` on the AWQ grid, fp32 (search inner loop)."""
+    """``Q(W)``: quantize-then-dequantize ``W [..., N, K]`` on the AWQ grid, fp32 (search inner loop;
+    leading dims: a batch of candidates)."""
     W = W.float()
-    N, K = W.shape
+    K = W.shape[-1]
     g = _group_width(K, group_size)
-    groups = W.view(N, K // g, g)
+    groups = W.reshape(*W.shape[:-1], K // g, g)
     scale, zero = _grid_params(groups)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    return ((torch.clamp(torch.round(groups / s) + z, 0, MAXQ) - z) * s).view(N, K)
+    return ((torch.clamp(torch.round(groups / s) + z, 0, MAXQ) - z) * s).view(W.shape)
 
 
 def awq_quantize(W: Tensor, spec: QuantSpec, loss: float = float("nan")) -> QuantResult:
@@ -195,7 +196,6 @@ def quadratic_losses(weights: Sequence[Tensor], scales: Tensor, H: Tensor, group
     candidates are quantized together (one batched fake-quantize and one batched matmul per block of
     rows; groups lie within a row, so row blocks are independent and bound the temporaries)."""
     C, K = scales.shape
-    g = _group_width(K, group_size)
     H = H.float()
     S = scales.float().unsqueeze(1)  # [C, 1, K]
     total = torch.zeros(C, dtype=torch.float64, device=scales.device)
@@ -207,12 +207,7 @@ def quadratic_losses(weights: Sequence[Tensor], scales: Tensor, H: Tensor, group
         rows_total += N
         for r0 in range(0, N, step):
             w = W[r0 : r0 + step]  # [n, K]
-            n = w.shape[0]
-            groups = (w.unsqueeze(0) * S).view(C, n, K // g, g)
-            scale, zero = _grid_params(groups)
-            sc, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-            q = ((torch.clamp(torch.round(groups / sc) + z, 0, MAXQ) - z) * sc).view(C, n, K)
-            D = q / S - w  # [C, n, K]
+            D = fake_quantize(w * S, group_size) / S - w  # [C, n, K]: Q(W·s)/s − W per candidate
             total += (torch.matmul(D, H) * D).sum(dim=(1, 2)).double()
     return total / (2 * rows_total)
 
