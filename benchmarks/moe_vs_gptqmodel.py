@@ -8,8 +8,10 @@ line where ``gptqmodel`` cannot be imported.
 * calibration: one ``quantize sample`` set of the bundled WikiText-2 validation text; GPTQModel gets
   the very same token windows, batch 8 like ours;
 * settings: 4-bit, group 128, sym, damp 0.01, act-order with static groups (our default; GPTQModel
-  ``desc_act=True, static_groups=True``), true-sequential, fp32; GPTQModel's defaults otherwise
-  (its MoE fallback: RTN below 0.5% of the tokens); RTN on the same grid for scale;
+  ``desc_act=True, static_groups=True``), true-sequential, fp32, min/max group ranges (GPTQModel
+  ``mse=0.0``; ours ``--grid minmax``, and ``ours-mse``: the clipping search that ``--grid auto``
+  picks at 4 bits); GPTQModel's defaults otherwise (its MoE fallback: RTN below 0.5% of the
+  tokens); RTN on the same grid for scale;
 * each quantization runs in a fresh subprocess (wall time end to end, peak RSS); all outputs are
   evaluated by our eval (GPTQModel's read back by our reader: same checkpoint format).
 
@@ -40,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
-TOOLS = ("ours-routed", "ours-all", "rtn", "gptqmodel")
+TOOLS = ("ours-routed", "ours-all", "rtn", "ours-mse", "gptqmodel")
 
 
 def child(tool: str, model: Path, cal: Path, out: Path, batch_size: int) -> dict:
@@ -60,7 +62,8 @@ def child(tool: str, model: Path, cal: Path, out: Path, batch_size: int) -> dict
     m = quantize_gptq(model_dir=model, calibration=cal, out=out, bits=4, group_size=128, act_order=tool != "rtn",
                       sym=True, damp=0.01, static_groups=None, block_size=128, rtn=tool == "rtn",
                       exec_cfg=c.exec_config(batch_size), overwrite=True,
-                      moe_calibration="all" if tool == "ours-all" else "routed")
+                      moe_calibration="all" if tool == "ours-all" else "routed",
+                      grid="mse" if tool == "ours-mse" else "minmax")
     cov = m.metrics.get("moe", {})
     return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "import_mb": imported,
             "fallbacks": sum(len(v) for v in cov.get("fallback_experts", {}).values()),
@@ -118,7 +121,7 @@ def main() -> int:
     print(f"\n{model.name}: Qwen3-MoE ({what}), {args.layers if args.synthetic else 4} layers, 8 experts (top-2); calibration {args.samples} x {args.seq_len} tokens; "
           f"eval {args.windows} x {args.seq_len} tokens of WikiText-2 test; {c.cpu_model()}, torch threads {threads}\n")
     labels = {"ours-routed": "ours, GPTQ routed (default)", "ours-all": "ours, GPTQ all tokens", "rtn": "ours, RTN",
-              "gptqmodel": f"GPTQModel {version}"}
+              "ours-mse": "ours, GPTQ routed, mse grid (default --grid auto)", "gptqmodel": f"GPTQModel {version}"}
     rows = [["bf16", None, None, None, None, fp.fp.perplexity, 0.0, 1.0, None]]
     for tool, r in runs.items():
         q = quality[tool]
