@@ -348,15 +348,18 @@ def calibrate(model_dir: Path, dataset: str, n: int, seq_len: int, out: Path, se
 def quantize(model_dir: Path, calibration: Path, out: Path, *, bits: int = 4, group_size: int = 128,
              act_order: bool = True, sym: bool = True, rtn: bool = False, damp: float = 0.01,
              batch_size: int = 8, host_heap: str = "flat", verbose: bool = False,
-             static_groups: bool = False) -> tuple[Any, float]:
-    """Our GPTQ (or RTN) into ``out`` (overwritten): ``(manifest, wall seconds)``."""
+             static_groups: bool = False, grid: str = "minmax") -> tuple[Any, float]:
+    """Our GPTQ (or RTN) into ``out`` (overwritten): ``(manifest, wall seconds)``. ``grid`` is pinned to
+    min/max (the figures these benchmarks published, and GPTQModel's ``mse=0.0`` work); "auto" is the
+    command's default (mse at 3-4 bits, benchmarks/lowbit_quality.py)."""
     from quantize.commands.gptq import quantize_gptq
 
     t0 = time.perf_counter()
     with quiet(not verbose):
         m = quantize_gptq(model_dir=Path(model_dir), calibration=Path(calibration), out=Path(out), bits=bits,
                           group_size=group_size, act_order=act_order, sym=sym, damp=damp, static_groups=static_groups,
-                          block_size=128, rtn=rtn, exec_cfg=exec_config(batch_size, host_heap), overwrite=True)
+                          block_size=128, rtn=rtn, grid=grid, exec_cfg=exec_config(batch_size, host_heap),
+                          overwrite=True)
     return m, time.perf_counter() - t0
 
 
