@@ -24,9 +24,13 @@ REQUIRED_ENGINES = tuple(e for e in os.environ.get("QUANTIZE_REQUIRE_ENGINES", "
 
 
 def _required_engine_missing(report) -> str | None:
-    if not REQUIRED_ENGINES or not report.skipped:
+    # a skip's longrepr is (path, line, reason); an xfail is reported as skipped too, with its
+    # traceback as longrepr (and `wasxfail`): never an absent engine
+    if not REQUIRED_ENGINES or not report.skipped or hasattr(report, "wasxfail"):
         return None
-    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if not isinstance(report.longrepr, tuple):
+        return None
+    reason = str(report.longrepr[-1])
     hit = next((e for e in REQUIRED_ENGINES if e.strip() in reason), None)
     return None if hit is None else f"{hit.strip()} is required here (QUANTIZE_REQUIRE_ENGINES) but absent: {reason}"
 
