@@ -39,6 +39,19 @@ run() {  # run NAME PYTHON ARGS...: one pytest run; exit 5 (nothing collected) i
 
 required() { [[ ",${QUANTIZE_REQUIRE_ENGINES:-}," == *",$1,"* ]]; }
 
+venv_tier() {  # venv_tier NAME VENV SETUP FILES...: the tier in its engine's virtualenv, where built
+    local name=$1 venv=$2 setup=$3
+    shift 3
+    if [ -x "$venv/bin/python" ]; then
+        GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2} run "$name" "$venv/bin/python" -m interop "$@"
+    elif required "$venv"; then
+        echo "error: tier $name: $venv is required here (QUANTIZE_REQUIRE_ENGINES) but absent ($setup builds it)" >&2
+        failed+=("$name (absent)")
+    else
+        echo "== tier $name: skipped, $venv absent ($setup builds it; \`make engines\` builds every engine)"
+    fi
+}
+
 if [ "$PHASE" = all ] || [ "$PHASE" = unit ]; then
     # (no engine is required here: the engine tiers' modules are collected, then deselected)
     QUANTIZE_REQUIRE_ENGINES= run unit .venv/bin/python -m "not interop" tests
@@ -57,18 +70,8 @@ if [ "$PHASE" = all ] || [ "$PHASE" = engines ]; then
     ignore=()
     for f in "${GPTQMODEL_TIER[@]}" "${LLAMACPP_TIER[@]}"; do ignore+=("--ignore=$f"); done
     run engines-subprocess .venv/bin/python -m interop tests "${ignore[@]}"
-    for tier in "gptqmodel .venv-interop scripts/setup_interop.sh" "llama.cpp .venv-llamacpp scripts/setup_llamacpp.sh"; do
-        read -r name venv setup <<< "$tier"
-        if [ "$name" = gptqmodel ]; then files=("${GPTQMODEL_TIER[@]}"); else files=("${LLAMACPP_TIER[@]}"); fi
-        if [ -x "$venv/bin/python" ]; then
-            GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2} run "$name" "$venv/bin/python" -m interop "${files[@]}"
-        elif required "$venv"; then
-            echo "error: tier $name: $venv is required here (QUANTIZE_REQUIRE_ENGINES) but absent ($setup builds it)" >&2
-            failed+=("$name (absent)")
-        else
-            echo "== tier $name: skipped, $venv absent ($setup builds it; \`make engines\` builds every engine)"
-        fi
-    done
+    venv_tier gptqmodel .venv-interop scripts/setup_interop.sh "${GPTQMODEL_TIER[@]}"
+    venv_tier llama.cpp .venv-llamacpp scripts/setup_llamacpp.sh "${LLAMACPP_TIER[@]}"
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

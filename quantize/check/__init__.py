@@ -60,7 +60,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engines import REPO_ROOT, detect_format, engines_for, interpreter, model_type, select
+from .engines import REPO_ROOT, detect_format, engines_for, interpreter, model_type, quantization_config, select
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -97,10 +97,7 @@ def tolerance(engine: str, fmt: str, float_weights: bool = False) -> Tolerance:
 
 def float_weights(directory: Path) -> bool:
     """A compressed-tensors checkpoint with floating-point (FP8) weights."""
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
-        return False
+    qc = quantization_config(directory)
     return any(((g or {}).get("weights") or {}).get("type") == "float" for g in (qc.get("config_groups") or {}).values())
 
 
@@ -261,8 +258,8 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
     if fmt == "gguf":
         m = mf.load_manifest(directory)
         gguf_type = str(m.params.get("type")) if m is not None and m.params.get("type") else None
-    ratio_gated = [e for e in engines if interps[e].python is not None
-                   and tolerance(e, fmt, float_weights(directory)).kl_fraction is not None]
+    fp8 = float_weights(directory)
+    ratio_gated = [e for e in engines if interps[e].python is not None and tolerance(e, fmt, fp8).kl_fraction is not None]
     if ratio_gated and gguf_type not in NO_KL_RATIO_TYPES:
         source = source_logits(directory, prompts)
     records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type, interps[e]) for e in engines]

@@ -67,6 +67,14 @@ def model_type(directory: Path) -> str:
         return ""
 
 
+def quantization_config(directory: Path) -> dict:
+    """``config.json``'s ``quantization_config`` ({} when absent or unreadable)."""
+    try:
+        return json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def engines_for(fmt: str, mtype: str = "") -> list[str]:
     """Every engine that serves ``fmt`` (in the order they are run)."""
     if fmt == "gguf":
@@ -90,10 +98,7 @@ def refused_by(engine: str, fmt: str, directory: Path | None) -> str | None:
     ``all`` or naming it still runs it, and its refusal is recorded), or None."""
     if engine != "vllm" or fmt != "gptq" or directory is None:
         return None
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
-        return None
+    qc = quantization_config(directory)
     bits, sym = qc.get("bits"), qc.get("sym", True)
     if (bits, bool(sym)) not in VLLM_GPTQ_TYPES:
         return f"vLLM serves GPTQ 4/8-bit symmetric only (this is {bits}-bit {'sym' if sym else 'asym'})"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import MOE_MODEL_TYPES, NO_TRANSFORMERS_GGUF, detect_format, model_type
+from .engines import MOE_MODEL_TYPES, NO_TRANSFORMERS_GGUF, detect_format, model_type, quantization_config
 
 
 def _one_line(e: BaseException) -> str:
@@ -29,7 +29,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _ct_asymmetric(directory: Path) -> bool:
-    qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    qc = quantization_config(directory)
     for group in (qc.get("config_groups") or {}).values():
         w = (group or {}).get("weights") or {}
         if w.get("symmetric") is False:
