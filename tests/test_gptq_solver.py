@@ -359,6 +359,41 @@ def test_mse_clip_search_does_not_increase_error():
     assert torch.isfinite(r.W_hat).all()
 
 
+
+def _brute_force_mse(x, bits, sym, v1_safe_zeros=True):
+    """The MSE clip search written out: every p = 1, 0.99, ..., 0.21 on every group, ties keep the larger p."""
+    from quantize.methods.grid import _grid, _range
+
+    maxq = (1 << bits) - 1
+    xmin, xmax = _range(x, sym)
+    scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros)
+    best = torch.full_like(scale, float("inf"))
+    for i in range(80):
+        p = 1.0 - i / 100
+        s, z = _grid(p * xmin, p * xmax, bits, sym, v1_safe_zeros)
+        q = torch.clamp(torch.round(x / s[..., None]) + z[..., None], 0, maxq)
+        err = (s[..., None] * (q - z[..., None]) - x).abs().pow(2.4).sum(-1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_search_skips_only_candidates_that_cannot_win(bits, sym):
+    """The pruned search (a group's candidate is skipped once the terms of its largest elements
+    alone exceed its best error) picks exactly the brute-force search's scale and zero in every
+    group: Gaussian, heavy-tailed, tiny, all-zero and one-outlier groups, with leading dims."""
+    g = torch.Generator().manual_seed(bits * 2 + sym)
+    x = torch.cat([torch.randn(40, 3, 64, generator=g) * 0.02, torch.randn(40, 3, 64, generator=g) ** 3,
+                   torch.randn(8, 3, 64, generator=g) * 1e-6, torch.zeros(4, 3, 64),
+                   torch.randn(8, 3, 64, generator=g).mul(0.01).index_fill_(2, torch.tensor([5]), 1.0)])
+    s, z = find_params_float(x, bits, sym, mse=True)
+    s_ref, z_ref = _brute_force_mse(x, bits, sym)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    assert s.shape == (100, 3)
+    assert bits == 8 or not torch.equal(s, find_params_float(x, bits, sym)[0])  # the search clipped somewhere
+
 # ---- Hessian accumulation ---------------------------------------------------------------------
 
 
