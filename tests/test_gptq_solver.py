@@ -598,3 +598,24 @@ def test_batched_solve_of_one_weight_equals_gptq_quantize(big):
     assert row_loss.shape == (W.shape[0],)
     with pytest.raises(ValueError, match="prepared Hessians"):
         gptq_solve_batched(W.unsqueeze(0), [], spec, names=[])
+
+
+@pytest.mark.parametrize("static_groups,group_size,mse", [(True, 32, True), (False, -1, True), (True, 32, False)])
+def test_rtn_reference_from_the_gptq_grid_is_rtn(static_groups, group_size, mse):
+    """The manifest's RTN reference taken from a GPTQ result's grid (static groups, or one group per
+    row) is exactly ``rtn_quantize``'s W_hat; dynamic groups or a dead input column fall back to RTN."""
+    from quantize.methods.layer import rtn_reference
+
+    W, H = correlated_problem(48, 96, seed=3)
+    spec = QuantSpec(bits=3, group_size=group_size, act_order=True, static_groups=static_groups, mse=mse)
+    r = gptq_quantize(W, H, spec)
+    ref = rtn_reference(W, r, spec)
+    assert torch.is_tensor(ref) and torch.equal(ref, rtn_quantize(W, spec).W_hat)
+    assert not torch.equal(ref, r.W_hat)
+    dynamic = QuantSpec(bits=3, group_size=32, act_order=True, static_groups=False, mse=mse)
+    assert callable(rtn_reference(W, gptq_quantize(W, H, dynamic), dynamic))
+    H_dead = H.clone()
+    H_dead[5, :] = 0
+    H_dead[:, 5] = 0
+    r_dead = gptq_quantize(W, H_dead, spec)
+    assert r_dead.dead_columns == 1 and callable(rtn_reference(W, r_dead, spec))

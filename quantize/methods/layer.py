@@ -14,9 +14,9 @@ import torch
 from ..executor.context import LayerContext, LayerResult
 from ..executor.moe import MoEOptions
 from .gptq import gptq_quantize_experts, gptq_quantize_shared, prepare_hessian_inverse
-from .grid import QuantSpec, all_finite
+from .grid import QuantResult, QuantSpec, all_finite
 from .hessian import HessianAccumulator
-from .rtn import rtn_quantize
+from .rtn import rtn_on_grid, rtn_quantize
 
 
 # Reporting, not solving: relative errors are estimated on at most this many evenly spaced output
@@ -41,6 +41,16 @@ def relative_errors(W: torch.Tensor, H: torch.Tensor, **W_hats) -> dict[str, flo
     errs = ((D.flatten(0, 1) @ H32).view_as(D) * D).sum(dim=(1, 2), dtype=torch.float64).tolist()
     ref = errs[0]
     return {k: float(e / ref) if ref > 0 else 0.0 for k, e in zip(W_hats, errs[1:])}
+
+
+def rtn_reference(W: torch.Tensor, r: QuantResult, spec: QuantSpec):
+    """RTN's approximation of ``W`` for the manifest's GPTQ-vs-RTN error: from the GPTQ result's
+    own grid where that grid is RTN's (static groups or one group per row, and no dead input
+    column zeroed before the grid was chosen: the same ``find_params`` on the same weights), else a
+    function of the reported rows that quantizes them (the MSE grid search is not run twice)."""
+    if r.dead_columns == 0 and (spec.static_groups or r.scales.shape[0] == 1):
+        return rtn_on_grid(W, r.scales, r.zeros, spec)
+    return lambda w: rtn_quantize(w, spec).W_hat
 
 
 def check_group_sizes(arch, config, spec: QuantSpec) -> None:
@@ -114,7 +124,7 @@ class GPTQMethod(_GridMethod):
                     m["damp_used"][name] = float(r.damp_used)
                     m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
                     if H is not None:
-                        errs = relative_errors(W, H, gptq=r.W_hat, rtn=lambda w: rtn_quantize(w, self.spec).W_hat)
+                        errs = relative_errors(W, H, gptq=r.W_hat, rtn=rtn_reference(W, r, self.spec))
                         m["rel_error"][name], m["rtn_rel_error"][name] = errs["gptq"], errs["rtn"]
 
         def solve(first: str) -> None:

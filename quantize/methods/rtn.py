@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .gptq import weighted_error
-from .grid import QuantResult, QuantSpec, _quantize, check_scales, check_weight, dequantize_grouped, find_params_float
+from .grid import (QuantResult, QuantSpec, _quantize, check_scales, check_weight, dequantize, dequantize_grouped,
+                   find_params_float)
 
 
 def rtn_quantize(W: Tensor, spec: QuantSpec, H: Tensor | None = None, *, name: str = "weight") -> QuantResult:
@@ -32,3 +33,14 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, H: Tensor | None = None, *, name: s
         codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=None, W_hat=W_hat,
         spec=spec, loss=loss, damp_used=0.0, dead_columns=0,
     )
+
+
+def rtn_on_grid(W: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> Tensor:
+    """``W [N, K]`` rounded to the nearest point of a given grid of contiguous groups (``scales``,
+    ``zeros`` ``[G, N]``, as in a ``QuantResult``): the dequantized weight, fp32. With the grid
+    ``rtn_quantize`` would choose for ``W`` this is its ``W_hat`` exactly, without searching the grid again."""
+    W32 = W.to(device=scales.device, dtype=torch.float32)
+    N, K = W32.shape
+    G = scales.shape[0]
+    s, z = scales.to(torch.float32).T.unsqueeze(-1), zeros.to(torch.float32).T.unsqueeze(-1)
+    return dequantize(_quantize(W32.view(N, G, K // G), s, z, spec.maxq), s, z).view(N, K)
