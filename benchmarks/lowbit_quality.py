@@ -17,6 +17,9 @@ Rows per setting (default W3 g128 and W2 g64, all symmetric):
   gptq-noact     ``--no-act-order``
   gptq+sr        ``quantize gptq --refine signround`` (methods/signround.py)
   rtn+sr         ``quantize rtn --refine signround``
+  exl2           ``quantize exl2`` at GPTQ's stored bits per weight, bits + (16 + bits) / group (codes, fp16
+                 scale and zero-point per group; g_idx left out), measured on the first 2048 calibration
+                 rows like the command; lm_head at 8 bits (EXL2's widest head; GPTQ leaves it in bf16)
   gptqmodel      GPTQModel (.venv-interop) GPTQ as a user gets it: ``GPTQConfig(bits, group_size, sym=True)``,
                  everything else its defaults (damp 0.05, desc_act False with act_group_aware, mse 0,
                  offload to disk), fp32 model, v1 ``gptq`` format
@@ -62,13 +65,15 @@ OURS = {
     "gptq-noact": dict(act_order=False),
     "gptq+sr": dict(refine="signround"),
     "rtn+sr": dict(rtn=True, act_order=False, refine="signround"),
+    "exl2": dict(exl2=True),
 }
 PEERS = ("gptqmodel", "llmc")
 ROWS = [*OURS, *PEERS, "ar", "ar-best"]
 LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq-minmax": "GPTQ --grid minmax",
           "gptq-mse": "GPTQ --grid mse", "gptq-dynamic": "GPTQ dynamic act-order", "gptq-noact": "GPTQ no act-order",
           "gptq+sr": "GPTQ + signround", "rtn+sr": "RTN + signround", "gptqmodel": "GPTQModel",
-          "llmc": "llm-compressor", "ar": "AutoRound default", "ar-best": "AutoRound best"}
+          "llmc": "llm-compressor", "ar": "AutoRound default", "ar-best": "AutoRound best",
+          "exl2": "EXL2 (same bpw)"}
 
 
 def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group: int, iters: int,
@@ -78,6 +83,19 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
 
     from quantize.commands.gptq import DEFAULT_GRID, quantize_gptq, resolve_grid
 
+    if OURS[row].get("exl2"):
+        from quantize.commands.exl2 import quantize_exl2
+        from quantize.formats.exl2 import achieved_bpw
+
+        bpw = exl2_bpw(bits, group)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        with c.quiet():
+            quantize_exl2(model_dir=model, calibration=cal, out=out, bpw=bpw, head_bits=8,
+                          exec_cfg=c.exec_config(batch_size), overwrite=True)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "cpu_s": time.process_time() - cpu0, "peak_mb": c.maxrss_mb(),
+                "note": f"target {bpw:.3f} bpw, {achieved_bpw(out)['decoder']['bpw']:.3f} from the files (decoder; head 8-bit)",
+                "malloc": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"}
     kw = {**dict(act_order=True, static_groups=None, grid=DEFAULT_GRID, rtn=False), **OURS[row]}
     if kw.get("refine"):
         kw["refine_iters"] = iters
@@ -95,6 +113,11 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
                  f"kept {[lm['kept'] for lm in layers]}")
     return {"seconds": seconds, "cpu_s": time.process_time() - cpu0, "peak_mb": c.maxrss_mb(), "note": note,
             "malloc": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"}
+
+
+def exl2_bpw(bits: int, group: int) -> float:
+    """GPTQ's stored bits per weight at ``bits``/``group`` (code + fp16 scale + zero-point per group)."""
+    return bits + (16 + bits) / group
 
 
 def child_gptqmodel(model: Path, cal: Path, out: Path, *, bits: int, group: int, batch_size: int) -> dict:

@@ -190,7 +190,7 @@ def test_clip_search_never_hurts_and_helps_heavy_tails():
     gram.add(X)
     mv = A.search_clip(W, gram.gram, 32)
     amax = W.view(64, 4, 32).abs().amax(-1)
-    assert bool((mv <= amax).all()) and bool((mv >= 0.55 * amax - 1e-7).all())
+    assert bool((mv <= amax).all()) and bool((mv >= 0.51 * amax - 1e-7).all())  # r = 1, 0.99, ..., 0.51
     e0 = A.group_error(W, A.fake_quantize(W, 32), gram.gram)
     e1 = A.group_error(W, A.fake_quantize(A.clip_weight(W, mv), 32), gram.gram)
     assert bool((e1 <= e0 + 1e-12).all())

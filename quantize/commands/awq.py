@@ -14,7 +14,7 @@ from .common import exec_options, format_options, make_exec_config, out_option, 
 def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bits: int = 4, group_size: int = 128,
                  scale_search: bool = True, clip: bool = True, duo_scaling: bool = True, n_grid: int = 20,
                  search_tokens: int | None = None, rerun_top: int | None = None, rerun_dtype: str | None = None,
-                 clip_grid: int = 20,
+                 clip_grid: int | None = None,
                  max_shrink: float = 0.5, seed: int = 0,
                  overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9, format: str = "awq",
                  scale_dtype: str = "auto"):
@@ -30,8 +30,9 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
     if bits != 4:
         raise InputError(f"--bits {bits}: AWQ here is 4-bit only; use --bits 4 (or `quantize gptq` for other widths)")
     awq = AWQParams.parse(dict(group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
-                               n_grid=n_grid, search_tokens=search_tokens, clip_grid=clip_grid, max_shrink=max_shrink,
-                               **{k: v for k, v in (("rerun_top", rerun_top), ("rerun_dtype", rerun_dtype))
+                               n_grid=n_grid, search_tokens=search_tokens, max_shrink=max_shrink,
+                               **{k: v for k, v in (("rerun_top", rerun_top), ("rerun_dtype", rerun_dtype),
+                                                    ("clip_grid", clip_grid))
                                   if v is not None}))
     torch.manual_seed(seed)
     method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir))
@@ -76,6 +77,8 @@ def _ratio(layers: list[dict]) -> float:
 @click.option("--rerun-top", default=None, type=click.IntRange(min=-1),
               help="Scale candidates (best by the all-token output error of the linears) whose attention/MLP "
                    "sub-block error is measured by re-running it; -1: all, 0: none  [default: 6].")
+@click.option("--clip-grid", default=None, type=click.IntRange(min=1),
+              help="Steps of the clip search: thresholds max|w|·(1 − i/N) down to half the range  [default: 100].")
 @click.option("--rerun-dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
               help="Dtype of those re-runs (a copy of the sub-block)  [default: float32].")
 @format_options(["awq", "compressed-tensors"])
@@ -84,13 +87,14 @@ def _ratio(layers: list[dict]) -> float:
 @exec_options
 @stage_options
 def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens, rerun_top,
-                rerun_dtype, format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
+                clip_grid, rerun_dtype, format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
                 host_heap, device, seed, overwrite):
     """Quantize with AWQ (activation-aware scales + clipping), one decoder layer resident at a time."""
     cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
     m = quantize_awq(model_dir=model_dir, calibration=calibration, out=out, exec_cfg=cfg, bits=bits,
                      group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
-                     n_grid=n_grid, search_tokens=search_tokens, rerun_top=rerun_top, rerun_dtype=rerun_dtype, seed=seed,
+                     n_grid=n_grid, search_tokens=search_tokens, rerun_top=rerun_top, rerun_dtype=rerun_dtype,
+                     clip_grid=clip_grid, seed=seed,
                      overwrite=overwrite, resume=resume,
                      max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
     layers = m.metrics.get("layers", [])

@@ -17,8 +17,10 @@ from the channels that carry large activations. Per pair:
    candidate, or on the identity and the quadratic form's best few (``refine``);
 3. folding (:func:`fold_into_norm`, :func:`fold_into_rows`, :func:`scale_columns`);
 4. clip search (:func:`search_clip`): per output row and group, shrink the range to
-   ``[−r·max|w|, r·max|w|]`` for r = 1, 0.95, …, 0.55 and keep the r minimising the group's output
-   error ``ΔW_g Σ_g ΔW_gᵀ``, with ``Σ_g`` the group's input second moment (:class:`GroupGram`);
+   ``[−r·max|w|, r·max|w|]`` for r = 1, 0.99, …, 0.51 and keep the r minimising the group's output
+   error ``ΔW_g Σ_g ΔW_gᵀ``, with ``Σ_g`` the group's input second moment (:class:`GroupGram`).
+   AutoAWQ steps r by 0.05 on 512 sampled tokens; with the exact all-token error the finer grid
+   pays (on ref-llama 7.5% lower KL than 0.05 steps, at no measurable cost);
 5. 4-bit asymmetric group quantization on AWQ's min/max grid (:func:`awq_quantize`).
 
 The clip error is AutoAWQ's objective (mean over tokens of the squared partial output of each group)
@@ -41,8 +43,8 @@ from .grid import QuantResult, QuantSpec, dequantize_grouped, dtype_exact
 BITS = 4
 MAXQ = (1 << BITS) - 1
 SCALE_GRID = 20  # α = 0, 0.05, ..., 0.95
-CLIP_GRID = 20  # r = 1 − i/20
-CLIP_MAX_SHRINK = 0.5  # i < 0.5·20: r down to 0.55
+CLIP_GRID = 100  # r = 1 − i/100 (AutoAWQ: 20; 1% steps measured 7.5% lower KL on ref-llama, README)
+CLIP_MAX_SHRINK = 0.5  # i < 0.5·100: r down to 0.51
 _MIN_RANGE = 1e-5  # AutoAWQ: scale = max(max − min, 1e-5) / 15
 _W_EPS = 1e-6  # |W| / (group max + eps) in w_mean
 _DUO_EPS = 1e-4  # x^α / (w^(1−α) + eps), then clamp(min=eps)
