@@ -67,6 +67,14 @@ class ScalePair:
     linears: tuple[str, ...]
     inspect: str | None = None
     prev_part: int | None = None
+    # never-quantized modules (routers, shared-expert gates; in-memory names) that read ``prev``'s
+    # output too: their input columns are multiplied by the scale so the fp function stays the same
+    passive: tuple[str, ...] = ()
+
+
+EXPERT = "{e}"
+"""In a scale pair's names, an expert index: ``mlp.experts.{e}.up_proj`` is every routed expert's up
+projection (a pair whose ``prev`` holds it is one pair per expert, with its own scale)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ class MoE:
 
     experts: Experts
     groups: tuple[tuple[Linear, ...], ...]
+    # AWQ pairs of a sparse layer's MLP part (replacing the dense MLP pairs; ``EXPERT`` templates):
+    # norm -> every expert's and the shared expert's gate/up (routers as ``passive``), expert up ->
+    # its down, shared up -> shared down
+    scale_pairs: tuple[ScalePair, ...] = ()
     # routers and shared-expert gates: Linear-shaped ([experts or 1, hidden]) but never quantized
     never_quantized: tuple[Linear, ...] = (Linear("mlp.gate", ("experts",), "hidden"),)
     dense_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -162,7 +174,7 @@ class Arch:
             for lin in group:
                 if lin.name == name:
                     return lin
-        slot = self.expert_slot(name)
+        slot = self.expert_slot(name.replace(EXPERT, "0"))
         if slot is not None:
             j, d = slot[1], self.moe.experts.intermediate
             return Linear(name, ("hidden",) if j == 2 else (d,), d if j == 2 else "hidden")
@@ -392,11 +404,38 @@ class Arch:
         else:
             prev = self.linear(pair.prev)
             width = d[prev.out[pair.prev_part if pair.prev_part is not None else 0]]
-        return all(d[self.linear(n).inp] == width for n in pair.linears)
+        passive = [lin for lin in (self.moe.never_quantized if self.moe else ()) if lin.name in pair.passive]
+        return (all(d[self.linear(n).inp] == width for n in pair.linears)
+                and len(passive) == len(pair.passive) and all(d[lin.inp] == width for lin in passive))
 
     def scale_pairs_for(self, config: Mapping[str, Any]) -> list[ScalePair]:
         """The AWQ pairs that apply to a model built from ``config`` (see :meth:`pair_applies`)."""
         return [p for p in self.scale_pairs if self.pair_applies(p, config)]
+
+    def layer_scale_pairs(self, config: Mapping[str, Any], i: int) -> list[ScalePair]:
+        """The AWQ pairs of layer ``i`` that apply under ``config``, in execution order. In a sparse
+        layer the dense MLP pairs (those touching ``MoE.dense_linears``) are replaced by
+        ``MoE.scale_pairs``, whose expert names are ``EXPERT`` templates (:meth:`expert_names`)."""
+        if not self.is_sparse_layer(config, i):
+            return self.scale_pairs_for(config)
+        dense = set(self.moe.dense_linears)
+        out, placed = [], False
+        for pair in self.scale_pairs:
+            if pair.prev in dense or any(n in dense for n in pair.linears):
+                if not placed:
+                    out += self.moe.scale_pairs
+                    placed = True
+                continue
+            out.append(pair)
+        if not placed:
+            out += self.moe.scale_pairs
+        return [p for p in out if self.pair_applies(p, config)]
+
+    def expert_names(self, name: str, config: Mapping[str, Any]) -> list[str]:
+        """``name`` with its ``EXPERT`` template filled in for every routed expert (else ``[name]``)."""
+        if EXPERT not in name:
+            return [name]
+        return [name.replace(EXPERT, str(e)) for e in range(self.num_experts(config))]
 
 
 # -- building blocks shared by the families ------------------------------------------------------
@@ -529,11 +568,30 @@ def _shared(prefix: str) -> tuple[tuple[Linear, ...], ...]:
             (Linear(f"{prefix}.down_proj", ("hidden",), "shared"),))
 
 
+def _moe_pairs(experts: Experts, shared: str | None = None, routers: tuple[str, ...] = ("mlp.gate",),
+               norm: str = "post_attention_layernorm") -> tuple[ScalePair, ...]:
+    """A sparse layer's MLP-part AWQ pairs. The norm feeds every routed expert's gate/up, the shared
+    expert's gate/up and the routers (never quantized: ``passive``, their columns take the scale);
+    ``inspect="mlp"`` re-runs the whole MoE block (router included) on the best candidates. Then per
+    expert up -> down (its own scale, folded into its up rows) and shared up -> shared down."""
+    gate, up, down = (f"{experts.disk}.{EXPERT}.{n}" for n in experts.linears)
+    mlp = (gate, up) + ((f"{shared}.gate_proj", f"{shared}.up_proj") if shared else ())
+    pairs = (ScalePair(norm, mlp, "mlp", passive=routers), ScalePair(up, (down,)))
+    if shared:
+        pairs += (ScalePair(f"{shared}.up_proj", (f"{shared}.down_proj",)),)
+    return pairs
+
+
 def _moe_intermediate(c: Mapping[str, Any]) -> int:
     return c["moe_intermediate_size"]
 
 
 _MLA_ATTN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+
+_MIXTRAL_EXPERTS = Experts(disk="block_sparse_moe.experts", linears=("w1", "w3", "w2"),
+                           num_keys=("num_local_experts",), intermediate="intermediate")
+_QWEN3_EXPERTS = Experts(num_keys=("num_experts", "num_local_experts"))
+_DEEPSEEK_EXPERTS = Experts(num_keys=("n_routed_experts",))
 
 _MOE_TABLE: tuple[Arch, ...] = (
     Arch(
@@ -541,12 +599,12 @@ _MOE_TABLE: tuple[Arch, ...] = (
         architectures=("MixtralForCausalLM",),
         model_type="mixtral",
         groups=LLAMA_GROUPS,  # dense MLP groups never occur: every Mixtral layer is sparse
-        scale_pairs=(),  # AWQ refuses MoE families for now
+        scale_pairs=llama_pairs(),  # the MLP pairs never apply: MoE.scale_pairs in every (sparse) layer
         layer_norms=LLAMA_NORMS,
         moe=MoE(
-            experts=Experts(disk="block_sparse_moe.experts", linears=("w1", "w3", "w2"),
-                            num_keys=("num_local_experts",), intermediate="intermediate"),
+            experts=_MIXTRAL_EXPERTS,
             groups=((EXPERTS,),),
+            scale_pairs=_moe_pairs(_MIXTRAL_EXPERTS),
             renames=(("mlp.", "block_sparse_moe."),),
         ),
     ),
@@ -555,7 +613,7 @@ _MOE_TABLE: tuple[Arch, ...] = (
         architectures=("Qwen2MoeForCausalLM",),
         model_type="qwen2_moe",
         groups=LLAMA_GROUPS,
-        scale_pairs=(),
+        scale_pairs=llama_pairs(),  # dense layers (mlp_only_layers) keep the dense MLP pairs; v bias divided by v->o
         layer_norms=LLAMA_NORMS,
         bias_flags=(("qkv_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
         bias_defaults=(("qkv_bias", True),),
@@ -564,6 +622,7 @@ _MOE_TABLE: tuple[Arch, ...] = (
             experts=Experts(),
             groups=_shared("mlp.shared_expert") + ((EXPERTS,),),
             never_quantized=(Linear("mlp.gate", ("experts",), "hidden"), Linear("mlp.shared_expert_gate", ("one",), "hidden")),
+            scale_pairs=_moe_pairs(Experts(), "mlp.shared_expert", ("mlp.gate", "mlp.shared_expert_gate")),
             dense_list_key="mlp_only_layers",
             sparse_step_key="decoder_sparse_step",
         ),
@@ -575,13 +634,14 @@ _MOE_TABLE: tuple[Arch, ...] = (
         architectures=("Qwen3MoeForCausalLM",),
         model_type="qwen3_moe",
         groups=LLAMA_GROUPS,
-        scale_pairs=(),
+        scale_pairs=llama_pairs(),  # as Qwen3: q_norm/k_norm leave v -> o exact
         layer_norms=LLAMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
         head_dim_default=128,
         bias_flags=(("attention_bias", ATTN_LINEARS),),
         moe=MoE(
-            experts=Experts(num_keys=("num_experts", "num_local_experts")),
+            experts=_QWEN3_EXPERTS,
             groups=((EXPERTS,),),
+            scale_pairs=_moe_pairs(_QWEN3_EXPERTS),
             dense_list_key="mlp_only_layers",
             sparse_step_key="decoder_sparse_step",
         ),
@@ -602,12 +662,21 @@ _MOE_TABLE: tuple[Arch, ...] = (
             (GATE, UP),
             (DOWN,),
         ),
-        scale_pairs=(),  # AWQ refuses MoE families for now
+        # MLA: only the input norm -> q_a/kv_a pair. q_a_layernorm -> q_b and kv_a_layernorm -> kv_b
+        # would fold into norms of other widths (kv_a_layernorm normalises only the first kv_lora of
+        # kv_a's outputs), and kv_b's v rows are interleaved per head with the no-rope k rows, so
+        # kv_b -> o has no contiguous row block to fold into: those stay unscaled (clip search only).
+        scale_pairs=(
+            ScalePair("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),
+            ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),  # dense layers
+            ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+        ),
         layer_norms=LLAMA_NORMS + ("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"),
         bias_flags=(("attention_bias", _MLA_ATTN),),
         moe=MoE(
-            experts=Experts(num_keys=("n_routed_experts",)),
+            experts=_DEEPSEEK_EXPERTS,
             groups=((EXPERTS,),) + _shared("mlp.shared_experts"),  # shared experts run after the routed ones
+            scale_pairs=_moe_pairs(_DEEPSEEK_EXPERTS, "mlp.shared_experts"),
             first_dense_key="first_k_dense_replace",
         ),
         extra_dims=(

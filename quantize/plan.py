@@ -218,9 +218,9 @@ DEFAULT_SETTINGS = [
 ]
 
 
-# gptq / rtn into the GPTQ or compressed-tensors format; gguf (stacked ffn_*_exps) for the families
-# formats/gguf.py writes (not DeepSeek-V3)
-MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "gguf")
+# gptq / rtn into the GPTQ or compressed-tensors format, awq into AWQ GEMM or compressed-tensors;
+# gguf (stacked ffn_*_exps) for the families formats/gguf.py writes (not DeepSeek-V3)
+MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "awq", "gguf")
 
 
 def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:

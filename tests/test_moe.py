@@ -293,7 +293,7 @@ def test_bad_moe_options_exit_2():
 
 
 @pytest.mark.parametrize("argv", [
-    ["awq", "--calibration", "{cal}"], ["exl2", "--calibration", "{cal}", "--bpw", "4"], ["fp8"],
+    ["exl2", "--calibration", "{cal}", "--bpw", "4"], ["fp8"],  # AWQ solves experts: tests/test_awq_moe.py
 ])
 def test_methods_without_experts_refuse_with_exit_2(argv, tiny_model_dir, calib_for, tmp_path, capsys):
     model = tiny_model_dir("mixtral")
@@ -338,7 +338,7 @@ def test_plan_counts_total_and_active_parameters(tiny_model_dir):
         p = plan(cfg)
         from quantize.plan import MOE_METHODS
 
-        assert {r["method"] for r in p["rows"]} <= set(MOE_METHODS)  # no awq/exl2/fp8 rows for MoE
+        assert {r["method"] for r in p["rows"]} <= set(MOE_METHODS)  # no exl2/fp8 rows for MoE
 
 
 def test_plan_bytes_match_a_written_moe_checkpoint(tiny_model_dir, calib_for, tmp_path):

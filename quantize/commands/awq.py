@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .common import exec_options, format_options, make_exec_config, out_option, stage_options, quantize_output_options
+from .common import (exec_options, format_options, make_exec_config, moe_options, out_option, quantize_output_options,
+                     stage_options)
 
 
 def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bits: int = 4, group_size: int = 128,
@@ -17,10 +18,15 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
                  clip_grid: int | None = None,
                  max_shrink: float = 0.5, seed: int = 0,
                  overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9, format: str = "awq",
-                 scale_dtype: str = "auto"):
-    """Library entry point (the CLI and `quantize run` call this). Returns the output manifest."""
+                 scale_dtype: str = "auto", moe_calibration: str = "routed", moe_min_tokens: float = 0.005,
+                 moe_fallback: str = "all"):
+    """Library entry point (the CLI and `quantize run` call this). Returns the output manifest.
+    ``moe_*``: a Mixture-of-Experts model's per-expert statistics and fallback (executor/moe.py;
+    for AWQ the ``rtn`` fallback is the AWQ grid without scale or clip); recorded for MoE models only."""
     import torch
 
+    from ..arch import get_arch
+    from ..executor.moe import MoEOptions
     from ..executor.stage import run_quantize_stage
     from ..formats.registry import model_config, resolve_scale_dtype
     from ..methods.awq_layer import AWQMethod, AWQParams
@@ -35,7 +41,8 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
                                                     ("clip_grid", clip_grid))
                                   if v is not None}))
     torch.manual_seed(seed)
-    method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir))
+    moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
+    method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir), moe)
     if format == "compressed-tensors":
         from ..formats.compressed_tensors import CompressedTensorsIntFormat
 
@@ -47,6 +54,8 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
         fmt = AWQFormat(group_size)
         params = {"method": "awq", "bits": bits, **awq.model_dump(), "seed": seed, "format": "awq", "version": "gemm"}
     params["scale_dtype"] = method.spec.scale_dtype
+    if get_arch(model_config(model_dir)).moe is not None:  # absent for dense models: their fingerprints stay
+        params.update(moe.params())
     return run_quantize_stage(stage="awq", model_dir=model_dir, calibration_dir=calibration, out=out, method=method,
                               fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite, resume=resume,
                               max_shard_bytes=max_shard_bytes)
@@ -83,20 +92,22 @@ def _ratio(layers: list[dict]) -> float:
               help="Dtype of those re-runs (a copy of the sub-block)  [default: float32].")
 @format_options(["awq", "compressed-tensors"])
 @quantize_output_options
+@moe_options
 @out_option()
 @exec_options
 @stage_options
 def awq_command(model_dir, calibration, bits, group_size, scale_search, clip, duo_scaling, n_grid, search_tokens, rerun_top,
                 clip_grid, rerun_dtype, format, scale_dtype, max_shard_size, resume, out, batch_size, offload_activations, compute_dtype, lockstep,
-                host_heap, device, seed, overwrite):
+                host_heap, device, seed, overwrite, moe_calibration, moe_min_tokens, moe_fallback, expert_chunk):
     """Quantize with AWQ (activation-aware scales + clipping), one decoder layer resident at a time."""
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap, expert_chunk)
     m = quantize_awq(model_dir=model_dir, calibration=calibration, out=out, exec_cfg=cfg, bits=bits,
                      group_size=group_size, scale_search=scale_search, clip=clip, duo_scaling=duo_scaling,
                      n_grid=n_grid, search_tokens=search_tokens, rerun_top=rerun_top, rerun_dtype=rerun_dtype,
                      clip_grid=clip_grid, seed=seed,
                      overwrite=overwrite, resume=resume,
-                     max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype)
+                     max_shard_bytes=int(max_shard_size * 1e9), format=format, scale_dtype=scale_dtype,
+                     moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback)
     layers = m.metrics.get("layers", [])
     click.echo(f"wrote {out} ({len(m.outputs)} files); mean relative error {m.metrics.get('mean_rel_error', float('nan')):.4g}; "
                f"sub-block error vs round-to-nearest {_ratio(layers):.3f}x")

@@ -198,6 +198,15 @@ class LayerContext:
             b.hidden = h
         self.propagated = False
 
+    def expert_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass (stopped at the experts module of this sparse layer): per calibration batch, the
+        tokens reaching the experts ``[T, hidden]`` and their routing ``top_k_index [T, k]``, with
+        the weights now in place (a method's own per-expert statistics, e.g. AWQ's)."""
+        self._expert_inputs = []
+        self.observe([self.experts_module], lambda *_: None)
+        out, self._expert_inputs = self._expert_inputs, []
+        return out
+
     def hessian(self, name: str) -> HessianAccumulator:
         """The input Hessian (2/n X^T X, fp32) of a linear, shared by the linears of its group."""
         acc = HessianAccumulator()

@@ -80,6 +80,54 @@ def experts_per_solve(width: int, num_experts: int) -> int:
     return max(1, min(num_experts, BATCH_HESSIAN_BYTES // (4 * width * width)))
 
 
+@dataclass
+class Routing:
+    """The tokens of one pass over a sparse layer's experts (per batch: tokens, routing) and, by the
+    rules of :func:`solve_experts`, where each expert's statistics come from: ``how[e]`` is
+    ``routed`` (its own tokens), ``all`` (every token: ``--moe-calibration all``, or the fallback of
+    an expert under ``need`` tokens) or ``rtn`` (the declared no-statistics fallback). For methods
+    that gather their own per-expert statistics (AWQ) from ``ctx.expert_inputs()``."""
+
+    parts: list[tuple[torch.Tensor, torch.Tensor]]
+    counts: torch.Tensor  # [E] tokens routed to each expert
+    tokens: int  # T, the layer's tokens
+    need: int  # tokens an expert must see for statistics of its own
+    how: list[str]
+    opts: MoEOptions
+
+    @classmethod
+    def of(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], num_experts: int, opts: MoEOptions) -> "Routing":
+        T = sum(x.shape[0] for x, _ in parts)
+        counts = sum(expert_counts(i, num_experts) for _, i in parts) if parts else torch.zeros(num_experts, dtype=torch.long)
+        need = max(1, math.ceil(opts.min_tokens * T))
+        how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback)
+               for e in range(num_experts)]
+        how = ["rtn" if h == "all" and T == 0 else h for h in how]
+        return cls(parts, counts, T, need, how, opts)
+
+    def all_tokens(self) -> torch.Tensor:
+        return torch.cat([x for x, _ in self.parts])
+
+    def routed(self, e: int) -> torch.Tensor:
+        """The tokens routed to expert ``e`` (batch order)."""
+        return torch.cat([x[(i == e).any(-1)] for x, i in self.parts])
+
+    def rows(self, e: int) -> torch.Tensor:
+        """The tokens expert ``e``'s statistics come from (``rtn``: its routed ones, for reporting)."""
+        return self.all_tokens() if self.how[e] == "all" else self.routed(e)
+
+    def record(self, top_k: int) -> dict[str, Any]:
+        """The layer's coverage record, as :func:`solve_experts` returns it."""
+        E = len(self.how)
+        below = [e for e in range(E) if int(self.counts[e]) < self.need]
+        return {
+            "experts": E, "top_k": top_k, "tokens": self.tokens, "mode": self.opts.mode, "min_tokens": self.need,
+            "fallback": self.opts.fallback, "seen": [int(c) for c in self.counts],
+            "solved": {k: self.how.count(k) for k in ("routed", "all", "rtn")}, "below_min": below,
+            "fallback_experts": below if self.opts.mode == "routed" else [],
+        }
+
+
 def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
                   solve: Callable[[list[tuple[list[str], torch.Tensor | None]]], None], opts: MoEOptions) -> dict[str, Any]:
     """Solve every expert of ``ctx``'s layer from the kept ``inputs`` (per batch: tokens, routing).

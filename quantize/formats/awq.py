@@ -126,10 +126,21 @@ def dequantize_awq(tensors: Mapping[str, Tensor], *, name: str = "weight") -> Te
     return dequantize(codes, scales.index_select(0, gi).T, zeros.index_select(0, gi).T)
 
 
-def quantization_config(group_size: int) -> dict[str, Any]:
+def quantization_config(group_size: int, modules_to_not_convert: list[str] | None = None) -> dict[str, Any]:
     """config.json ``quantization_config`` as AutoAWQ ≥ 0.2 writes it (§2.1)."""
     return {"quant_method": "awq", "version": "gemm", "bits": BITS, "group_size": group_size,
-            "zero_point": True, "modules_to_not_convert": None}
+            "zero_point": True, "modules_to_not_convert": modules_to_not_convert or None}
+
+
+def not_converted(arch, config: Mapping[str, Any]) -> list[str]:
+    """``modules_to_not_convert`` of a Mixture-of-Experts model: every sparse layer's routers and
+    shared-expert gates by full on-disk name (``model.layers.1.mlp.gate``). Loaders match these as
+    substrings of a module's name (vLLM ``is_layer_skipped_awq``), so a bare ``mlp.gate`` would also
+    skip a dense layer's ``mlp.gate_proj``; a sparse layer's full router name matches only the router."""
+    if arch is None or arch.moe is None:
+        return []
+    return [arch.layer_prefix(i) + arch.disk_name(m.name) for i in range(arch.num_layers(config))
+            if arch.is_sparse_layer(config, i) for m in arch.moe.never_quantized]
 
 
 class AWQFormat:
@@ -143,6 +154,7 @@ class AWQFormat:
             raise InputError(f"AWQ group_size={group_size}: use a positive number of columns (e.g. 128) or -1")
         self.group_size = group_size
         self.spec = awq_spec(group_size)
+        self.skipped: list[str] = []  # modules_to_not_convert (an MoE model's routers), set by preflight
 
     @classmethod
     def from_quantization_config(cls, qc: Mapping[str, Any], source: str = "config.json") -> "AWQFormat":
@@ -161,7 +173,8 @@ class AWQFormat:
 
     def preflight(self, arch, config: Mapping[str, Any]) -> None:
         """Before any heavy work: every layer linear must be storable as AWQ GEMM (InputError)."""
-        for name in arch.linear_names():
+        self.skipped = not_converted(arch, config)
+        for name in arch.linear_kinds(config):
             N, _ = arch.linear_shape(name, config)
             if N % PACK:
                 raise InputError(f"{arch.layer_prefix(0)}{name}: out_features={N} is not a multiple of {PACK}, which AWQ "
@@ -183,7 +196,7 @@ class AWQFormat:
         return (words * PACK, K)
 
     def quantization_config(self) -> dict[str, Any]:
-        return quantization_config(self.group_size)
+        return quantization_config(self.group_size, self.skipped)
 
     def extra_files(self) -> dict[str, bytes]:
         return {}

@@ -32,7 +32,7 @@ not an approximation of it. All math is fp32; nothing here touches a model, a de
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +214,24 @@ def quadratic_losses(weights: Sequence[Tensor], scales: Tensor, H: Tensor, group
     return total / (2 * rows_total)
 
 
+def weighted_quadratic_losses(terms: Iterable[tuple[Sequence[Tensor], Tensor, float]], scales: Tensor,
+                              group_size: int) -> Tensor:
+    """:func:`quadratic_losses` over several sets of linears, each with its own input Hessian and a
+    weight (tokens): per candidate ``Σ_j w_j Σ_i tr(ΔW_ji H_j ΔW_jiᵀ)/2 / Σ_j w_j N_j``. For the
+    norm -> experts pair of a Mixture-of-Experts layer, one term per expert (its gate/up, ``H`` from
+    the tokens routed to it, weight their count): the model's squared output error, weighted by
+    routing. ``terms`` may be a generator (one Hessian alive at a time). fp64 ``[C]``."""
+    total = torch.zeros(scales.shape[0], dtype=torch.float64, device=scales.device)
+    norm = 0.0
+    for weights, H, w in terms:
+        rows = sum(W.shape[0] for W in weights)
+        if w <= 0 or rows == 0:
+            continue
+        total += quadratic_losses(weights, scales, H, group_size) * (w * rows)
+        norm += w * rows
+    return total / norm if norm > 0 else total
+
+
 @dataclass(frozen=True)
 class ScaleSearch:
     scales: Tensor  # fp32 [K], the chosen s (all ones when the identity won)
@@ -234,6 +252,7 @@ def search_scales(
     duo_scaling: bool = True,
     H: Tensor | None = None,
     refine: int | None = None,
+    batch_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> ScaleSearch:
     """Grid-search the per-channel scales of one smoothing pair.
 
@@ -248,17 +267,21 @@ def search_scales(
       ``refine`` it is evaluated on every candidate; with both, on the identity and the ``refine``
       candidates of lowest quadratic loss only (the quadratic form ranks, the caller's loss decides).
 
+    * ``batch_loss(scales [C, K]) -> [C]``: in place of ``H``, the caller's batched proxy of every
+      candidate (e.g. :func:`weighted_quadratic_losses` with per-expert Hessians).
+
     Without ``loss_fn`` the quadratic loss decides. A candidate with a non-finite scale or loss never
     wins; if none is finite a ``ValueError`` is raised (the caller names the layer and module).
     """
-    if loss_fn is None and H is None:
-        raise ValueError("search_scales needs a loss_fn, a Hessian H, or both")
+    if loss_fn is None and H is None and batch_loss is None:
+        raise ValueError("search_scales needs a loss_fn, a Hessian H (or batch_loss), or both")
     cands = scale_candidates(x_mean, weights, group_size, n_grid=n_grid, duo_scaling=duo_scaling)
     finite = [bool(torch.isfinite(s).all()) for _, s in cands]
     proxy: dict[float | None, float] | None = None
-    if H is not None:
+    if H is not None or batch_loss is not None:
         idx = [i for i, ok in enumerate(finite) if ok]
-        q = quadratic_losses(weights, torch.stack([cands[i][1] for i in idx]), H, group_size).tolist()
+        S = torch.stack([cands[i][1] for i in idx])
+        q = (quadratic_losses(weights, S, H, group_size) if H is not None else batch_loss(S)).tolist()
         proxy = {a: math.nan for a, _ in cands}
         proxy.update({cands[i][0]: v if math.isfinite(v) else math.nan for i, v in zip(idx, q)})
     if loss_fn is None:
