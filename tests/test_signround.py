@@ -211,3 +211,67 @@ def test_refine_rejects_moe_and_bad_settings(tiny_model_dir, calib_for, tiny_lla
         assert rc == 2, err
         assert "Traceback" not in err and len(lines) == 1, err
         assert needle in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("target", ["fp", "quantized"])
+def test_targets_are_the_unquantized_models_own_layer_outputs(target, tiny_model_dir, calib_for, tmp_path, monkeypatch):
+    """``target="fp"`` (the default): every layer is tuned towards the UNQUANTIZED model's output of
+    that layer, i.e. transformers' hidden states of the fp model, while its inputs are the quantized
+    model's (the executor keeps the fp stream); ``"quantized"``: the unquantized layer on the
+    quantized inputs, which differs from the fp model's from layer 1 on."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model_dir("llama", num_layers=3)
+    cal = calib_for(model)
+    seen: list[tuple[list, list]] = []
+    real = signround.signround_layer
+
+    def spy(layer_fn, weights, results, inputs, targets, settings):
+        seen.append(([_replace_input(c) for c in inputs], [t.clone() for t in targets]))
+        return real(layer_fn, weights, results, inputs, targets, settings)
+
+    monkeypatch.setattr(signround, "signround_layer", spy)
+    m = run_gptq(model, cal, tmp_path / "q", bits=2, static_groups=True, refine="signround", refine_iters=2,
+                 refine_target=target)
+    assert (m.params.get("refine_target") == "fp") == (target == "fp")
+    ids, _ = load_calibration(cal)
+    fp = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = fp(ids, output_hidden_states=True).hidden_states  # embeddings, then every layer's output
+    assert len(seen) == 3
+    for i, (inputs, targets) in enumerate(seen):
+        got = torch.cat(targets)
+        want = hs[i + 1] if i < 2 else None  # the last entry has the final norm applied
+        x = torch.cat(inputs)
+        if i == 0:
+            torch.testing.assert_close(x, hs[0])  # layer 0: both streams are the embeddings
+        else:
+            assert (x - hs[i]).abs().max() > 1e-3  # later layers run on the quantized model's inputs
+        if want is not None and (target == "fp" or i == 0):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        elif want is not None:
+            assert (got - want).abs().max() > 1e-3
+
+
+def _replace_input(call):
+    a, kw = call
+    return (a[0] if a else kw["hidden_states"]).float().clone()
+
+
+def test_fp_stream_survives_a_resume(tiny_model_dir, calib_for, tmp_path):
+    """A run killed after layer 1 resumes with the fp stream from the resume point: the same bytes
+    as an uninterrupted run (the fp targets of layer 2 are the unquantized model's, not the
+    quantized stream's)."""
+    from helpers import killed_at, recording
+
+    model = tiny_model_dir("llama", num_layers=3)
+    cal = calib_for(model)
+    kw = dict(bits=2, static_groups=True, refine="signround", refine_iters=3)
+    run_gptq(model, cal, tmp_path / "a", **kw)
+    with replaced(GPTQMethod, "process_layer", killed_at(GPTQMethod, 2)), pytest.raises(KeyboardInterrupt):
+        run_gptq(model, cal, tmp_path / "c", **kw)
+    resumed: list[int] = []
+    with replaced(GPTQMethod, "process_layer", recording(GPTQMethod, resumed)):
+        run_gptq(model, cal, tmp_path / "c", **kw)
+    assert resumed == [2]
+    assert_same_files(tmp_path / "a", tmp_path / "c", output_files(tmp_path / "a"))

@@ -40,7 +40,7 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
                   max_shard_bytes: int = 5 * 10**9, format: str = "gptq", scale_dtype: str = "auto",
                   moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all",
                   refine: str = "none", refine_iters: int = 200, refine_lr: float | None = None,
-                  grid: str = DEFAULT_GRID):
+                  refine_target: str = "fp", grid: str = DEFAULT_GRID):
     """Library entry point (the CLI and `quantize run` call this).
 
     ``format``: "gptq" (the GPTQ layout; ``checkpoint_format`` v1/v2 zeros) or "compressed-tensors"
@@ -84,7 +84,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
 
         if is_moe:
             raise InputError("--refine signround does not support Mixture-of-Experts models yet; drop --refine")
-        settings = SignRoundSettings.parse({"iters": refine_iters, "lr": refine_lr, "seed": seed}, "--refine-iters/--refine-lr")
+        settings = SignRoundSettings.parse({"iters": refine_iters, "lr": refine_lr, "seed": seed, "target": refine_target},
+                                           "--refine-iters/--refine-lr/--refine-target")
     method = RTNMethod(spec, moe, settings) if rtn else GPTQMethod(spec, moe, settings)
     if ct:
         from ..formats.compressed_tensors import CompressedTensorsIntFormat
@@ -107,6 +108,8 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
         params.update(moe.params())
     if settings is not None:  # absent without --refine: earlier runs' fingerprints stay valid
         params.update(refine="signround", refine_iters=settings.iters, refine_lr=settings.step_size)
+        if settings.target != "quantized":  # absent for the earlier target: those runs' fingerprints stay valid
+            params["refine_target"] = settings.target
     return run_quantize_stage(stage=method.name, model_dir=model_dir, calibration_dir=calibration, out=out,
                               method=method, fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite,
                               resume=resume, max_shard_bytes=max_shard_bytes)
@@ -126,8 +129,8 @@ def _shared_options(calibration_help: str):
                          help="Columns per quantization group; -1: one group per row."),
             click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
             click.option("--grid", default=DEFAULT_GRID, show_default=True, type=click.Choice(GRIDS),
-                         help="Each group's scale/zero: minmax: its min/max range; mse: the range shrunk (up to "
-                              "20%) to minimise the group's |w - w_hat|^2.4; auto: mse for GPTQ at 3 and 4 bits, "
+                         help="Each group's scale/zero: minmax: its min/max range; mse: the range shrunk (1% "
+                              "steps, down to 21%) to minimise the group's |w - w_hat|^2.4; auto: mse for GPTQ at 3 and 4 bits, "
                               "minmax at 2 and 8 bits and for RTN (measured: README)."),
             click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
                          help="Zero-point convention of the written qzeros (--format gptq)."),
@@ -137,6 +140,10 @@ def _shared_options(calibration_help: str):
             click.option("--refine-iters", default=200, show_default=True, type=int,
                          help="SignRound signed-gradient steps per layer."),
             click.option("--refine-lr", default=None, type=float, help="SignRound initial step size. Default: 1/iters."),
+            click.option("--refine-target", default="fp", show_default=True, type=click.Choice(["fp", "quantized"]),
+                         help="What each layer is tuned towards: fp: the unquantized model's output of that layer "
+                              "(the layer learns to undo the error of the quantized layers before it, as AutoRound); "
+                              "quantized: the unquantized layer on the quantized model's inputs."),
             format_options(["gptq", "compressed-tensors"]), quantize_output_options, moe_options, out_option(),
             exec_options, stage_options,
         ]):

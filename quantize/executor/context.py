@@ -187,6 +187,20 @@ class LayerContext:
         return [_replace_hidden(b.args[self.index], b.kwargs[self.index], b.hidden.to(self.device))
                 for b in self.streamer.batches]
 
+    def fp_layer_calls(self) -> list[tuple[tuple, dict[str, Any]]]:
+        """``layer_calls`` on the UNQUANTIZED model's hidden states at this layer (the fp stream a
+        method keeps with ``set_fp_outputs``; the stored hidden states where none is kept yet: the
+        two streams are equal until a layer is quantized)."""
+        return [_replace_hidden(b.args[self.index], b.kwargs[self.index],
+                                (b.hidden if b.fp_hidden is None else b.fp_hidden).to(self.device))
+                for b in self.streamer.batches]
+
+    def set_fp_outputs(self, outputs: list[torch.Tensor]) -> None:
+        """Advance the fp stream: ``outputs`` are this layer's unquantized outputs on ``fp_layer_calls``
+        (the next layer's fp inputs; kept like the hidden states, and in the resume point)."""
+        for b, o in zip(self.streamer.batches, outputs, strict=True):
+            b.fp_hidden = self.streamer._park(o.to(self.streamer.cfg.dtype))
+
     def stored_hidden(self) -> list[torch.Tensor]:
         """The stored hidden states (before any propagation: this layer's inputs), for ``restore_inputs``."""
         return [b.hidden for b in self.streamer.batches]

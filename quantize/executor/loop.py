@@ -132,6 +132,10 @@ class Batch:
     hidden: torch.Tensor  # [B, L, H] (on the device, or on CPU when offloading)
     args: list[tuple]  # per layer: positional args after hidden_states
     kwargs: list[dict[str, Any]]  # per layer
+    # The unquantized model's own hidden states at the current layer, where a method asks for them
+    # (SignRound's fp targets: ``LayerContext.fp_stream``); None: not kept, or equal to ``hidden``
+    # (before any layer was quantized).
+    fp_hidden: torch.Tensor | None = None
 
 
 def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -226,11 +230,18 @@ class LayerStreamer:
     def hidden_states(self) -> list[torch.Tensor]:
         return [b.hidden for b in self.batches]
 
-    def set_hidden_states(self, hidden: list[torch.Tensor]) -> None:
-        if len(hidden) != len(self.batches):
+    def set_hidden_states(self, hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None = None) -> None:
+        if len(hidden) != len(self.batches) or (fp_hidden is not None and len(fp_hidden) != len(self.batches)):
             raise RuntimeFault("resume state does not match the calibration batches")
-        for b, h in zip(self.batches, hidden):
+        for j, (b, h) in enumerate(zip(self.batches, hidden)):
             b.hidden = self._park(h.to(self.cfg.dtype))
+            b.fp_hidden = self._park(fp_hidden[j].to(self.cfg.dtype)) if fp_hidden is not None else None
+
+    def fp_hidden_states(self) -> list[torch.Tensor] | None:
+        """The unquantized stream's hidden states per batch, when a method keeps it (else None)."""
+        if all(b.fp_hidden is None for b in self.batches):
+            return None
+        return [b.hidden if b.fp_hidden is None else b.fp_hidden for b in self.batches]
 
     # -- layers ----------------------------------------------------------------------------------
     def load_layer(self, i: int) -> nn.Module:

@@ -25,8 +25,9 @@ class ResumePoint:
         self.dir = Path(directory)
         self.run_id = run_id
 
-    def load(self) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
-        """(state, hidden states per batch) of a previous run with the same run_id, else None."""
+    def load(self) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor] | None] | None:
+        """(state, hidden states per batch, the unquantized stream's per batch or None) of a previous
+        run with the same run_id, else None."""
         path = self.dir / "state.json"
         if not path.is_file():
             return None
@@ -35,13 +36,18 @@ class ResumePoint:
             log.warning(f"{self.dir}: a previous partial run used other inputs or parameters; starting over")
             return None
         hidden = load_file(str(self.dir / state["hidden"]))
-        return state, [hidden[f"b{i}"] for i in range(len(hidden))]
+        n = sum(1 for k in hidden if k.startswith("b"))
+        fp = [hidden[f"f{i}"] for i in range(n)] if "f0" in hidden else None
+        return state, [hidden[f"b{i}"] for i in range(n)], fp
 
-    def save(self, next_layer: int, hidden: list[torch.Tensor], **extra: Any) -> None:
+    def save(self, next_layer: int, hidden: list[torch.Tensor], fp_hidden: list[torch.Tensor] | None = None,
+             **extra: Any) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"hidden-{next_layer:05d}.safetensors"
         tmp = self.dir / (name + ".tmp")
-        save_file({f"b{j}": h.contiguous().cpu() for j, h in enumerate(hidden)}, str(tmp), metadata=_META)
+        tensors = {f"b{j}": h.contiguous().cpu() for j, h in enumerate(hidden)}
+        tensors.update({f"f{j}": h.contiguous().cpu() for j, h in enumerate(fp_hidden or [])})
+        save_file(tensors, str(tmp), metadata=_META)
         os.replace(tmp, self.dir / name)
         state = {"run_id": self.run_id, "next_layer": next_layer, "hidden": name, **extra}
         stmp = self.dir / "state.json.tmp"

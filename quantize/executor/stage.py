@@ -186,7 +186,7 @@ def run_quantize_stage(
         start, layer_metrics = 0, []
         if state is not None:
             start, layer_metrics = state["next_layer"], state["layers"]
-            streamer.set_hidden_states(loaded[1])
+            streamer.set_hidden_states(loaded[1], loaded[2])
             log.info(f"resuming at layer {start} of {n_layers}")
         heap = streamer.apply_host_heap()
 
@@ -206,7 +206,7 @@ def run_quantize_stage(
                  "load_seconds": round(load_s, 3), **res.metrics, **ctx.extra_metrics}
             layer_metrics.append(m)
             log.event("layer", f"layer {i}: {m['seconds']:.2f}s", **m)
-            point.save(i + 1, streamer.hidden_states(), layers=layer_metrics)
+            point.save(i + 1, streamer.hidden_states(), streamer.fp_hidden_states(), layers=layer_metrics)
             del layer, ctx, res, tensors  # not alive through the next layer (its results: 2x its weights)
 
         # optional head pass (EXL2 lm_head): after the last layer, on the quantized model's outputs

@@ -228,7 +228,7 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
     streamer.capture(input_ids)
     start, entries = 0, {}
     if loaded is not None:
-        state, hidden = loaded
+        state, hidden, _ = loaded
         start, entries = state["next_layer"], state["measurement"]
         streamer.set_hidden_states(hidden)
         log.info(f"resuming the measurement at layer {start}")

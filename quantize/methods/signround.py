@@ -15,8 +15,13 @@ rounding, so it can only refine it:
     At V = 0, α = β = 1 this is exactly the starting codes (checked; the rare float tie is absorbed
     into V's initial value), so iteration 0 evaluates the start.
 
-    Loss: mean squared error of the whole decoder layer's output with every linear at Ŵ against the
-    unquantized layer's output, on one captured calibration batch per step (chosen by ``seed``);
+    Loss: mean squared error of the whole decoder layer's output with every linear at Ŵ, on the
+    quantized model's inputs to the layer, against the unquantized MODEL's output of that layer
+    (``target="fp"``, the default, as AutoRound's ``enable_quanted_input``: the layer also learns to
+    undo the error the quantized layers before it left in its inputs; the executor keeps the
+    unquantized model's hidden states as a second stream for this) or against the unquantized
+    layer's output on the same quantized inputs (``target="quantized"``), on one captured
+    calibration batch per step (chosen by ``seed``);
     rounding and the fp16 rounding of the scales pass gradients straight through.
     Update: ``p ← clamp(p − lr_t · sign(∂loss/∂p))`` with ``lr_t`` decaying linearly from ``lr``
     (default ``1/iters``, the paper's 5e-3 at 200 steps) to 0, for V, α and β alike.
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -56,6 +61,10 @@ class SignRoundSettings(Settings):
     batch: int = Field(1, ge=1, description="captured calibration batches per step")
     rounding: bool = Field(True, description="tune the rounding offsets V")
     clip: bool = Field(True, description="tune the per-group scale factors")
+    target: Literal["fp", "quantized"] = Field(
+        "fp", description="the output the layer is tuned towards: 'fp' the unquantized model's own layer output "
+        "(on its own, unquantized inputs: AutoRound's default), 'quantized' the unquantized layer on the "
+        "quantized model's inputs")
     seed: int = 0
 
     @property
@@ -263,9 +272,12 @@ def refine_layer(ctx, process: Callable, settings: SignRoundSettings, start: str
     hidden = ctx.stored_hidden()
     calls = ctx.layer_calls()
     layer = ctx.layer
-    with torch.no_grad():
-        targets = [_output(layer(*a, **kw)).to(torch.float32) for a, kw in calls]
+    with torch.no_grad():  # the unquantized layer (nothing is quantized yet)
+        targets = [_output(layer(*a, **kw)).to(torch.float32)
+                   for a, kw in (ctx.fp_layer_calls() if settings.target == "fp" else calls)]
     ctx.forward_passes += 1
+    if settings.target == "fp":
+        ctx.set_fp_outputs(targets)  # the next layer's unquantized inputs
     res = process(ctx)
     dtypes = {n: ctx.module(n).weight.dtype for n in names}
 
