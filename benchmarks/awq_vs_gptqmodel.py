@@ -20,7 +20,9 @@ shared/models/ref-llama (with shared WikiText-2) is absent. AutoAWQ runs in its 
   GQA ref-llama: nobody scales v_proj -> o_proj (shapes differ);
 * our other rows: "ours, bf16 sub-block re-runs" is the default with ``rerun_dtype="bfloat16"``
   (the re-runs on a bf16 copy of the sub-block); "ours, 8192 search tokens" is the previous default (every candidate re-run on the
-  first 8192 tokens: ``search_tokens=8192, rerun_top=-1``); "ours, every candidate re-run" (tool
+  first 8192 tokens: ``search_tokens=8192, rerun_top=-1``); "ours, clip grid 20" (tool ``ours-clip20``, not
+  run unless asked) is the default with the peers' 5% clip steps (``clip_grid=20``, the default before
+  1% steps); "ours, every candidate re-run" (tool
   ``ours-rerun-all``, not run unless asked) re-runs all 21 on all tokens, like the peers;
 * RTN row: our AWQ stage with ``scale_search=False, clip=False`` (round-to-nearest, same format);
 * each quantization runs in a fresh subprocess (wall time end to end: load, quantize, write; the
@@ -74,11 +76,12 @@ import common as c  # noqa: E402
 SETTINGS = dict(bits=4, group_size=128, zero_point=True)
 AUTOAWQ_PYTHON = c.repo_root() / ".venv-autoawq" / "bin" / "python"
 CHILD_TIMEOUT_S = 3 * 3600
-TOOLS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
-DEFAULT_TOOLS = tuple(t for t in TOOLS if t != "ours-rerun-all")
-OURS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "rtn")  # their failure is an error; a peer's is a row
+TOOLS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "ours-clip20", "gptqmodel", "gptqmodel-bf16", "autoawq", "autoawq-copyfix", "rtn")
+DEFAULT_TOOLS = tuple(t for t in TOOLS if t not in ("ours-rerun-all", "ours-clip20"))
+OURS = ("ours", "ours-bf16", "ours-8192", "ours-rerun-all", "ours-clip20", "rtn")  # their failure is an error; a peer's is a row
 OUR_SETTINGS = {"ours": {}, "ours-bf16": {"rerun_dtype": "bfloat16"},
                 "ours-8192": {"search_tokens": 8192, "rerun_top": -1}, "ours-rerun-all": {"rerun_top": -1},
+                "ours-clip20": {"clip_grid": 20},
                 "rtn": {"scale_search": False, "clip": False}}
 
 
@@ -303,7 +306,7 @@ def main() -> int:
 
     gm, aa = f"GPTQModel {version('gptqmodel', '7.6.0')}", f"AutoAWQ {version('autoawq', '0.2.9')}"
     labels = {"ours": "ours (default: all tokens)", "ours-bf16": "ours, bf16 sub-block re-runs",
-              "ours-8192": "ours, 8192 search tokens (old default)",
+              "ours-8192": "ours, 8192 search tokens (older default)", "ours-clip20": "ours, clip grid 20 (old default)",
               "ours-rerun-all": "ours, every candidate re-run", "rtn": "RTN (ours, no search)", "gptqmodel": f"{gm} fp32",
               "gptqmodel-bf16": f"{gm} bf16", "autoawq": f"{aa} fp32", "autoawq-copyfix": f"{aa} fp32, copy fix"}
     print()
