@@ -375,6 +375,35 @@ def test_transformers_loads_asymmetric_moe_compressed_tensors(tiny_model_dir, ca
         assert torch.equal(lib(IDS).logits, load_dequantized_model(tmp_path / "ct")(IDS).logits)
 
 
+def test_check_reports_transformers_unsupported_for_asymmetric_moe_compressed_tensors(tiny_model_dir, calib_for,
+                                                                                      tmp_path):
+    """`quantize check`'s transformers engine says why (not a failed load) for the case above."""
+    from quantize.check.runner import run_transformers
+
+    model = tiny_model_dir("qwen3_moe")
+    _awq(model, calib_for(model), tmp_path / "ct", format="compressed-tensors")
+    status, reason, logits = run_transformers(tmp_path / "ct", [[5, 17, 300]])
+    assert status == "unsupported" and "zero point" in reason and "vLLM" in reason and logits == []
+
+
+def test_recipe_runs_awq_on_an_moe_model_with_its_settings(tiny_model_dir, tmp_path):
+    """`quantize run --method awq` with a recipe's `moe:` section: the settings reach the stage."""
+    from pathlib import Path
+
+    from quantize import manifest as mf
+
+    root = Path(__file__).resolve().parents[1]
+    model = tiny_model_dir("qwen3_moe")
+    args = ["run", str(root / "recipes/qwen3-30b-a3b.yaml"), "--method", "awq", "--format", "awq",
+            "--out", str(tmp_path / "run"), "--set", f"source.model={model}", "--set", "calibration.samples=4",
+            "--set", "calibration.seq_len=64", "--set", "eval.seq_len=64", "--set", "eval.max_windows=4",
+            "--set", "group_size=32", "--set", "moe.fallback=rtn", "--set", "device=cpu"]
+    assert main(args) == 0
+    q = mf.load_manifest(tmp_path / "run" / "model")
+    assert q.params["method"] == "awq" and q.params["moe_fallback"] == "rtn" and q.params["format"] == "awq"
+    assert q.metrics["moe"]["sparse_layers"] == 2
+
+
 # -- (e) bad input ---------------------------------------------------------------------------------
 
 

@@ -56,6 +56,11 @@ def run_transformers(directory: Path, prompts: list[list[int]]) -> tuple[str, st
             return "unsupported", f"transformers' GGUF loader does not load {model_type(directory)} back", []
         kw["gguf_file"] = "model.gguf"
     elif fmt == "compressed-tensors" and _ct_asymmetric(directory):
+        if model_type(directory) in MOE_MODEL_TYPES:
+            # transformers 5 dequantizes fused experts through a stand-in module without the zero
+            # point (integrations/compressed_tensors.py): every asymmetric MoE checkpoint fails to load
+            return ("unsupported", "transformers dequantizes compressed-tensors experts without their zero points: "
+                    f"asymmetric (AWQ, --asym) {model_type(directory)} experts do not load; vLLM reads them", [])
         from transformers import CompressedTensorsConfig
 
         # compressed-tensors 0.20's compressed-module path rejects packed asymmetric zero points

@@ -67,7 +67,7 @@ class GPTQParams(_Strict):
 
 
 class MoESettings(_Strict):
-    """Mixture-of-Experts statistics (gptq/rtn; executor/moe.py); ignored by dense models."""
+    """Mixture-of-Experts statistics (gptq/rtn/awq; executor/moe.py); ignored by dense models."""
 
     calibration: Literal["routed", "all"] = "routed"
     min_tokens: float = Field(0.005, ge=0.0, lt=1.0)

@@ -132,12 +132,18 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
             qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
                             "moe_fallback": moe.fallback})
     elif recipe.method == "awq":
+        moe = recipe.moe or MoESettings()
+
         def do_quantize():
             from ..commands.awq import quantize_awq
             return quantize_awq(model_dir=model_dir, calibration=calib_dir, out=qdir, bits=recipe.bits,
                                 group_size=recipe.group_size, exec_cfg=exec_cfg, seed=cal.seed, overwrite=True,
-                                format=recipe.format or "awq")
+                                format=recipe.format or "awq", moe_calibration=moe.calibration,
+                                moe_min_tokens=moe.min_tokens, moe_fallback=moe.fallback)
         qparams = {"method": "awq", "bits": recipe.bits, "group_size": recipe.group_size, "format": recipe.format or "awq"}
+        if recipe.moe is not None:  # recorded in the manifest of an MoE model's stage
+            qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
+                            "moe_fallback": moe.fallback})
     elif recipe.method == "fp8":
         def do_quantize():
             from ..commands.fp8 import quantize_fp8
