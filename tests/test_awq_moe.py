@@ -404,6 +404,19 @@ def test_recipe_runs_awq_on_an_moe_model_with_its_settings(tiny_model_dir, tmp_p
     assert q.metrics["moe"]["sparse_layers"] == 2
 
 
+def test_killed_and_resumed_run_gives_the_same_bytes(tiny_model_dir, calib_for, tmp_path):
+    from helpers import assert_same_files, killed_at, output_files
+
+    model = tiny_model_dir("deepseek_v3")  # a dense layer 0, a sparse layer 1
+    cal = calib_for(model)
+    a = _awq(model, cal, tmp_path / "a")
+    with replaced(AWQMethod, "process_layer", killed_at(AWQMethod, 1)), pytest.raises(KeyboardInterrupt):
+        _awq(model, cal, tmp_path / "b")
+    b = _awq(model, cal, tmp_path / "b")
+    assert_same_files(tmp_path / "a", tmp_path / "b", output_files(tmp_path / "a"))
+    assert a.metrics["moe"] == b.metrics["moe"]
+
+
 # -- (e) bad input ---------------------------------------------------------------------------------
 
 
@@ -411,6 +424,7 @@ def test_recipe_runs_awq_on_an_moe_model_with_its_settings(tiny_model_dir, tmp_p
     (["exl2", "--calibration", "{cal}", "--bpw", "4"], ["Mixture-of-Experts", "quantize awq", "quantize gptq"]),
     (["fp8"], ["Mixture-of-Experts", "quantize awq", "quantize gptq"]),
     (["awq", "--calibration", "{cal}", "--moe-min-tokens", "1.5"], ["--moe-min-tokens"]),
+    (["awq", "--calibration", "{cal}", "--expert-chunk", "2"], ["--expert-chunk", "quantize gptq"]),
 ])
 def test_bad_moe_input_exits_2_with_one_line(argv, words, tiny_model_dir, calib_for, tmp_path, capsys):
     model = tiny_model_dir("mixtral")

@@ -41,6 +41,10 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
                                                     ("clip_grid", clip_grid))
                                   if v is not None}))
     torch.manual_seed(seed)
+    if getattr(exec_cfg, "expert_chunk", None) is not None:
+        raise InputError("--expert-chunk: `quantize awq` keeps a sparse layer's experts on the device (the norm -> "
+                         "experts scale search scores every expert's candidates together); drop --expert-chunk, "
+                         "or use `quantize gptq` for layers that do not fit")
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
     method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir), moe)
     if format == "compressed-tensors":

@@ -233,6 +233,8 @@ class AWQMethod:
         p = self.params
         w = W[name]  # (loaded on first use), dropped once quantized
         del W[name]
+        if gram is not None:  # an expert's weight is host-resident with --expert-chunk: search where its tokens are
+            w = w.to(gram.device)
         r = r0 = A.awq_quantize(w, self.spec)
         if clip and gram is not None:
             max_val = A.search_clip(w, gram, p.group_size, n_grid=p.clip_grid, max_shrink=p.max_shrink)
@@ -279,7 +281,7 @@ class AWQMethod:
             gram = self._gram(ctx, x, gate)
             for name in (gate, up):
                 self._quantize_linear(ctx, name, W, gram, clip and how != "rtn", results, m)
-            Wg, Wu = ctx.weight(gate), ctx.weight(up)  # quantized: the down input of the quantized expert
+            Wg, Wu = (ctx.weight(n).to(x.device) for n in (gate, up))  # quantized: the quantized expert's down input
             gram = self._gram(ctx, x, down, lambda c: act(F.linear(c, Wg)) * F.linear(c, Wu))
             self._quantize_linear(ctx, down, W, gram, clip and how != "rtn", results, m)
             del x, gram
@@ -305,10 +307,10 @@ class AWQMethod:
                 H = H_all
             else:
                 H = hessian_of(rt.routed(e))
-            yield [W[n] for n in names], H, float(n_e)
+            yield [W[n].to(H.device) for n in names], H, float(n_e)
         if shared:
             H_all = H_all if H_all is not None else hessian_of(rt.all_tokens())
-            yield [W[n] for n in shared], H_all, float(rt.tokens)
+            yield [W[n].to(H_all.device) for n in shared], H_all, float(rt.tokens)
 
     def _expert_pairs(self, ctx: LayerContext, pair: ScalePair, W: dict[str, Tensor], tensors: dict[str, Tensor],
                       cfg: dict, m: dict[str, Any]) -> None:
@@ -326,7 +328,7 @@ class AWQMethod:
                 unscaled.append(e)
                 continue
             one = ScalePair(pair.prev.replace(EXPERT, str(e)), tuple(n.replace(EXPERT, str(e)) for n in pair.linears))
-            Wg, Wu = W[arch.expert_linear(e, 0)], W[arch.expert_linear(e, 1)]
+            Wg, Wu = (W[arch.expert_linear(e, j)].to(x.device) for j in (0, 1))
             stats, hess = A.AbsMean(), HessianAccumulator()
             with torch.no_grad():
                 for chunk in x.split(CHUNK):
@@ -337,7 +339,8 @@ class AWQMethod:
             if not bool(torch.isfinite(stats.mean).all()) or not bool(torch.isfinite(hess.H).all()):
                 raise self._fault(ctx, where, "non-finite input activations")
             try:
-                found = A.search_scales(stats.mean, [W[n] for n in one.linears], None, p.group_size, n_grid=p.n_grid,
+                found = A.search_scales(stats.mean, [W[n].to(hess.H.device) for n in one.linears], None, p.group_size,
+                                        n_grid=p.n_grid,
                                         duo_scaling=p.duo_scaling, H=hess.H)
             except ValueError as err:
                 raise self._fault(ctx, where, f"AWQ scale search failed ({err})") from None
@@ -488,14 +491,14 @@ def fold_pair(layer: nn.Module, arch: Arch, config: Mapping[str, Any], pair: Sca
         lin, dims = arch.linear(pair.prev), arch.dims(config)
         part = pair.prev_part or 0
         start = sum(dims[d] for d in lin.out[:part])
-        W[pair.prev], b = A.fold_into_rows(W[pair.prev], s, start, bias)
+        W[pair.prev], b = A.fold_into_rows(W[pair.prev], s.to(W[pair.prev].device), start, bias)
     if b is not None:
         new[pair.prev + ".bias"] = rounding(pair.prev + ".bias", b)
     for name in pair.passive:
         w = layer.get_submodule(name).weight.detach().float()
-        new[name + ".weight"] = rounding(name + ".weight", A.scale_columns(w, s))
-    for name in pair.linears:
-        W[name] = A.scale_columns(W[name], s)
+        new[name + ".weight"] = rounding(name + ".weight", A.scale_columns(w, s.to(w.device)))
+    for name in pair.linears:  # (an expert's weight may be host-resident: --expert-chunk)
+        W[name] = A.scale_columns(W[name], s.to(W[name].device))
     for rel, t in new.items():
         module, leaf = rel.rsplit(".", 1)
         _set_param(layer.get_submodule(module), leaf, t)
