@@ -17,6 +17,10 @@ Rows per setting (default W3 g128 and W2 g64, all symmetric):
   gptq-noact     ``--no-act-order``
   gptq+sr        ``quantize gptq --refine signround`` (methods/signround.py)
   rtn+sr         ``quantize rtn --refine signround``
+  gptq-full      ``--grid full``: the full-range symmetric grid (signed scale, the group's largest-magnitude
+                 weight on the extra level -2^(b-1)·s; llama.cpp / AutoRound sym)
+  gptq-full-mse  ``--grid full-mse``: that grid with the MSE clip search
+  gptq-full+sr   ``--grid full --refine signround``;  rtn-full+sr: ``quantize rtn --grid full --refine signround``
   exl2           ``quantize exl2`` at GPTQ's stored bits per weight, bits + (16 + bits) / group (codes, fp16
                  scale and zero-point per group; g_idx left out), measured on the first 2048 calibration
                  rows like the command; lm_head at 8 bits (EXL2's widest head; GPTQ leaves it in bf16)
@@ -65,6 +69,10 @@ OURS = {
     "gptq-noact": dict(act_order=False),
     "gptq+sr": dict(refine="signround"),
     "rtn+sr": dict(rtn=True, act_order=False, refine="signround"),
+    "gptq-full": dict(grid="full"),
+    "gptq-full-mse": dict(grid="full-mse"),
+    "gptq-full+sr": dict(grid="full", refine="signround"),
+    "rtn-full+sr": dict(rtn=True, act_order=False, grid="full", refine="signround"),
     "exl2": dict(exl2=True),
 }
 PEERS = ("gptqmodel", "llmc")
@@ -73,7 +81,8 @@ LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq-minmax": "GPTQ --grid m
           "gptq-mse": "GPTQ --grid mse", "gptq-dynamic": "GPTQ dynamic act-order", "gptq-noact": "GPTQ no act-order",
           "gptq+sr": "GPTQ + signround", "rtn+sr": "RTN + signround", "gptqmodel": "GPTQModel",
           "llmc": "llm-compressor", "ar": "AutoRound default", "ar-best": "AutoRound best",
-          "exl2": "EXL2 (same bpw)"}
+          "exl2": "EXL2 (same bpw)", "gptq-full": "GPTQ --grid full", "gptq-full-mse": "GPTQ --grid full-mse",
+          "gptq-full+sr": "GPTQ full + signround", "rtn-full+sr": "RTN full + signround"}
 
 
 def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group: int, iters: int,
@@ -323,6 +332,8 @@ def main() -> int:
     for bits, group in settings:
         s = f"W{bits} g{group}"
         ours_default = "gptq" if "gptq" in rows_wanted else f"gptq-{resolve_grid(DEFAULT_GRID, bits, False)}"
+        if ours_default not in OURS:
+            ours_default = "gptq"
         by = {r["key"]: r for r in records if r["setting"] == s and r["kl"] is not None}
         if "gptq-minmax" in by and "gptq-mse" in by:
             a, b = by["gptq-minmax"], by["gptq-mse"]

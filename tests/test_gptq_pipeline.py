@@ -133,13 +133,15 @@ def test_grid_option_reaches_the_grid(command, tiny_llama, calib_for, tmp_path):
 
 
 def test_default_grid_by_width():
-    """``--grid auto`` (the default): mse for GPTQ at 3-4 bits, where it measured lower KL on ref-llama,
-    min/max at 2 and 8 bits and for RTN (README, "GPTQ at the defaults")."""
+    """``--grid auto`` (the default), as measured on ref-llama (README, "GPTQ at the defaults"):
+    symmetric GPTQ on the full-range grid (with the mse search at 4 bits), asymmetric mse at 3-4
+    bits, min/max at 8 bits and for RTN."""
     from quantize.commands.gptq import DEFAULT_GRID, resolve_grid
     from quantize.pipeline.recipe import GPTQParams
 
     assert DEFAULT_GRID == GPTQParams().grid == "auto"
-    assert [resolve_grid("auto", b, False) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "minmax"]
+    assert [resolve_grid("auto", b, False) for b in (2, 3, 4, 8)] == ["full", "full", "full-mse", "minmax"]
+    assert [resolve_grid("auto", b, False, sym=False) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "minmax"]
     assert {resolve_grid("auto", b, True) for b in (2, 3, 4, 8)} == {"minmax"}
     assert resolve_grid("minmax", 4, False) == "minmax" and resolve_grid("mse", 2, True) == "mse"
 

@@ -234,11 +234,11 @@ def test_unrouted_experts_fall_back_and_are_listed(starved, calib_for, tmp_path)
     # the RTN fallback is exactly RTN of the original weights (scales stored in fp16); the
     # all-token fallback is a GPTQ solve, finite and different
     src, q_rtn, q_all = CheckpointReader(starved), open_model(tmp_path / "rtn"), open_model(tmp_path / "all")
-    from quantize.commands.gptq import DEFAULT_GRID, resolve_grid
+    from quantize.commands.gptq import DEFAULT_GRID, grid_flags, resolve_grid
 
-    # on the GPTQ run's grid: --grid auto is MSE clipping at 4 bits
+    # on the GPTQ run's grid (--grid auto at 4 bits: full-range with MSE clipping)
     spec = QuantSpec(bits=4, group_size=32, sym=True, scale_dtype="float16",
-                     mse=resolve_grid(DEFAULT_GRID, 4, rtn=False) == "mse")
+                     **grid_flags(resolve_grid(DEFAULT_GRID, 4, rtn=False)))
     for e in idle:
         for j in ("gate_proj", "up_proj", "down_proj"):
             name = f"model.layers.1.mlp.experts.{e}.{j}.weight"

@@ -11,18 +11,28 @@ from .common import (exec_options, format_options, make_exec_config, moe_options
                      stage_options)
 
 
-GRIDS = ("auto", "minmax", "mse")
+GRIDS = ("auto", "minmax", "mse", "full", "full-mse")
 DEFAULT_GRID = "auto"
 
 
-def resolve_grid(grid: str, bits: int, rtn: bool) -> str:
-    """``auto`` (the default): GPTQ at 3 and 4 bits searches each group's clipping (mse); 2 and 8 bits,
-    and RTN (the plain baseline), take the min/max range. Chosen by measurement on ref-llama
-    (README, "GPTQ at the defaults"; benchmarks/lowbit_quality.py): mse lowers GPTQ's KL 9% at W4 g128
-    and 21% at W3 g128 but raises it 61% at W2 g64 (sym)."""
-    if grid == "auto":
-        return "mse" if bits in (3, 4) and not rtn else "minmax"
-    return grid
+def resolve_grid(grid: str, bits: int, rtn: bool, sym: bool = True) -> str:
+    """``auto`` (the default), chosen by measurement on ref-llama (README, "GPTQ at the defaults";
+    benchmarks/lowbit_quality.py): symmetric GPTQ takes the full-range grid (``full``: signed scale,
+    the group's largest-magnitude weight on the grid's extra level) at 2-4 bits, with the MSE clip
+    search at 4 bits (``full-mse``); asymmetric GPTQ the MSE clip search at 3-4 bits; 8 bits and
+    RTN (the plain baseline) the group's min/max range."""
+    if grid != "auto":
+        return grid
+    if rtn or bits == 8:
+        return "minmax"
+    if not sym:
+        return "mse" if bits in (3, 4) else "minmax"
+    return "full-mse" if bits == 4 else "full"
+
+
+def grid_flags(grid: str) -> dict[str, bool]:
+    """``QuantSpec`` fields of a resolved ``--grid`` value."""
+    return {"mse": grid.endswith("mse"), "full_range": grid.startswith("full")}
 
 
 def resolve_static_groups(static_groups: bool | None, act_order: bool, rtn: bool) -> bool:
@@ -67,11 +77,13 @@ def quantize_gptq(*, model_dir: Path, calibration: Path, out: Path, bits: int, g
     ct = format == "compressed-tensors"
     if grid not in GRIDS:
         raise InputError(f"--grid {grid!r}: expected one of {', '.join(GRIDS)}")
-    grid = resolve_grid(grid, bits, rtn)
+    grid = resolve_grid(grid, bits, rtn, sym)
+    if grid.startswith("full") and not sym:
+        raise InputError(f"--grid {grid}: the full-range grid is symmetric; drop --asym or choose minmax/mse")
     static_groups = resolve_static_groups(static_groups, act_order, rtn)
     torch.manual_seed(seed)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp, block_size=block_size, mse=grid == "mse", scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
+                     damp=damp, block_size=block_size, **grid_flags(grid), scale_dtype=resolve_scale_dtype(format, scale_dtype, model_dir),
                      # v1 "gptq" stores zero-1, so zero 0 is unrepresentable there; v2 and CT use the full grid
                      v1_safe_zeros=not ct and checkpoint_format == "gptq")
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
@@ -130,8 +142,11 @@ def _shared_options(calibration_help: str):
             click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid."),
             click.option("--grid", default=DEFAULT_GRID, show_default=True, type=click.Choice(GRIDS),
                          help="Each group's scale/zero: minmax: its min/max range; mse: the range shrunk (1% "
-                              "steps, down to 21%) to minimise the group's |w - w_hat|^2.4; auto: mse for GPTQ at 3 and 4 bits, "
-                              "minmax at 2 and 8 bits and for RTN (measured: README)."),
+                              "steps, down to 21%) to minimise the group's |w - w_hat|^2.4; full: symmetric, signed "
+                              "scale with the largest-magnitude weight on the extra level -2^(b-1)·s (llama.cpp/"
+                              "AutoRound); full-mse: full with the mse search; auto: full-mse for symmetric GPTQ at "
+                              "4 bits, full at 2-3, mse for asymmetric at 3-4, minmax at 8 bits and for RTN "
+                              "(measured: README)."),
             click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
                          help="Zero-point convention of the written qzeros (--format gptq)."),
             click.option("--refine", default="none", show_default=True, type=click.Choice(["none", "signround"]),

@@ -72,6 +72,8 @@ class QuantSpec(Settings):
     damp: float = Field(0.01, gt=0.0, le=1.0, description="damping as a fraction of mean(diag H)")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-batch width in columns")
     mse: bool = Field(False, description="search a clipped range minimising |w - w_hat|^2.4")
+    full_range: bool = Field(False, description="sym: the largest-magnitude weight of a group on the grid's "
+                             "extra level, -2^(b-1)·s, with a signed scale (llama.cpp / AutoRound symmetric)")
     v1_safe_zeros: bool = Field(True, description="asym: never emit zero-point 0 (unstorable in v1 'gptq')")
     scale_dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="dtype the checkpoint stores scales in; the grid uses scales exact in it")
@@ -99,7 +101,7 @@ class QuantSpec(Settings):
     def grid_params(self) -> dict[str, Any]:
         """Keyword arguments of ``find_params_float`` for this spec."""
         return dict(bits=self.bits, sym=self.sym, mse=self.mse, v1_safe_zeros=self.v1_safe_zeros,
-                    scale_dtype=self.scale_dtype)
+                    scale_dtype=self.scale_dtype, full_range=self.full_range)
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,15 @@ class QuantResult:
 _BF16_MIN_SUBNORMAL = 2.0**-133
 
 
+def _never_zero(rounded: Tensor, scale: Tensor, tiny: float) -> Tensor:
+    """``rounded`` with every zero replaced by the smallest ``tiny`` of ``scale``'s sign (a
+    full-range grid's scales are signed; the others are positive, where this is ``clamp_min``)."""
+    return torch.where(rounded == 0, torch.where(scale < 0, -tiny, tiny), rounded)
+
+
 def fp16_exact(scale: Tensor) -> Tensor:
-    """Round fp32 scales to the nearest fp16 value (kept as fp32), never to zero."""
-    return scale.to(torch.float16).to(torch.float32).clamp_min_(_FP16_MIN_SUBNORMAL)
+    """Round fp32 scales to the nearest fp16 value (kept as fp32), never to zero (sign kept)."""
+    return _never_zero(scale.to(torch.float16).to(torch.float32), scale, _FP16_MIN_SUBNORMAL)
 
 
 def dtype_exact(scale: Tensor, scale_dtype: str = "float16") -> Tensor:
@@ -148,7 +156,7 @@ def dtype_exact(scale: Tensor, scale_dtype: str = "float16") -> Tensor:
         return fp16_exact(scale)
     if scale_dtype != "bfloat16":
         raise ValueError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype!r}")
-    return scale.to(torch.bfloat16).to(torch.float32).clamp_min_(_BF16_MIN_SUBNORMAL)
+    return _never_zero(scale.to(torch.bfloat16).to(torch.float32), scale, _BF16_MIN_SUBNORMAL)
 
 
 def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
@@ -181,16 +189,38 @@ def _quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
+def _full_range_grid(xmin: Tensor, xmax: Tensor, bits: int, scale_dtype: str = "float16") -> tuple[Tensor, Tensor]:
+    """The full-range symmetric grid: ``z = 2^(b−1)``, codes ``q − z`` in ``[−2^(b−1), 2^(b−1) − 1]``
+    and a SIGNED scale ``s = −m / 2^(b−1)``, ``m`` the group's largest-magnitude value (``xmax`` or
+    ``xmin``, whichever is larger in magnitude; ``xmax`` on a tie), so that ``m`` sits exactly on the
+    grid's extra level ``−2^(b−1)·s`` and the step is ``|m| / 2^(b−1)`` instead of the mirrored
+    grid's ``2|m| / (2^b − 1)`` (25% finer at 2 bits, 12.5% at 3, 6.7% at 4). llama.cpp's Q4_0 /
+    AutoRound's ``int_sym``; a GPTQ or compressed-tensors checkpoint stores the scale's sign in its
+    fp16/bf16 scale, and every loader computes ``(q − z)·s`` with it."""
+    m = torch.where(-xmin > xmax, xmin, xmax)
+    flat = m == 0
+    half = float(1 << (bits - 1))
+    mag = dtype_exact(torch.where(flat, 1.0, m.abs()) / half, scale_dtype)
+    scale = torch.where(m > 0, -mag, mag)
+    return scale, torch.full_like(scale, half)
+
+
 def find_params_float(
-    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16"
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16",
+    full_range: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``find_params`` with the zero-point as an integer-valued fp32 tensor (for the solvers)."""
     x = x.to(torch.float32)
-    xmin, xmax = _range(x, sym)
-    scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros, scale_dtype)
+    full = full_range and sym
+    if full:
+        xmin, xmax = x.amin(dim=-1).clamp(max=0.0), x.amax(dim=-1).clamp(min=0.0)
+        scale, zero = _full_range_grid(xmin, xmax, bits, scale_dtype)
+    else:
+        xmin, xmax = _range(x, sym)
+        scale, zero = _grid(xmin, xmax, bits, sym, v1_safe_zeros, scale_dtype)
     if not mse:
         return scale, zero
-    return _mse_search(x, xmin, xmax, scale, zero, bits, sym, v1_safe_zeros, scale_dtype)
+    return _mse_search(x, xmin, xmax, scale, zero, bits, sym, v1_safe_zeros, scale_dtype, full)
 
 
 def _clip_error(x: Tensor, s: Tensor, z: Tensor, maxq: int, out: Tensor) -> Tensor:
@@ -208,7 +238,7 @@ _MSE_BOUND_ELEMS = 8  # largest-|x| elements of each group whose terms make the 
 
 
 def _mse_search(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, bits: int, sym: bool,
-                v1_safe_zeros: bool, scale_dtype: str) -> tuple[Tensor, Tensor]:
+                v1_safe_zeros: bool, scale_dtype: str, full_range: bool = False) -> tuple[Tensor, Tensor]:
     """The MSE clip search (GPTQModel/IST-DASLab ``Quantizer(mse=True)``): for p = 1, 0.99, ...,
     0.21, the grid of the range ``[p·xmin, p·xmax]``; per row, keep the p with the smallest
     ``Σ |x − x̂|^2.4`` (ties keep the larger p).
@@ -233,7 +263,8 @@ def _mse_search(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tens
     rows = None  # indices of the groups evaluated at this candidate; None: all of them
     for i in range(int(_MSE_MAX_SHRINK * _MSE_GRID)):
         p = 1.0 - i / _MSE_GRID
-        s, z = _grid(p * lo, p * hi, bits, sym, v1_safe_zeros, scale_dtype)
+        s, z = (_full_range_grid(p * lo, p * hi, bits, scale_dtype) if full_range
+                else _grid(p * lo, p * hi, bits, sym, v1_safe_zeros, scale_dtype))
         if top is not None and i > 0:
             bound = _clip_error(top, s.unsqueeze(1), z.unsqueeze(1), maxq, top_buf).sum(dim=1)
             live = bound <= best * (1.0 + _MSE_PRUNE_MARGIN)
@@ -259,14 +290,16 @@ def _mse_search(x: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tens
 
 
 def find_params(
-    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16"
+    x: Tensor, bits: int, sym: bool, *, mse: bool = False, v1_safe_zeros: bool = True, scale_dtype: str = "float16",
+    full_range: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Grid for every row of ``x [..., m]`` over its last dim: ``(scale fp32 [...], zero int32 [...])``.
 
     Pass a group's columns (``W[:, i:i+g]``) for per-group params, or ``W.view(N, G, g)`` for all
     contiguous groups at once.
     """
-    scale, zero = find_params_float(x, bits, sym, mse=mse, v1_safe_zeros=v1_safe_zeros, scale_dtype=scale_dtype)
+    scale, zero = find_params_float(x, bits, sym, mse=mse, v1_safe_zeros=v1_safe_zeros, scale_dtype=scale_dtype,
+                                    full_range=full_range)
     return scale, zero.to(torch.int32)
 
 

@@ -63,7 +63,7 @@ class GPTQParams(_Strict):
     damp: float = 0.01
     static_groups: bool | None = None  # None: on with act-order (static activation ordering), off for rtn
     block_size: int = 128
-    grid: Literal["auto", "minmax", "mse"] = "auto"  # `quantize gptq --grid` (auto: mse at 3-4 bits, else minmax)
+    grid: Literal["auto", "minmax", "mse", "full", "full-mse"] = "auto"  # `quantize gptq --grid` (see commands/gptq.resolve_grid)
 
 
 class MoESettings(_Strict):

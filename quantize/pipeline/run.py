@@ -125,7 +125,7 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
                    "act_order": g.act_order, "sym": g.sym, "damp": g.damp, "format": recipe.format or "gptq",
                    "static_groups": resolve_static_groups(g.static_groups, g.act_order,
                                                           recipe.method == "rtn")}
-        grid = resolve_grid(g.grid, recipe.bits, recipe.method == "rtn")
+        grid = resolve_grid(g.grid, recipe.bits, recipe.method == "rtn", g.sym)
         if grid != "minmax":  # as the stage records it
             qparams["grid"] = grid
         if recipe.moe is not None:  # recorded in the manifest of an MoE model's stage
