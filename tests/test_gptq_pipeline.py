@@ -172,3 +172,26 @@ def test_eval_gate(tiny_llama, calib_for, tmp_path):
     # a gate the 2-bit model cannot pass: exit 1, results still recorded
     assert main(base + ["--out", str(tmp_path / "e2"), "--max-ppl-increase", "-100"]) == 1
     assert mf.load_manifest(tmp_path / "e2").metrics["gate"]["passed"] is False
+
+
+def test_full_range_grid_is_symmetric_only(tiny_llama, calib_for, tmp_path, capsys):
+    """``--grid full`` with ``--asym``: exit 2, one line naming the fix, nothing written; ``--grid
+    full`` writes signed fp16 scales that read back to the solved weights."""
+    cal = calib_for(tiny_llama)
+    capsys.readouterr()  # the calibration fixture's own log lines
+    rc = main(["gptq", "--model", str(tiny_llama), "--calibration", str(cal), "--out", str(tmp_path / "x"),
+               "--group-size", "32", "--grid", "full", "--asym", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--grid full" in err and "--asym" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    m = run_gptq(tiny_llama, cal, tmp_path / "full", grid="full", static_groups=True)
+    assert m.params["grid"] == "full"
+    from quantize.io.quantized import open_model
+    from safetensors.torch import load_file
+
+    scales = [t for f in (tmp_path / "full").glob("*.safetensors") for k, t in load_file(str(f)).items()
+              if k.endswith(".scales")]
+    assert scales and any(bool((t < 0).any()) for t in scales) and any(bool((t > 0).any()) for t in scales)
+    q = open_model(tmp_path / "full")
+    name = next(n for n in q.names() if n.endswith("q_proj.weight"))
+    assert torch.isfinite(q.get(name)).all()
