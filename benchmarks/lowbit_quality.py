@@ -8,7 +8,7 @@ and top-1 agreement with the fp model; plus the child's quantization wall second
 quantize, save; interpreter start and imports excluded, on every side; with ``--repeat N`` the
 fastest of N alternating runs) and its peak RSS (imports included).
 
-Rows per setting (default W3 g128 and W2 g64, all symmetric):
+Rows per setting (default W4 g128, W3 g128 and W2 g64, all symmetric; ``DEFAULT_ROWS`` unless ``--rows``):
   rtn            ``quantize rtn``
   gptq           ``quantize gptq`` at its defaults (static act-order, --grid auto: mse at 3-4 bits, else minmax)
   gptq-minmax    the defaults with ``--grid minmax`` (each group's min/max range)
@@ -41,7 +41,7 @@ A failing peer is a row with its error. AutoRound's recipes use seqlen 2048; her
 the same ``--seq-len`` windows. The summary says, per setting, whether our GPTQ at its defaults has
 KL <= each peer's at no more than its wall time (issue #21).
 
-    python benchmarks/lowbit_quality.py [--samples 128] [--seq-len 256] [--settings 3:128,2:64]
+    python benchmarks/lowbit_quality.py [--samples 128] [--seq-len 256] [--settings 4:128,3:128,2:64]
         [--iters 200] [--best-iters 1000] [--rows rtn,gptq,...] [--repeat 1] [--json out.json]
 """
 
@@ -77,6 +77,9 @@ OURS = {
 }
 PEERS = ("gptqmodel", "llmc")
 ROWS = [*OURS, *PEERS, "ar", "ar-best"]
+# what `make bench` runs (about an hour on 2 cores): the defaults, the grids they were chosen from, the peers, and
+# the best low-bit method against AutoRound's default recipe
+DEFAULT_ROWS = ["gptq", "gptq-minmax", "gptq-mse", "rtn", "exl2", "gptq-full+sr", "gptqmodel", "llmc", "ar"]
 LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq-minmax": "GPTQ --grid minmax",
           "gptq-mse": "GPTQ --grid mse", "gptq-dynamic": "GPTQ dynamic act-order", "gptq-noact": "GPTQ no act-order",
           "gptq+sr": "GPTQ + signround", "rtn+sr": "RTN + signround", "gptqmodel": "GPTQModel",
@@ -211,8 +214,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128, help="calibration windows of --seq-len tokens")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--windows", type=int, default=60)
-    ap.add_argument("--settings", default="3:128,2:64", help="bits:group_size,...")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    ap.add_argument("--settings", default="4:128,3:128,2:64", help="bits:group_size,...")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"subset of {','.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; ar-best takes ~5x ar's hours)")
     ap.add_argument("--iters", type=int, default=200, help="SignRound steps per layer (ours and AutoRound default)")
     ap.add_argument("--best-iters", type=int, default=1000, help="AutoRound best recipe's steps")
     ap.add_argument("--best-samples", type=int, default=512, help="AutoRound best recipe's nsamples (capped at --samples)")
