@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 PHASE=${1:-all}
 PYTEST=(-m pytest -q -p no:cacheprovider -rs)
-GPTQMODEL_TIER=(tests/test_interop_gptq.py tests/test_interop_awq.py tests/test_interop_moe.py tests/test_interop_awq_moe.py)
+GPTQMODEL_TIER=(tests/test_interop_gptq.py tests/test_interop_awq.py tests/test_interop_moe.py)
 LLAMACPP_TIER=(tests/test_interop_llamacpp.py tests/test_interop_llamacpp_moe.py tests/test_gguf_container.py)
 failed=()
 

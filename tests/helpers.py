@@ -108,6 +108,41 @@ def recording(method_cls: type, seen: list[int]) -> Callable[..., Any]:
     return process_layer
 
 
+
+def keeping_outputs(method_cls: type, seen: dict[str, torch.Tensor],
+                    check: Callable[[Any], None] | None = None) -> Callable[..., Any]:
+    """A ``process_layer`` for ``method_cls`` that copies into ``seen`` every weight it solved
+    (``{prefix}{name}.weight``: the ``W_hat`` the executor propagates with) and every extra tensor
+    it returned (folded norms, biases, routers), then calls ``check(result)``. Install it with ``replaced``."""
+    orig = method_cls.process_layer
+
+    def process_layer(self, ctx):
+        res = orig(self, ctx)
+        for name, r in res.results.items():
+            seen[ctx.prefix + name + ".weight"] = r.W_hat.clone()
+        for rel, t in res.tensors.items():
+            seen[ctx.prefix + rel] = t.clone()
+        if check is not None:
+            check(res)
+        return res
+
+    return process_layer
+
+
+def refused_in_one_line(argv: list[str], out: Path, capsys) -> str:
+    """Run the CLI ``argv`` (writing ``out``): it must exit 2 with exactly one ``!!`` error line, no
+    traceback and no output or partial output. Returns that line."""
+    from quantize.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [ln for ln in err if ln.startswith("!!")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    return lines[0]
+
+
 # ---- packed-format worked examples (FORMATS.md §1.8, §2.6) -------------------------------------
 
 

@@ -18,7 +18,8 @@ from quantize.io.reader import CheckpointReader
 from quantize.methods.awq_layer import AWQMethod
 from quantize.testing.tiny import FAMILIES
 
-from helpers import CPU, assert_reads_back_close, assert_same_files, killed_at, output_files, replaced, run_gptq
+from helpers import (CPU, assert_reads_back_close, assert_same_files, keeping_outputs, killed_at, output_files,
+                     replaced, run_gptq)
 
 
 def _awq(model, cal, out, **kw):
@@ -73,18 +74,11 @@ def test_readback_equals_what_was_propagated(family, tiny_model_dir, calib_for, 
     torch.set_num_threads(1)
     model = tiny_model_dir(family, num_key_value_heads=4)
     seen: dict[str, torch.Tensor] = {}
-    orig = AWQMethod.process_layer
 
-    def spy(self, ctx):
-        res = orig(self, ctx)
-        for name, r in res.results.items():
-            seen[ctx.prefix + name + ".weight"] = r.W_hat.clone()
-        for rel, t in res.tensors.items():
-            seen[ctx.prefix + rel] = t.clone()
+    def four_pairs(res):
         assert len(res.metrics["awq_alpha"]) == 4  # norm->qkv, v->o, norm->mlp, up->down
-        return res
 
-    with replaced(AWQMethod, "process_layer", spy):
+    with replaced(AWQMethod, "process_layer", keeping_outputs(AWQMethod, seen, four_pairs)):
         _awq(model, calib_for(model), tmp_path / "q")
     src = CheckpointReader(model)
     q = dict(load_dequantized_model(tmp_path / "q").named_parameters())

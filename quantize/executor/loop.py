@@ -133,7 +133,7 @@ class Batch:
     args: list[tuple]  # per layer: positional args after hidden_states
     kwargs: list[dict[str, Any]]  # per layer
     # The unquantized model's own hidden states at the current layer, where a method asks for them
-    # (SignRound's fp targets: ``LayerContext.fp_stream``); None: not kept, or equal to ``hidden``
+    # (SignRound's fp targets: ``LayerContext.fp_layer_calls`` / ``set_fp_outputs``); None: not kept, or equal to ``hidden``
     # (before any layer was quantized).
     fp_hidden: torch.Tensor | None = None
 
