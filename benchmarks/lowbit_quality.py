@@ -89,7 +89,7 @@ LABELS = {"rtn": "RTN", "gptq": "GPTQ (defaults)", "gptq-minmax": "GPTQ --grid m
 
 
 def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group: int, iters: int,
-               batch_size: int) -> dict:
+               batch_size: int, refine_lr: float | None = None) -> dict:
     """One of our rows in this (fresh) process: ``quantize_gptq`` as the command calls it."""
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports outside the timing, as for peers)
 
@@ -110,7 +110,7 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
                 "malloc": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"}
     kw = {**dict(act_order=True, static_groups=None, grid=DEFAULT_GRID, rtn=False), **OURS[row]}
     if kw.get("refine"):
-        kw["refine_iters"] = iters
+        kw["refine_iters"], kw["refine_lr"] = iters, refine_lr
     t0, cpu0 = time.perf_counter(), time.process_time()
     with c.quiet():
         m = quantize_gptq(model_dir=model, calibration=cal, out=out, bits=bits, group_size=group, sym=True, damp=0.01,
@@ -121,6 +121,8 @@ def child_ours(row: str, model: Path, cal: Path, out: Path, *, bits: int, group:
     if kw.get("refine"):
         layers = [lm["signround"] for lm in m.metrics["layers"]]
         gain = [lm["mse_after"] / lm["mse_before"] for lm in layers if lm["mse_before"]]
+        if refine_lr is not None:
+            note += f"; --refine-iters {iters} --refine-lr {refine_lr:g}"
         note += (f"; layer output MSE after/before: mean {sum(gain) / len(gain):.3f}, "
                  f"kept {[lm['kept'] for lm in layers]}")
     return {"seconds": seconds, "cpu_s": time.process_time() - cpu0, "peak_mb": c.maxrss_mb(), "note": note,
@@ -182,7 +184,7 @@ def decompress_ct(src: Path, dst: Path) -> Path:
 
 
 def run_child(row: str, model: Path, data: Path, out: Path, *, bits: int, group: int, iters: int, batch_size: int,
-              threads: int, timeout: float) -> dict:
+              threads: int, timeout: float, refine_lr: float | None = None) -> dict:
     """``row`` in a fresh process of its tool's environment (ours: this interpreter)."""
     python = {"gptqmodel": c.INTEROP_PYTHON, "llmc": c.LLMC_PYTHON}.get(row, Path(sys.executable))
     if not python.exists():
@@ -193,6 +195,8 @@ def run_child(row: str, model: Path, data: Path, out: Path, *, bits: int, group:
         env.update(c.heap_setups().get("jemalloc", ("flat", {}))[1])
     cmd = [str(python), str(Path(__file__).resolve()), "--threads", str(threads), "--batch-size", str(batch_size),
            "--iters", str(iters), "--settings", f"{bits}:{group}", "--child", row, str(model), str(data), str(out)]
+    if refine_lr is not None:
+        cmd[2:2] = ["--refine-lr", repr(refine_lr)]
     return c.run_json_child(cmd, env=env, timeout=timeout)
 
 
@@ -218,6 +222,8 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                     help=f"subset of {','.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; ar-best takes ~5x ar's hours)")
     ap.add_argument("--iters", type=int, default=200, help="SignRound steps per layer (ours and AutoRound default)")
+    ap.add_argument("--refine-lr", type=float, default=None,
+                    help="our signround rows' initial step (quantize --refine-lr); default: the command's")
     ap.add_argument("--best-iters", type=int, default=1000, help="AutoRound best recipe's steps")
     ap.add_argument("--best-samples", type=int, default=512, help="AutoRound best recipe's nsamples (capped at --samples)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -236,7 +242,7 @@ def main() -> int:
         c.set_threads(args.threads)
         kw = dict(bits=bits, group=group, batch_size=args.batch_size)
         if row in OURS:
-            res = child_ours(row, Path(model), Path(data), Path(out), iters=args.iters, **kw)
+            res = child_ours(row, Path(model), Path(data), Path(out), iters=args.iters, refine_lr=args.refine_lr, **kw)
         else:
             with c.quiet():
                 res = (child_gptqmodel if row == "gptqmodel" else child_llmc)(Path(model), Path(data), Path(out), **kw)
@@ -293,7 +299,7 @@ def main() -> int:
                         else:
                             r = run_child(row, ref, tokens_json if row == "llmc" else cal, out, bits=bits, group=group,
                                           iters=args.iters, batch_size=args.batch_size, threads=n_threads,
-                                          timeout=args.timeout)
+                                          timeout=args.timeout, refine_lr=args.refine_lr)
                             seconds, rss, note, path = r["seconds"], r["peak_mb"], r["note"], Path(r.get("path", out))
                             if row in OURS:
                                 note = f"{note}; {r['malloc']}".removeprefix("; ")
