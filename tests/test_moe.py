@@ -293,7 +293,7 @@ def test_bad_moe_options_exit_2():
 
 
 @pytest.mark.parametrize("argv", [
-    ["exl2", "--calibration", "{cal}", "--bpw", "4"], ["fp8"],  # AWQ solves experts: tests/test_awq_moe.py
+    ["exl2", "--calibration", "{cal}", "--bpw", "4"],  # AWQ: tests/test_awq_moe.py; FP8: tests/test_fp8_moe.py
 ])
 def test_methods_without_experts_refuse_with_exit_2(argv, tiny_model_dir, calib_for, tmp_path, capsys):
     model = tiny_model_dir("mixtral")

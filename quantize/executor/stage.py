@@ -87,8 +87,8 @@ def refuse_experts(arch, model_dir: Path, stage: str) -> None:
     if arch.moe is not None:
         raise InputError(
             f"{model_dir}: {arch.name} is a Mixture-of-Experts model and `quantize {stage}` does not solve experts yet; "
-            "use `quantize gptq`, `quantize rtn` (--format gptq or compressed-tensors) or `quantize awq` "
-            "(--format awq or compressed-tensors)"
+            "use `quantize gptq`, `quantize rtn` (--format gptq or compressed-tensors), `quantize awq` "
+            "(--format awq or compressed-tensors) or `quantize fp8` (--scheme dynamic)"
         )
 
 

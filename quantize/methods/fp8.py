@@ -88,32 +88,57 @@ class AbsMax:
 
 
 class FP8Method:
-    """Layer plug-in: every layer linear to per-channel FP8; static activation scales when asked."""
+    """Layer plug-in: every layer linear to per-channel FP8; static activation scales when asked.
+
+    Mixture-of-Experts layers (dynamic activations only, see :meth:`preflight`): every routed
+    expert's gate/up/down, each its own 2D linear as on disk (``mlp.experts.{e}.gate_proj``,
+    Mixtral ``block_sparse_moe.experts.{e}.w1``), and the shared experts; routers and
+    shared-expert gates are never quantized. Weights take no statistics, so every expert is
+    quantized whatever the routing sends it."""
 
     name = "fp8"
+    solves_experts = True
 
     def __init__(self, scale_dtype: str = "bfloat16", static: bool = False):
         self.scale_dtype = scale_dtype
         self.static = static
+
+    def preflight(self, arch, config) -> None:
+        """Static per-tensor activation scales are refused for a Mixture-of-Experts model: vLLM's
+        FP8 fused-MoE method (``CompressedTensorsW8A8Fp8MoEMethod``) takes per-channel weights only
+        with dynamic per-token activations, so such a checkpoint would not load there."""
+        if self.static and arch.moe is not None:
+            from ..errors import InputError
+
+            raise InputError(f"--scheme static: {arch.name} is a Mixture-of-Experts model and vLLM's FP8 fused-MoE "
+                             "layers take per-channel FP8 weights only with dynamic per-token activations; "
+                             "use --scheme dynamic")
 
     def process_layer(self, ctx) -> Any:
         from ..executor.context import LayerResult
 
         results: dict[str, FP8Result] = {}
         metrics: dict[str, dict] = {"weight_rel_error": {}}
-        groups = {g[0]: g for g in ctx.arch.group_names()}
+        groups = {g[0]: g for g in ctx.groups}
+        arch, cfg = ctx.arch, ctx.streamer.reader.config
+
+        def quantize(name: str, scale_in: float | None) -> None:
+            W = ctx.weight(name)
+            r = fp8_quantize(W, self.scale_dtype, input_scale=scale_in, name=ctx.prefix + name)
+            ctx.set_weight(name, r.W_hat)
+            results[name] = r
+            ref = float(W.square().sum())
+            metrics["weight_rel_error"][name] = float((W - r.W_hat).square().sum()) / ref if ref > 0 else 0.0
+            if scale_in is not None:
+                metrics.setdefault("input_scale", {})[name] = scale_in
 
         def solve(first: str, absmax: float | None) -> None:
             scale_in = static_input_scale(absmax, self.scale_dtype) if absmax is not None else None
-            for name in groups[first]:
-                W = ctx.weight(name)
-                r = fp8_quantize(W, self.scale_dtype, input_scale=scale_in, name=ctx.prefix + name)
-                ctx.set_weight(name, r.W_hat)
-                results[name] = r
-                ref = float(W.square().sum())
-                metrics["weight_rel_error"][name] = float((W - r.W_hat).square().sum()) / ref if ref > 0 else 0.0
-                if scale_in is not None:
-                    metrics.setdefault("input_scale", {})[name] = scale_in
+            names = groups[first]
+            if first == ctx.experts_module:  # every routed expert's gate, up and down (dynamic only)
+                names = [arch.expert_linear(e, j) for e in range(arch.num_experts(cfg)) for j in range(3)]
+            for name in names:
+                quantize(name, scale_in)
 
         if not self.static:
             for first in groups:

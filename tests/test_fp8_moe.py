@@ -1,0 +1,223 @@
+"""`quantize fp8` on Mixture-of-Experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3).
+
+Every routed expert's gate/up/down and the shared experts become per-expert 2D FP8 linears (the
+names vLLM's FusedMoE maps); routers, shared-expert gates and DeepSeek's correction bias stay as
+they were. Oracles: our own per-channel FP8 of the ORIGINAL weights (``fp8_quantize``, checked
+against compressed-tensors' decompressor in tests/test_compressed_tensors.py), compressed-tensors'
+own decompressor on the written tensors, and transformers + compressed-tensors loading the output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import CPU, assert_same_files, output_files, refused_in_one_line
+from quantize.arch import get_arch
+from quantize.io.quantized import load_dequantized_model, open_model
+from quantize.io.reader import CheckpointReader
+from quantize.methods.fp8 import FP8_MAX, fake_fp8, fake_fp8_per_token, fp8_quantize
+from quantize.testing import MOE_FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11]])
+
+
+def _fp8(model, out):
+    from quantize.commands.fp8 import quantize_fp8
+
+    return quantize_fp8(model_dir=model, out=out, exec_cfg=CPU)
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_model_dir, tmp_path_factory):
+    """``outputs(family) -> (source dir, FP8 output dir, manifest)``, quantized once per family (bf16 models)."""
+    cache = {}
+
+    def make(family):
+        if family not in cache:
+            model = tiny_model_dir(family, dtype=torch.bfloat16)
+            out = tmp_path_factory.mktemp(f"fp8-{family}") / "out"
+            cache[family] = (model, out, _fp8(model, out))
+        return cache[family]
+
+    return make
+
+
+def _keys(out):
+    with safe_open(out / "model.safetensors", "pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_read_back_is_each_experts_fp8_of_the_original(family, outputs):
+    """Every layer linear (each routed expert's gate/up/down, the shared experts, attention, a dense
+    layer's MLP) reads back as the per-channel FP8 of its ORIGINAL weight, stored under its own 2D
+    per-expert name; no fused 3D tensor is written; everything else is the source's, byte for byte."""
+    model, out, m = outputs(family)
+    src, q = CheckpointReader(model), open_model(out)
+    cfg = src.config
+    arch = get_arch(cfg)
+    keys = _keys(out)
+    quantized = 0
+    for i in range(arch.num_layers(cfg)):
+        for lin in arch.layer_linears(cfg, i):
+            name = arch.layer_prefix(i) + lin
+            want = fp8_quantize(src.get(name + ".weight"), "bfloat16").W_hat
+            assert torch.equal(q.get(name + ".weight"), want), name
+            assert keys[name + ".weight"] == "F8_E4M3" and keys[name + ".weight_scale"] == "BF16", name
+            quantized += 1
+    sparse = [i for i in range(arch.num_layers(cfg)) if arch.is_sparse_layer(cfg, i)]
+    assert quantized - sum(3 * 4 for _ in sparse) == sum(
+        len([n for n in arch.layer_linears(cfg, i) if arch.expert_slot(n) is None]) for i in range(arch.num_layers(cfg)))
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
+    packed = {n for n in src.names() if arch.is_quantizable(n)}
+    for n in src.names():  # routers, shared-expert gates, DeepSeek's correction bias, norms, embeddings
+        if n not in packed:
+            assert torch.equal(q.get(n), src.get(n)) and q.dtype(n) == src.dtype(n), n
+    assert any("e_score_correction_bias" in n for n in src.names()) == (family == "deepseek_v3")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_config_ignores_routers_and_the_manifest_accounts_for_every_expert(family, outputs):
+    """The config's ``ignore`` (the same list the GPTQ/AWQ MoE outputs carry) matches every router
+    and shared-expert gate and no quantized linear; the manifest has every expert linear's error."""
+    from quantize.formats.compressed_tensors import CompressedTensorsFP8Format
+
+    model, out, m = outputs(family)
+    cfg = CheckpointReader(model).config
+    arch = get_arch(cfg)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = CompressedTensorsFP8Format()
+    fmt.preflight(arch, cfg)
+    assert qc["ignore"] == fmt.quantization_config()["ignore"] and qc["ignore"][0] == "lm_head"
+    patterns = [re.compile(p[3:]) for p in qc["ignore"] if p.startswith("re:")]
+
+    def ignored(module: str) -> bool:
+        return module in qc["ignore"] or any(p.fullmatch(module) for p in patterns)
+
+    names = _keys(out)
+    never = {arch.disk_name(g.name) for g in arch.moe.never_quantized}
+    for i in range(arch.num_layers(cfg)):
+        prefix = arch.layer_prefix(i)
+        for g in never:
+            assert (prefix + g + ".weight" in names) == arch.is_sparse_layer(cfg, i), (i, g)
+            if arch.is_sparse_layer(cfg, i):
+                assert ignored(prefix + g), (i, g)
+        for lin in arch.layer_linears(cfg, i):
+            assert not ignored(prefix + lin), lin
+    assert m.params["scheme"] == "dynamic" and "moe_calibration" not in m.params  # no statistics to take
+    for layer in m.metrics["layers"]:
+        i = layer["layer"]
+        errs = layer["weight_rel_error"]
+        assert set(errs) == set(arch.layer_linears(cfg, i)), i
+        experts = {arch.expert_slot(n) for n in errs} - {None}
+        assert experts == ({(e, j) for e in range(4) for j in range(3)} if arch.is_sparse_layer(cfg, i) else set())
+        assert all(0 < v < 2e-3 for v in errs.values()), i  # e4m3: finite, small, never zero
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_library_decompressor_reads_our_experts(family, outputs):
+    """compressed-tensors' own FloatQuantizationCompressor (not our reader) turns an expert's and a
+    shared expert's tensors into our read-back, to the bit after its bf16 multiply."""
+    from compressed_tensors.compressors import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    model, out, _ = outputs(family)
+    cfg = CheckpointReader(model).config
+    arch = get_arch(cfg)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationScheme(**qc["config_groups"]["group_0"])
+    assert qc["format"] == "float-quantized" and scheme.input_activations.dynamic
+    sparse = next(i for i in range(arch.num_layers(cfg)) if arch.is_sparse_layer(cfg, i))
+    q = open_model(out)
+    linears = [arch.expert_linear(e, j) for e in range(4) for j in range(3)]
+    linears += [n for n in arch.layer_linears(cfg, sparse) if arch.expert_slot(n) is None]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for lin in linears:
+            prefix = arch.layer_prefix(sparse) + lin
+            tensors = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+            assert set(tensors) - {"bias"} == {"weight", "weight_scale"}, prefix  # no input_scale: dynamic
+            tensors.pop("bias", None)
+            lib = FloatQuantizationCompressor.decompress(tensors, scheme)["weight"]
+            assert torch.equal(lib, q.get(prefix + ".weight").to(lib.dtype)), prefix
+
+
+def _library_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors 0.20's dynamic "token" activation quantization (``compute_dynamic_scales_and_zp``:
+    dims 0 and 1 kept, the rest reduced): per token of a [batch, seq, hidden] input, but one scale
+    for a 2D input (nothing left to reduce: all of it is) and one per head of DeepSeek's 4D
+    ``kv_b_proj`` input [batch, 1, seq, rank]."""
+    if x.ndim == 3:
+        return fake_fp8_per_token(x)
+    dims = tuple(range(2, x.ndim)) or tuple(range(x.ndim))
+    return fake_fp8(x, x.abs().amax(dim=dims, keepdim=True) / FP8_MAX)
+
+
+def _hf(out):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_transformers_loads_it_into_its_fused_experts(family, outputs):
+    """``AutoModelForCausalLM.from_pretrained`` (compressed-tensors' loader, CPU, no options) loads
+    the output: its fused experts hold exactly our read-back's experts (quantized, not the
+    source's), its compressed linears decompress to our read-back, and its logits equal our
+    read-back's forward with the activation quantization it applies.
+
+    What transformers 5 does on CPU: the experts are dequantized into its fused bf16 parameters and
+    run without FP8 activations; the other linears (attention, shared experts, a dense layer's MLP)
+    stay compressed-tensors modules that quantize their input "per token" -- which compressed-tensors
+    0.20 computes by keeping dims 0 and 1 and reducing the rest, so a 2D input ([tokens, hidden]:
+    Qwen2-MoE's shared expert gets one) takes ONE scale for the whole tensor, and DeepSeek's 4D
+    kv_b_proj input one per head over every token. Our reference
+    quantizes exactly those modules' inputs with that arithmetic (:func:`_library_dynamic`); vLLM
+    quantizes every token, the experts' inputs too (eval and `quantize check` do: test below)."""
+    model, out, _ = outputs(family)
+    cfg = CheckpointReader(model).config
+    arch = get_arch(cfg)
+    hf, ours, src = _hf(out), load_dequantized_model(out, dtype=torch.bfloat16).eval(), _hf(model)
+    compressed = [n for n, mod in hf.named_modules() if hasattr(mod, "weight_scale")]
+    want = {arch.layer_prefix(i) + n for i in range(arch.num_layers(cfg)) for n in arch.layer_linears(cfg, i)
+            if arch.expert_slot(n) is None}
+    assert set(compressed) == want  # routers and shared-expert gates are not compressed-tensors modules
+    for i in range(arch.num_layers(cfg)):
+        if arch.is_sparse_layer(cfg, i):
+            for fused in arch.moe.experts.fused:
+                got = getattr(hf.model.layers[i].mlp.experts, fused)
+                assert torch.equal(got, getattr(ours.model.layers[i].mlp.experts, fused)), (i, fused)
+                assert not torch.equal(got, getattr(src.model.layers[i].mlp.experts, fused)), (i, fused)
+    for name in compressed:
+        ours.get_submodule(name).register_forward_pre_hook(lambda _m, a: (_library_dynamic(a[0]),))
+    with torch.no_grad():
+        a, b = hf(IDS).logits.float(), ours(IDS).logits.float()
+    reader = open_model(out)
+    for name in compressed:  # decompressed by the first forward, in bf16: our fp32 read-back rounded once
+        assert torch.equal(hf.get_submodule(name).weight, reader.get(name + ".weight").to(torch.bfloat16)), name
+    assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max()), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_two_runs_write_identical_bytes(family, outputs, tmp_path):
+    model, out, _ = outputs(family)
+    _fp8(model, tmp_path / "again")
+    files = output_files(out)
+    assert "model.safetensors" in files and "config.json" in files
+    assert_same_files(out, tmp_path / "again", files)
+
+
+def test_static_scheme_is_refused_for_moe_with_one_line(tiny_model_dir, calib_for, tmp_path, capsys):
+    """vLLM's FP8 fused-MoE method takes per-channel weights only with dynamic per-token activations
+    (a static per-tensor scale fails its scheme check): refused before any work, nothing written."""
+    model = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "out"
+    line = refused_in_one_line(["fp8", "--model", str(model), "--out", str(out), "--scheme", "static",
+                                "--calibration", str(calib_for(model))], out, capsys)
+    assert "--scheme static" in line and "Mixture-of-Experts" in line and "--scheme dynamic" in line, line
