@@ -83,9 +83,22 @@ class Experts:
 
     In memory (transformers 5.x) they are one module ``module`` whose forward is
     ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` and which holds two 3D
-    parameters: ``fused[0]`` [E, 2I, H] (expert e's gate rows, then its up rows) and ``fused[1]``
-    [E, H, I]. On disk, and in every output we write, expert e's linears are 2D:
-    ``{disk}.{e}.{gate|up|down}`` with the names in ``linears`` (Mixtral ``w1/w3/w2``).
+    parameters, ``fused[0]`` (every expert's gate and up) and ``fused[1]`` (every expert's down).
+    Expert e's linears are named as 2D linears ``{disk}.{e}.{gate|up|down}`` with the names in
+    ``linears`` (Mixtral ``w1/w3/w2``): the statistics, the solve and the GPTQ output use them.
+
+    How the 3D parameters hold the 2D linears is data (``transposed``, ``interleaved``):
+    ``[E, 2I, H]`` gate rows then up rows and ``[E, H, I]`` (Mixtral, Qwen, DeepSeek), or, with
+    ``transposed``, ``[E, H, 2I]`` and ``[E, I, H]`` (``x @ W``, not ``F.linear``) whose last dim
+    of gate_up interleaves gate and up (``interleaved``: even = gate, odd = up; GPT-OSS).
+    ``fused_on_disk``: the checkpoint holds the 3D parameters themselves (GPT-OSS), not the 2D
+    linears. ``biases``: the experts' bias parameters (gate_up, down: ``[E, 2I]``, ``[E, H]``,
+    gate_up's in its own order), never quantized, written as on disk. ``gate``: the experts
+    module's method mapping the gate_up output (bias added) to the down input (GPT-OSS's clamped
+    SwiGLU ``_apply_gate``); None: ``act_fn(gate) * up``. ``served``: the names vLLM's loader
+    maps for a compressed-tensors expert (GPT-OSS: ``{disk}.{e}.w13_weight_packed`` /
+    ``w2_weight_packed`` and their ``_weight_scale``: gate and up as ONE tensor in the gate_up
+    row order, no ``weight_shape``); empty: per-expert 2D linears as for every other tensor.
     """
 
     module: str = "mlp.experts"
@@ -95,6 +108,12 @@ class Experts:
     num_keys: tuple[str, ...] = ("num_experts", "num_local_experts")  # first present wins (transformers 5.x saves aliases)
     top_k_key: str = "num_experts_per_tok"
     intermediate: Dim = "moe_intermediate"  # an expert's intermediate width
+    transposed: bool = False
+    interleaved: bool = False
+    fused_on_disk: bool = False
+    biases: tuple[str, str] | None = None
+    gate: str | None = None
+    served: tuple[str, str] = ()  # (gate+up, down) compressed-tensors name stems
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,7 @@ class MoE:
     never_quantized: tuple[Linear, ...] = (Linear("mlp.gate", ("experts",), "hidden"),)
     dense_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     renames: tuple[tuple[str, str], ...] = ()
+    biased: tuple[str, ...] = ()  # never_quantized modules that carry a bias (GPT-OSS's router)
     first_dense_key: str | None = None
     dense_list_key: str | None = None
     sparse_step_key: str | None = None
@@ -144,6 +164,7 @@ class Arch:
     bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (config key, linears it adds a bias to)
     bias_defaults: tuple[tuple[str, bool], ...] = ()  # a bias_flags key's value when config.json omits it
     moe: MoE | None = None  # Mixture-of-Experts layout; None: a dense family
+    layer_params: tuple[tuple[str, Dim], ...] = ()  # other per-layer parameters and widths, never quantized (GPT-OSS's sinks)
     # family-specific widths: (name, function of config.json) -> int; "requires" keys must be non-null
     extra_dims: tuple[tuple[str, Callable[[Mapping[str, Any]], int]], ...] = ()
     requires: tuple[tuple[str, str], ...] = ()  # (config key, why) that must be set for the table to hold
@@ -287,9 +308,30 @@ class Arch:
             if self.has_bias(lin, config):
                 names.append(f"{lin}.bias")
         if self.is_sparse_layer(config, i):
+            ex = self.moe.experts
+            if ex.fused_on_disk:  # the 3D parameters instead of the 2D linears
+                names = [n for n in names if self.expert_slot(n.rsplit(".", 1)[0]) is None]
+                names += [f"{ex.disk}.{p}" for p in ex.fused]
             names += [f"{self.disk_name(m.name)}.weight" for m in self.moe.never_quantized]
         names += [f"{norm}.weight" for norm in self.layer_norms]
+        names += [name for name, _, _ in self.layer_other_params(config, i)]
         return names
+
+    def layer_other_params(self, config: Mapping[str, Any], i: int) -> list[tuple[str, int, bool]]:
+        """Layer ``i``'s parameters besides its linears, norms and router weights, never quantized:
+        ``(relative name, numel, one slice per routed expert)`` -- ``layer_params`` (GPT-OSS's
+        sinks), router biases (``MoE.biased``) and the experts' biases (``Experts.biases``)."""
+        d = self.dims(config)
+        out = [(name, d[width], False) for name, width in self.layer_params]
+        if self.is_sparse_layer(config, i):
+            out += [(f"{self.disk_name(m.name)}.bias", sum(d[o] for o in m.out), False)
+                    for m in self.moe.never_quantized if m.name in self.moe.biased]
+            ex = self.moe.experts
+            if ex.biases:
+                E = self.num_experts(config)
+                out += [(f"{ex.disk}.{ex.biases[0]}", E * 2 * d[ex.intermediate], True),
+                        (f"{ex.disk}.{ex.biases[1]}", E * d["hidden"], True)]
+        return out
 
     def non_layer_tensor_names(self, config: Mapping[str, Any]) -> list[str]:
         """Checkpoint names outside the layers; lm_head is absent when embeddings are tied."""
@@ -371,6 +413,7 @@ class Arch:
             "kv": kv_heads * head_dim,
             "intermediate": intermediate,
             "head_dim": head_dim,
+            "heads": heads,
         }
         if self.moe is not None:
             out["experts"], out["one"] = self.num_experts(config), 1
@@ -593,6 +636,15 @@ _MIXTRAL_EXPERTS = Experts(disk="block_sparse_moe.experts", linears=("w1", "w3",
 _QWEN3_EXPERTS = Experts(num_keys=("num_experts", "num_local_experts"))
 _DEEPSEEK_EXPERTS = Experts(num_keys=("n_routed_experts",))
 
+# GPT-OSS (MOE.md §1): the checkpoint holds the experts as transformers does, 3D and transposed,
+# gate/up interleaved on gate_up's last dim, with biases; the down input is the clamped SwiGLU
+# ``(clamp(up, ±7) + 1) * g * sigmoid(1.702 g)``, g = clamp(gate, max=7) (``GptOssExperts._apply_gate``).
+# Our per-expert linears are the 2D views (gate_up_proj[e][:, 0::2]ᵀ is gate_proj); compressed-tensors
+# outputs use the per-expert names vLLM's GPT-OSS loader streams (``served``).
+_GPT_OSS_EXPERTS = Experts(num_keys=("num_local_experts",), intermediate="intermediate", transposed=True,
+                           interleaved=True, fused_on_disk=True, biases=("gate_up_proj_bias", "down_proj_bias"),
+                           gate="_apply_gate", served=("w13", "w2"))
+
 _MOE_TABLE: tuple[Arch, ...] = (
     Arch(
         name="mixtral",
@@ -694,7 +746,28 @@ _MOE_TABLE: tuple[Arch, ...] = (
     ),
 )
 
-_TABLE = _TABLE + _MOE_TABLE
+_FUSED_MOE_TABLE: tuple[Arch, ...] = (
+    Arch(
+        name="gpt_oss",
+        architectures=("GptOssForCausalLM",),
+        model_type="gpt_oss",
+        groups=LLAMA_GROUPS,  # every layer is sparse: the MLP groups are always MoE.groups
+        scale_pairs=llama_pairs(),  # unused: AWQ refuses fused-on-disk experts
+        layer_norms=LLAMA_NORMS,
+        bias_flags=(("attention_bias", ATTN_LINEARS),),  # q/k/v/o biases (GptOssConfig default true)
+        bias_defaults=(("attention_bias", True),),
+        layer_params=(("self_attn.sinks", "heads"),),  # per-head attention sinks
+        moe=MoE(
+            experts=_GPT_OSS_EXPERTS,
+            groups=((EXPERTS,),),
+            # the router: top-k on the logits (weight and bias), softmax over the k; never quantized
+            never_quantized=(Linear("mlp.router", ("experts",), "hidden"),),
+            biased=("mlp.router",),
+        ),
+    ),
+)
+
+_TABLE = _TABLE + _MOE_TABLE + _FUSED_MOE_TABLE
 
 _BY_NAME = {a.name: a for a in _TABLE}
 _BY_ARCHITECTURE = {cls: a for a in _TABLE for cls in a.architectures}
@@ -714,6 +787,11 @@ def dense_families() -> list[str]:
 def moe_families() -> list[str]:
     """The Mixture-of-Experts families."""
     return [a.name for a in _TABLE if a.moe is not None]
+
+
+def fused_moe_families() -> list[str]:
+    """The Mixture-of-Experts families whose checkpoints hold the experts 3D (GPT-OSS)."""
+    return [a.name for a in _TABLE if a.moe is not None and a.moe.experts.fused_on_disk]
 
 
 def by_name(name: str) -> Arch:

@@ -142,6 +142,7 @@ def _layer_bytes(arch: Arch, config: Mapping[str, Any], i: int, s: Setting, dt: 
                 for n in arch.layer_linears(config, i))
     if arch.is_sparse_layer(config, i):
         total += sum(math.prod(arch.shape_of(lin, config)) * dt for lin in arch.moe.never_quantized)
+    total += sum(numel * dt for _, numel, _ in arch.layer_other_params(config, i))  # sinks, router/expert biases
     return total + sum(_norm_width(n, d) * dt for n in arch.layer_norms)
 
 
@@ -162,6 +163,9 @@ def parameter_counts(config: Mapping[str, Any], arch: Arch | None = None) -> dic
             expert += numel if arch.expert_slot(name) is not None else 0
         if arch.is_sparse_layer(config, i):
             layer += sum(math.prod(arch.shape_of(lin, config)) for lin in arch.moe.never_quantized)
+        for _, numel, per_expert in arch.layer_other_params(config, i):  # sinks, router and expert biases
+            layer += numel
+            expert += numel if per_expert else 0
         layer += sum(_norm_width(nm, d) for nm in arch.layer_norms)
         total += n * layer
         active += n * (layer - expert + (expert * k // E if E else 0))

@@ -18,7 +18,7 @@ from torch import nn
 
 from quantize import arch as A
 from quantize.errors import InputError
-from quantize.testing import FAMILIES, MOE_FAMILIES
+from quantize.testing import FAMILIES, FUSED_MOE_FAMILIES, MOE_FAMILIES
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
 NO_GQA = {"num_key_value_heads": 4}
@@ -55,7 +55,7 @@ def _logits(model, seed=0):
 
 def test_required_families_are_supported():
     assert REQUIRED <= set(A.supported())
-    assert FAMILIES + MOE_FAMILIES == A.supported()  # MoE layouts: tests/test_moe.py
+    assert FAMILIES + MOE_FAMILIES + FUSED_MOE_FAMILIES == A.supported()  # MoE: tests/test_moe.py, test_moe_gpt_oss.py
 
 
 @pytest.mark.parametrize("family", A.supported())

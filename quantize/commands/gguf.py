@@ -22,7 +22,7 @@ def quantize_gguf(*, model_dir: Path, out: Path, exec_cfg, ftype: str = "Q4_K_M"
     from ..arch import get_arch
     from ..errors import InputError
     from ..executor.moe import MoEOptions
-    from ..executor.stage import run_quantize_stage
+    from ..executor.stage import refuse_fused_experts, run_quantize_stage
     from ..formats.gguf_mix import FLOAT_FILE_TYPES, check_file_type, model_shape
     from ..formats.gguf_output import GGUFFormat
     from ..formats.registry import model_config
@@ -36,6 +36,7 @@ def quantize_gguf(*, model_dir: Path, out: Path, exec_cfg, ftype: str = "Q4_K_M"
         calibration = None
     config = model_config(model_dir)
     arch = get_arch(config, source=str(Path(model_dir) / "config.json"))
+    refuse_fused_experts(arch, Path(model_dir), "gguf")
     shape = model_shape(config, arch)
     torch.manual_seed(seed)
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)

@@ -58,33 +58,27 @@ class LayerContext:
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 
-    def _expert_rows(self, name: str) -> tuple[torch.Tensor, int, slice] | None:
-        """For an expert's linear (``mlp.experts.3.up_proj``): its fused 3D parameter, the expert
-        and the row slice holding it (gate rows, then up rows, of ``gate_up_proj``)."""
+    def _expert_view(self, name: str) -> torch.Tensor | None:
+        """For an expert's linear (``mlp.experts.3.up_proj``): its ``[out, in]`` view of the experts
+        module's 3D parameter (the table's layout: ``executor/moe.expert_view``), else None."""
         slot = self.arch.expert_slot(name) if self.experts_module else None
         if slot is None:
             return None
-        e, j = slot
+        from .moe import expert_view
+
         ex = self.arch.moe.experts
-        fused = getattr(self.module(ex.module), ex.fused[0 if j < 2 else 1])
-        if j == 2:
-            return fused, e, slice(None)
-        inter = fused.shape[1] // 2
-        return fused, e, slice(0, inter) if j == 0 else slice(inter, 2 * inter)
+        return expert_view(self.module(ex.module), ex, *slot)
 
     def weight(self, name: str) -> torch.Tensor:
         """fp32 copy of a linear's weight as currently in place (an expert's: its slice)."""
-        rows = self._expert_rows(name)
-        if rows is not None:
-            fused, e, sl = rows
-            return fused.detach()[e, sl].float().clone()
+        view = self._expert_view(name)
+        if view is not None:
+            return view.float().clone()
         return self.module(name).weight.detach().float().clone()
 
     def set_weight(self, name: str, W: torch.Tensor) -> None:
-        rows = self._expert_rows(name)
-        if rows is not None:
-            fused, e, sl = rows
-            target = fused.data[e, sl]
+        target = self._expert_view(name)
+        if target is not None:
             target.copy_(W.to(device=target.device, dtype=target.dtype).reshape(target.shape))
             return
         mod = self.module(name)

@@ -262,7 +262,7 @@ class LayerStreamer:
             from .moe import chunked_experts_forward
 
             module = layer.get_submodule(ex.module)
-            module.forward = chunked_experts_forward(module, ex.fused, self.cfg.expert_chunk, self.cfg.device)
+            module.forward = chunked_experts_forward(module, ex, self.cfg.expert_chunk, self.cfg.device)
         if self.cfg.prefetch and i + 1 < self.num_layers and i + 1 not in self._prefetched:
             self._prefetched = {i + 1: _Prefetch(self.reader, self.arch.layer_prefix(i + 1), self.layers[i + 1])}
         for local, p in layer.named_parameters():

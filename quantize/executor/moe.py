@@ -128,6 +128,44 @@ class Routing:
         }
 
 
+def expert_view(module, ex, e: int, j: int) -> torch.Tensor:
+    """Expert ``e``'s linear ``j`` (0 gate, 1 up, 2 down) as an ``nn.Linear`` holds it (``[out, in]``):
+    a view of the experts module's 3D parameter laid out as ``ex`` (``Experts``) declares, so a
+    copy into it writes the model's own parameter."""
+    return linear_view(ex, getattr(module, ex.fused[0 if j < 2 else 1]).data[e], j)
+
+
+def linear_view(ex, W: torch.Tensor, j: int) -> torch.Tensor:
+    """Linear ``j``'s ``[out, in]`` view of one expert's slice ``W`` of 3D parameter ``fused[0]``
+    (``j`` 0 gate, 1 up) or ``fused[1]`` (``j`` 2, down), in the layout of ``ex``."""
+    if ex.transposed:  # [in, out] on disk and in memory (x @ W)
+        W = W.T
+    if j == 2:
+        return W
+    if ex.interleaved:  # gate_up rows: gate 0, up 0, gate 1, up 1, ...
+        return W[j::2]
+    inter = W.shape[0] // 2
+    return W[j * inter:(j + 1) * inter]
+
+
+def expert_hidden(module, ex, x: torch.Tensor, W_gu: torch.Tensor, b_gu: torch.Tensor | None) -> torch.Tensor:
+    """The down projection's input for tokens ``x`` of one expert whose gate_up parameter slice is
+    ``W_gu`` (and bias ``b_gu``), computed as the experts module computes it: the gate_up output
+    (bias added) through the module's own gate (``ex.gate``: GPT-OSS's clamped SwiGLU), else
+    ``act_fn(gate) * up``."""
+    gu = x @ W_gu if ex.transposed else F.linear(x, W_gu)
+    if b_gu is not None:
+        gu = gu + b_gu
+    if ex.gate is not None:
+        return getattr(module, ex.gate)(gu)
+    g, u = (gu[..., 0::2], gu[..., 1::2]) if ex.interleaved else gu.chunk(2, dim=-1)
+    return module.act_fn(g) * u
+
+
+def _bias(module, ex, k: int) -> torch.Tensor | None:
+    return getattr(module, ex.biases[k]) if ex.biases else None
+
+
 def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
                   solve: Callable[[list[tuple[list[str], torch.Tensor | None]]], None], opts: MoEOptions) -> dict[str, Any]:
     """Solve every expert of ``ctx``'s layer from the kept ``inputs`` (per batch: tokens, routing).
@@ -139,9 +177,9 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     quantized gate/up) their down. Returns the layer's coverage record."""
     arch, cfg = ctx.arch, ctx.streamer.reader.config
     E, top_k = arch.num_experts(cfg), arch.experts_per_token(cfg)
-    module = ctx.module(arch.moe.experts.module)
-    gate_up, down = (getattr(module, f) for f in arch.moe.experts.fused)
-    act = module.act_fn
+    ex = arch.moe.experts
+    module = ctx.module(ex.module)
+    gate_up, b_gu = getattr(module, ex.fused[0]), _bias(module, ex, 0)
     # per batch, never concatenated: an expert's rows are gathered from each batch in turn (the
     # rows, and their order, of one concatenation: the same Hessians)
     parts = [(x, i) for x, i in inputs]
@@ -159,7 +197,7 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
             return torch.cat([x for x, _ in parts])
         return torch.cat([x[(i == e).any(-1)] for x, i in parts])
 
-    step = experts_per_solve(max(gate_up.shape[-1], down.shape[-1]), E)
+    step = experts_per_solve(max(arch.linear_shape(arch.expert_linear(0, j), cfg)[1] for j in (0, 2)), E)
     for e0 in range(0, E, step):
         batch = range(e0, min(E, e0 + step))
         solve([([arch.expert_linear(e, 0), arch.expert_linear(e, 1)],
@@ -172,10 +210,10 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
             acc = HessianAccumulator()
             Xe = tokens(e)
             W_gu = gate_up[e].to(device=Xe.device, dtype=Xe.dtype)  # host-resident with --expert-chunk
+            bias = None if b_gu is None else b_gu[e].to(device=Xe.device, dtype=Xe.dtype)
             with torch.no_grad():
                 for chunk in Xe.split(CHUNK):  # the expert's own forward, with its quantized gate/up
-                    g, u = F.linear(chunk, W_gu).chunk(2, dim=-1)
-                    acc.add(act(g) * u)
+                    acc.add(expert_hidden(module, ex, chunk, W_gu, bias))
             del Xe, W_gu
             jobs.append(([arch.expert_linear(e, 2)], acc.H))
         solve(jobs)
@@ -195,30 +233,34 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     }
 
 
-def chunked_experts_forward(module, fused: tuple[str, str], chunk: int, device: str):
+def chunked_experts_forward(module, ex, chunk: int, device: str):
     """A forward for an experts module whose fused parameters stay in host memory: ``chunk`` experts
     at a time are copied to ``device`` and run on their routed tokens (the computation of
-    transformers' eager experts forward for the Mixtral/Qwen/DeepSeek layout: ``act(x Wg) * (x Wu)``,
-    down projection, times the routing weight, summed over the token's experts). Device memory for
-    the experts is ``chunk / E`` of the layer's."""
-    act = module.act_fn
+    transformers' eager experts forward, in the layout ``ex`` declares: gate_up (+ bias), the gate,
+    down projection (+ bias), times the routing weight, summed over the token's experts). Device
+    memory for the experts is ``chunk / E`` of the layer's."""
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        gate_up, down = getattr(module, fused[0]), getattr(module, fused[1])
+        gate_up, down = getattr(module, ex.fused[0]), getattr(module, ex.fused[1])
+        b_gu, b_d = _bias(module, ex, 0), _bias(module, ex, 1)
         E = gate_up.shape[0]
         out = torch.zeros_like(hidden_states)
+        on = dict(device=hidden_states.device, dtype=hidden_states.dtype)
         with torch.no_grad():
             for c0 in range(0, E, chunk):
                 hit = [e for e in range(c0, min(E, c0 + chunk)) if bool((top_k_index == e).any())]
                 if not hit:
                     continue
-                W_gu = gate_up[c0:c0 + chunk].to(device=hidden_states.device, dtype=hidden_states.dtype)
-                W_d = down[c0:c0 + chunk].to(device=hidden_states.device, dtype=hidden_states.dtype)
+                W_gu = gate_up[c0:c0 + chunk].to(**on)
+                W_d = down[c0:c0 + chunk].to(**on)
                 for e in hit:
                     token, pos = torch.where(top_k_index == e)
-                    g, u = F.linear(hidden_states[token], W_gu[e - c0]).chunk(2, dim=-1)
-                    h = F.linear(act(g) * u, W_d[e - c0]) * top_k_weights[token, pos, None]
-                    out.index_add_(0, token, h.to(out.dtype))
+                    h = expert_hidden(module, ex, hidden_states[token], W_gu[e - c0],
+                                      None if b_gu is None else b_gu[e].to(**on))
+                    h = h @ W_d[e - c0] if ex.transposed else F.linear(h, W_d[e - c0])
+                    if b_d is not None:
+                        h = h + b_d[e].to(**on)
+                    out.index_add_(0, token, (h * top_k_weights[token, pos, None]).to(out.dtype))
                 del W_gu, W_d
         return out
 

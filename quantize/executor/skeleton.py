@@ -102,10 +102,12 @@ class MemoryView:
     """A checkpoint reader seen through transformers' in-memory names (Mixture-of-Experts).
 
     transformers 5.x holds a sparse layer's experts as 3D parameters (``mlp.experts.gate_up_proj``
-    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) and may rename modules (Mixtral's
-    ``block_sparse_moe`` is ``mlp``); checkpoints keep per-expert 2D linears. ``get`` assembles a
-    fused parameter from its experts' tensors (``Arch.moe``), everything else passes through. Quacks
-    like the reader for ``materialize`` and the prefetcher."""
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]; GPT-OSS transposed and interleaved, as the
+    table's ``Experts`` says) and may rename modules (Mixtral's ``block_sparse_moe`` is ``mlp``);
+    checkpoints keep per-expert 2D linears (and so do our outputs of GPT-OSS, whose source holds
+    the 3D parameters: those pass through). ``get`` assembles a fused parameter from its experts'
+    tensors (``Arch.moe``), everything else passes through. Quacks like the reader for
+    ``materialize`` and the prefetcher."""
 
     def __init__(self, reader, arch):
         self.reader = reader
@@ -148,7 +150,8 @@ class MemoryView:
             return tuple(self.reader.shape(data))
         parts = self._parts(*data)
         first = [self.reader.shape(n) for n in parts[0]]
-        return (len(parts), sum(s[0] for s in first), first[0][1])
+        rows, cols = sum(s[0] for s in first), first[0][1]
+        return (len(parts), cols, rows) if self.arch.moe.experts.transposed else (len(parts), rows, cols)
 
     def nbytes(self, name: str) -> int:
         kind, data = self._resolve(name)
@@ -169,12 +172,12 @@ class MemoryView:
         shape, dtype = self.shape(name), self.dtype(name)
         full = (torch.empty(shape, dtype=dtype) if out is None
                 else out[:self.nbytes(name)].view(dtype).view(shape))
+        from .moe import linear_view
+
+        ex, j0 = self.arch.moe.experts, 0 if data[1] == 0 else 2
         for e, names in enumerate(parts):
-            row = 0
-            for n in names:  # one expert's gate rows, then its up rows (or its down)
-                rows = self.reader.shape(n)[0]
-                full[e, row:row + rows] = self.reader.get(n)
-                row += rows
+            for j, n in enumerate(names, start=j0):  # one expert's gate and up (or its down), in ex's layout
+                linear_view(ex, full[e], j).copy_(self.reader.get(n))
         return full
 
     def __getattr__(self, attr: str):  # config, names, dtype, ...: the reader's

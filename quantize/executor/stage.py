@@ -92,6 +92,16 @@ def refuse_experts(arch, model_dir: Path, stage: str) -> None:
         )
 
 
+def refuse_fused_experts(arch, model_dir: Path, stage: str) -> None:
+    """InputError for a model whose checkpoint holds its experts 3D (GPT-OSS) given to a stage that
+    does not take them (only GPTQ and RTN into GPTQ / compressed-tensors do)."""
+    if arch.moe is not None and arch.moe.experts.fused_on_disk:
+        raise InputError(
+            f"{model_dir}: {arch.name} holds its Mixture-of-Experts experts as 3D tensors and `quantize {stage}` "
+            "does not take them yet; use `quantize gptq` or `quantize rtn` (--format gptq or compressed-tensors)"
+        )
+
+
 def _check_disk(staged: StagedOutput, reader) -> None:
     parent = staged.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,8 @@ def run_quantize_stage(
     host_heap("flat")  # until the layer loop picks its policy (LayerStreamer.apply_host_heap)
     staged = StagedOutput(Path(out), overwrite=overwrite, keep_partial=True)
     reader, arch, input_ids, calib = preflight(model_dir, calibration_dir, staged)
+    if not getattr(method, "solves_fused_experts", False):
+        refuse_fused_experts(arch, model_dir, stage)
     if not getattr(method, "solves_experts", False):
         refuse_experts(arch, model_dir, stage)
     if hasattr(method, "preflight"):
@@ -267,8 +279,17 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
     quantized = {prefix + lin + ".weight": lin for lin in results}
     replaced = {prefix + rel: t for rel, t in (replaced or {}).items()}
     pack_bias = getattr(fmt, "pack_bias", None)  # a format may store a quantized linear's bias its own way
+    # experts whose checkpoint holds the 3D parameters (GPT-OSS): each is written as its experts'
+    # linears (per expert, one group sharing an input: gate+up, then down)
+    stacked = _stacked_experts(arch, reader.config, i) if quantized else {}
     for name in names:
-        if name in quantized:
+        if name in stacked:
+            for lins in stacked[name]:
+                if not all(lin in results for lin in lins):
+                    raise RuntimeFault(f"layer {i}: {name} holds {lins}, which were not all quantized")
+                out.update(_pack_experts(fmt, arch, prefix, lins, results))
+                quantized = {k: v for k, v in quantized.items() if v not in lins}
+        elif name in quantized:
             for suffix, t in fmt.pack(results[quantized[name]]).items():
                 out[f"{prefix}{quantized[name]}.{suffix}"] = t.contiguous()
         elif pack_bias is not None and name.endswith(".bias") and name[: -len("bias")] + "weight" in quantized:
@@ -281,6 +302,27 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
     if missing:
         raise RuntimeFault(f"layer {i}: quantized {sorted(missing)} not found in the checkpoint")
     return out
+
+
+def _stacked_experts(arch, config, i: int) -> dict[str, list[list[str]]]:
+    """For a sparse layer whose checkpoint holds the experts' 3D parameters (``Experts.fused_on_disk``):
+    each parameter's checkpoint name -> per expert, the linears it holds ([gate, up] or [down])."""
+    if arch.moe is None or not arch.moe.experts.fused_on_disk or not arch.is_sparse_layer(config, i):
+        return {}
+    ex, E = arch.moe.experts, arch.num_experts(config)
+    return {f"{arch.layer_prefix(i)}{ex.disk}.{ex.fused[0]}": [[arch.expert_linear(e, 0), arch.expert_linear(e, 1)]
+                                                               for e in range(E)],
+            f"{arch.layer_prefix(i)}{ex.disk}.{ex.fused[1]}": [[arch.expert_linear(e, 2)] for e in range(E)]}
+
+
+def _pack_experts(fmt: Format, arch, prefix: str, lins: list[str], results: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One expert's linears ``lins`` (sharing an input) as the format stores them: under the names
+    the format serves experts by (``pack_served_expert``: compressed-tensors for GPT-OSS, the names
+    vLLM's loader maps), else as 2D linears ``<linear>.<suffix>``."""
+    serve = getattr(fmt, "pack_served_expert", None)
+    if serve is not None and arch.moe.experts.served:
+        return {prefix + k: t.contiguous() for k, t in serve(arch, lins, [results[lin] for lin in lins]).items()}
+    return {f"{prefix}{lin}.{suffix}": t.contiguous() for lin in lins for suffix, t in fmt.pack(results[lin]).items()}
 
 
 def _compile(staging: Path, reader, arch, other_names: list[str], n_layers: int, max_shard_bytes: int) -> None:

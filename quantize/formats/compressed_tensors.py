@@ -208,6 +208,45 @@ def parse_config(qc: Mapping[str, Any], source: str) -> tuple[str, Any]:
     return str(cfg.format), groups[0]
 
 
+# -- experts under the names a loader serves them by (``Experts.served``, GPT-OSS) ------------------
+
+SERVED_SUFFIXES = ("weight_packed", "weight_scale")  # symmetric: no zero points; no weight_shape
+
+
+def served_name(arch, linear: str, suffix: str) -> str:
+    """``{disk}.{e}.{stem}_{suffix}`` for an expert linear (gate and up share the first stem)."""
+    ex = arch.moe.experts
+    e, j = arch.expert_slot(linear)
+    return f"{ex.disk}.{e}.{ex.served[0 if j < 2 else 1]}_{suffix}"
+
+
+def _rows_of(ex, parts: list[Tensor]) -> Tensor:
+    """Gate's and up's row-wise tensors as one, in the experts' gate_up row order (one part: as is)."""
+    if len(parts) == 1:
+        return parts[0]
+    if ex.interleaved:
+        return torch.stack(parts, dim=1).reshape(-1, *parts[0].shape[1:])
+    return torch.cat(parts)
+
+
+def served_experts(arch, names) -> dict[str, tuple[str, int]]:
+    if arch is None or arch.moe is None or not arch.moe.experts.served:
+        return {}
+    ex = arch.moe.experts
+    out = {}
+    pattern = re.compile(r"(.*\.)" + re.escape(ex.disk) + r"\.(\d+)\.(" + "|".join(map(re.escape, ex.served))
+                         + ")_" + SERVED_SUFFIXES[0])
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        stem = name[: -len(SERVED_SUFFIXES[0]) - 1]
+        e, which = int(m.group(2)), ex.served.index(m.group(3))
+        for j in ((0, 1) if which == 0 else (2,)):
+            out[f"{m.group(1)}{arch.expert_linear(e, j)}.weight"] = (stem, j)
+    return out
+
+
 def _ignore(arch) -> list[str]:
     """Linear modules left dense: the head (tied or not, transformers builds it as a Linear), and an
     MoE model's routers and shared-expert gates (on-disk names, as vLLM's modules are named)."""
@@ -269,6 +308,9 @@ class CompressedTensorsIntFormat:
 
     def preflight(self, arch, config: Mapping[str, Any]) -> None:
         self.arch = arch
+        if arch.moe is not None and arch.moe.experts.served and not self.spec.sym:
+            raise InputError(f"--asym: vLLM's {arch.name} loader streams each expert's weight_packed and weight_scale "
+                             "only (no zero points) from compressed-tensors; quantize with --sym, or use --format gptq")
         per_word = 32 // self.spec.bits
         for name in arch.linear_kinds(config):
             N, K = arch.linear_shape(name, config)
@@ -276,6 +318,31 @@ class CompressedTensorsIntFormat:
             if K % per_word:
                 raise InputError(f"{arch.layer_prefix(0)}{name}: in_features={K} is not a multiple of {per_word}; "
                                  f"vLLM cannot load it as {self.spec.bits}-bit compressed-tensors, use --format gptq")
+
+    def pack_served_expert(self, arch, lins: list[str], results: list[QuantResult]) -> dict[str, Tensor]:
+        """One expert's gate+up (or down) under the names vLLM's loader streams for the family
+        (``Experts.served``, GPT-OSS): ``{disk}.{e}.w13_weight_packed`` / ``w13_weight_scale`` with
+        gate and up as one ``[2I, ·]`` tensor in the experts' gate_up order (interleaved rows for
+        GPT-OSS), ``w2_*`` for down; no ``weight_shape`` (that loader has no slot for it)."""
+        packed = [self.pack(r) for r in results]
+        return {served_name(arch, lins[0], suffix): _rows_of(arch.moe.experts, [p[suffix] for p in packed])
+                for suffix in SERVED_SUFFIXES}
+
+    def served_experts(self, arch, names: list[str]) -> dict[str, tuple[str, int]]:
+        """The inverse of ``pack_served_expert`` over a checkpoint's tensor names: each expert
+        linear's dense weight name -> (served stem, linear index: 0 gate, 1 up, 2 down)."""
+        return served_experts(arch, names)
+
+    def served_tensors(self, arch, get, stem: str, j: int) -> dict[str, Tensor]:
+        """Linear ``j``'s own rows of a served expert tensor group ``stem`` (``get``: name -> tensor)."""
+        ex = arch.moe.experts
+        out = {}
+        for suffix in SERVED_SUFFIXES:
+            t = get(f"{stem}_{suffix}")
+            if j < 2:
+                t = t[j::2] if ex.interleaved else t.chunk(2, dim=0)[j]
+            out[suffix] = t.contiguous()
+        return out
 
     def pack(self, result: QuantResult) -> dict[str, Tensor]:
         K = result.g_idx.numel()

@@ -33,7 +33,18 @@ class DequantReader:
                 prefix = name[: -len(first) - 1]
                 self._packed[prefix + ".weight"] = prefix
                 hidden.update(f"{prefix}.{s}" for s in fmt.suffixes if f"{prefix}.{s}" in reader)
-        self._names = sorted([n for n in reader.names() if n not in hidden] + list(self._packed))
+        # experts stored under the names a loader serves them by (compressed-tensors GPT-OSS:
+        # ``experts.3.w13_weight_packed`` holds gate and up): dense weight name -> (stem, linear)
+        self._served: dict[str, tuple[str, int]] = {}
+        self.arch = None
+        if getattr(fmt, "served_experts", None) is not None:
+            from ..arch import get_arch
+
+            self.arch = get_arch(reader.config, source=str(reader.path))
+            self._served = fmt.served_experts(self.arch, reader.names())
+            hidden.update(f"{stem}_{s}" for stem, _ in self._served.values() for s in fmt.suffixes
+                          if f"{stem}_{s}" in reader)
+        self._names = sorted([n for n in reader.names() if n not in hidden] + list(self._packed) + list(self._served))
 
     @classmethod
     def open(cls, directory: Path) -> "DequantReader | CheckpointReader":
@@ -61,12 +72,21 @@ class DequantReader:
         return list(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._packed or (name in self.inner and name in self._names)
+        return name in self._packed or name in self._served or (name in self.inner and name in self._names)
 
-    def _packed_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+    def _packed_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self._served:
+            return self.fmt.served_tensors(self.arch, self.inner.get, *self._served[name])
+        prefix = self._packed[name]
         return {s: self.inner.get(f"{prefix}.{s}") for s in self.fmt.suffixes if f"{prefix}.{s}" in self.inner}
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._served:
+            stem, j = self._served[name]
+            per = 1 if j == 2 else 2  # gate and up share their stem's rows
+            shapes = {s: tuple(self.inner.shape(f"{stem}_{s}")) for s in self.fmt.suffixes if f"{stem}_{s}" in self.inner}
+            shapes = {s: (v[0] // per, *v[1:]) for s, v in shapes.items()}
+            return tuple(self.fmt.weight_shape(shapes))
         if name in self._packed:
             prefix = self._packed[name]
             shapes = {s: tuple(self.inner.shape(f"{prefix}.{s}")) for s in self.fmt.suffixes if f"{prefix}.{s}" in self.inner}
@@ -74,11 +94,11 @@ class DequantReader:
         return self.inner.shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return torch.float32 if name in self._packed else self.inner.dtype(name)
+        return torch.float32 if name in self._packed or name in self._served else self.inner.dtype(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        if name in self._packed:
-            W = self.fmt.dequantize(self._packed_tensors(self._packed[name]))
+        if name in self._packed or name in self._served:
+            W = self.fmt.dequantize(self._packed_tensors(name))
             return W.to(device=device, dtype=dtype or W.dtype)
         return self.inner.get(name, dtype=dtype, device=device)
 

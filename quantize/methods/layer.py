@@ -65,6 +65,7 @@ class _GridMethod:
     says where each expert's statistics come from, executor/moe.py)."""
 
     solves_experts = True  # sparse layers: ctx.sequential hands each expert's linears to ``quantize``
+    solves_fused_experts = True  # GPT-OSS's 3D experts too (their 2D views, executor/moe.expert_view)
 
     def __init__(self, spec: QuantSpec, moe: MoEOptions | None = None, refine=None):
         self.spec = spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny import BOS_ID, EOS_ID, FAMILIES, MOE_FAMILIES, PAD_ID, VOCAB_SIZE, build_tiny_model, tiny_config, tokenizer_dir
+from .tiny import BOS_ID, EOS_ID, FAMILIES, FUSED_MOE_FAMILIES, MOE_FAMILIES, PAD_ID, VOCAB_SIZE, build_tiny_model, tiny_config, tokenizer_dir
 
 
 def embedded_model_dir() -> Path:
@@ -16,6 +16,7 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "FAMILIES",
+    "FUSED_MOE_FAMILIES",
     "MOE_FAMILIES",
     "PAD_ID",
     "VOCAB_SIZE",

@@ -35,13 +35,18 @@ def _config_classes() -> dict[str, type]:
         "qwen2_moe": T.Qwen2MoeConfig,
         "qwen3_moe": T.Qwen3MoeConfig,
         "deepseek_v3": T.DeepseekV3Config,
+        "gpt_oss": T.GptOssConfig,
     }
 
 
 FAMILIES: list[str] = arch_table.dense_families()
 """The dense families (every method and format supports them)."""
-MOE_FAMILIES: list[str] = arch_table.moe_families()
-"""The Mixture-of-Experts families: 4 experts, 2 per token, expert width hidden / 2."""
+FUSED_MOE_FAMILIES: list[str] = arch_table.fused_moe_families()
+"""The Mixture-of-Experts families whose checkpoints hold the experts 3D (GPT-OSS): GPTQ/RTN into
+GPTQ and compressed-tensors only (tests/test_moe_gpt_oss.py)."""
+MOE_FAMILIES: list[str] = [f for f in arch_table.moe_families() if f not in FUSED_MOE_FAMILIES]
+"""The Mixture-of-Experts families with per-expert 2D checkpoints: 4 experts, 2 per token, expert
+width hidden / 2."""
 
 # Tiny MoE shapes: every width a multiple of 32 so that group size 32 applies to every linear.
 _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -54,6 +59,9 @@ _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
                         first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
                         qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4,
                         intermediate_size=128),
+    # every layer sparse, experts 3D on disk with biases; layers alternate sliding-window (8) / full
+    # attention, with sinks
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8),
 }
 
 
@@ -96,7 +104,7 @@ def _perturb(model: torch.nn.Module, family: str, gen: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 2)[-2]
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias")):  # GPT-OSS's expert biases: gate_up_proj_bias, down_proj_bias
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif "norm" in leaf:
                 p.copy_(1.0 - offset + 0.2 * torch.randn(p.shape, generator=gen))
