@@ -221,3 +221,79 @@ def test_static_scheme_is_refused_for_moe_with_one_line(tiny_model_dir, calib_fo
     line = refused_in_one_line(["fp8", "--model", str(model), "--out", str(out), "--scheme", "static",
                                 "--calibration", str(calib_for(model))], out, capsys)
     assert "--scheme static" in line and "Mixture-of-Experts" in line and "--scheme dynamic" in line, line
+
+
+# -- our read-back forward: eval and `quantize check` run the experts as vLLM serves them ------------
+
+
+def _engine_reference(out, arch, cfg, quantize_experts: bool = True):
+    """Our read-back (fp32, whole model) run as vLLM's W8A8 runs it, written independently of
+    ``eval/activations.py``: every dense linear's input FP8 per token; each routed expert computed
+    from its OWN 2D read-back weights (not the fused parameters), its input and its down input
+    ``act(x Wg) * (x Wu)`` FP8 per token (``quantize_experts=False``: the experts' inputs exact)."""
+    model = load_dequantized_model(out).eval()
+    reader = open_model(out)
+    q = fake_fp8_per_token if quantize_experts else (lambda x: x)
+    for i in range(arch.num_layers(cfg)):
+        prefix = arch.layer_prefix(i)
+        for lin in arch.layer_linears(cfg, i):
+            if arch.expert_slot(lin) is None:
+                model.get_submodule(prefix + lin).register_forward_pre_hook(lambda _m, a: (fake_fp8_per_token(a[0]),))
+        if not arch.is_sparse_layer(cfg, i):
+            continue
+        experts = model.get_submodule(prefix + arch.moe.experts.module)
+        W = [[reader.get(prefix + arch.expert_linear(e, j) + ".weight") for j in range(3)] for e in range(4)]
+
+        def forward(hidden, index, weights, W=W, act=experts.act_fn):
+            out = torch.zeros_like(hidden)
+            for e, (Wg, Wu, Wd) in enumerate(W):
+                rows = (index == e).any(-1)
+                w = (weights * (index == e)).sum(-1)[rows, None]
+                x = q(hidden[rows])
+                out[rows] += (q(act(x @ Wg.T) * (x @ Wu.T)) @ Wd.T) * w
+            return out
+        experts.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streamed_eval_runs_the_experts_as_the_engine_does(family, outputs):
+    """The layer loop's eval forward of the output (``final_logits``: what `quantize eval` measures)
+    and `quantize check`'s reference equal the independent engine reference above, and differ from
+    it with the experts' activations left exact by far more than the tolerance: every expert's
+    input and down input are FP8-quantized per token, as vLLM's fused-MoE does."""
+    from quantize.check import reference_logits
+    from quantize.eval.perplexity import final_logits
+
+    _, out, _ = outputs(family)
+    cfg = CheckpointReader(out).config
+    arch = get_arch(cfg)
+    streamed = torch.cat(list(final_logits(out, IDS, CPU)))
+    checked = reference_logits(out, [IDS[0].tolist()], "compressed-tensors")[0]
+    with torch.no_grad():
+        ref = _engine_reference(out, arch, cfg)(IDS).logits
+        exact = _engine_reference(out, arch, cfg, quantize_experts=False)(IDS).logits
+    scale = float(ref.abs().max())
+    # the same arithmetic with other matmul shapes (measured: identical logits for all four
+    # families); the experts' FP8 activations move the logits by 0.7-3.5% of their range
+    assert float((streamed - ref).abs().max()) <= 1e-4 * scale, float((streamed - ref).abs().max())
+    assert float((checked - ref[0]).abs().max()) <= 1e-4 * scale
+    assert float((exact - ref).abs().max()) > 1e-3 * scale
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_check_does_not_pass_transformers_on_fp8_experts(family, outputs, tiny_model_dir):
+    """`quantize check` never passes transformers on FP8 MoE, whose CPU forward runs the experts
+    dequantized (not the served W8A8 forward): ``auto`` leaves it out (vLLM alone: it loads every
+    tensor into its FP8 fused-MoE method; this CPU has no FP8 MoE backend, so "loaded, forward not
+    run", README), and asked for by name its runner answers unsupported. Dense FP8 keeps it."""
+    from quantize.check.engines import model_type, select
+    from quantize.check.runner import run_transformers
+
+    _, out, _ = outputs(family)
+    assert select("auto", "compressed-tensors", model_type(out), out) == ["vllm"]
+    assert select("all", "compressed-tensors", model_type(out), out) == ["transformers", "vllm"]
+    status, reason, logits = run_transformers(out, [IDS[0].tolist()])
+    assert status == "unsupported" and "without FP8 activations" in reason and logits == []
+    dense = tiny_model_dir("llama", dtype=torch.bfloat16)
+    assert select("auto", "compressed-tensors", "llama", dense) == ["transformers", "vllm"]

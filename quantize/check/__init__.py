@@ -60,7 +60,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engines import REPO_ROOT, detect_format, engines_for, interpreter, model_type, quantization_config, select
+from .engines import REPO_ROOT, detect_format, engines_for, float_weights, interpreter, model_type, select
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -95,12 +95,6 @@ def tolerance(engine: str, fmt: str, float_weights: bool = False) -> Tolerance:
     return Tolerance(TRANSFORMERS_REL)
 
 
-def float_weights(directory: Path) -> bool:
-    """A compressed-tensors checkpoint with floating-point (FP8) weights."""
-    qc = quantization_config(directory)
-    return any(((g or {}).get("weights") or {}).get("type") == "float" for g in (qc.get("config_groups") or {}).values())
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -116,7 +110,10 @@ def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
     """Our read-back's logits (fp32) for every prompt: a list of [len, vocab] tensors."""
     import torch
 
+    from contextlib import ExitStack
+
     from ..arch import get_arch
+    from ..eval.activations import quantized_inputs
     from ..io.quantized import load_dequantized_model, open_model
 
     model = load_dequantized_model(directory, dtype=torch.float32).eval()
@@ -124,13 +121,11 @@ def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
     fmt_obj = getattr(reader, "fmt", None)
     arch = get_arch(reader.config)
     quantizer = getattr(fmt_obj, "input_quantizer", None)
-    if quantizer is not None:  # FP8 W8A8: the engine quantizes every decoder linear's input
-        for i in range(int(reader.config["num_hidden_layers"])):
-            for name in arch.linear_names():
-                q = quantizer(reader.inner, arch.layer_prefix(i) + name)
-                model.get_submodule(arch.layer_prefix(i) + name).register_forward_pre_hook(
-                    lambda _m, args, q=q: (q(args[0]), *args[1:]))
-    with torch.no_grad():
+    with ExitStack() as stack, torch.no_grad():
+        if quantizer is not None:  # FP8 W8A8: the engine quantizes every decoder linear's input, experts' too
+            for i in range(arch.num_layers(reader.config)):
+                stack.enter_context(quantized_inputs(model.get_submodule(arch.layer_prefix(i).rstrip(".")), i, arch,
+                                                     reader.config, quantizer, reader.inner))
         return [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ..executor.loop import ExecConfig, LayerStreamer
 from ..executor.memory import host_heap
 from ..io.atomic import StagedOutput
 from ..io.quantized import open_model
+from .activations import quantized_inputs
 
 
 @dataclass
@@ -54,17 +56,8 @@ def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     quantizer = getattr(getattr(reader, "fmt", None), "input_quantizer", None)
     for i in log.progress(range(s.num_layers), total=s.num_layers, desc=f"eval {Path(model_dir).name}"):
         layer = s.load_layer(i)
-        handles = []
-        if quantizer is not None:
-            for name in arch.linear_names():
-                q = quantizer(reader.inner, arch.layer_prefix(i) + name)
-                handles.append(layer.get_submodule(name).register_forward_pre_hook(
-                    lambda _m, args, q=q: (q(args[0]), *args[1:])))
-        try:
+        with quantized_inputs(layer, i, arch, reader.config, quantizer, reader.inner) if quantizer else nullcontext():
             s.run_layer(i, propagate=True)
-        finally:
-            for h in handles:
-                h.remove()
         s.release_layer(i)
     yield from s.head_logits()
 
