@@ -9,6 +9,7 @@ own decompressor on the written tensors, and transformers + compressed-tensors l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -258,8 +259,8 @@ def _engine_reference(out, arch, cfg, quantize_experts: bool = True):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_streamed_eval_runs_the_experts_as_the_engine_does(family, outputs):
-    """The layer loop's eval forward of the output (``final_logits``: what `quantize eval` measures)
-    and `quantize check`'s reference equal the independent engine reference above, and differ from
+    """The layer loop's eval forward of the output (``final_logits``: what `quantize eval` measures;
+    the same with --expert-chunk) and `quantize check`'s reference equal the independent engine reference above, and differ from
     it with the experts' activations left exact by far more than the tolerance: every expert's
     input and down input are FP8-quantized per token, as vLLM's fused-MoE does."""
     from quantize.check import reference_logits
@@ -269,6 +270,8 @@ def test_streamed_eval_runs_the_experts_as_the_engine_does(family, outputs):
     cfg = CheckpointReader(out).config
     arch = get_arch(cfg)
     streamed = torch.cat(list(final_logits(out, IDS, CPU)))
+    chunked = torch.cat(list(final_logits(out, IDS, dataclasses.replace(CPU, expert_chunk=3))))  # experts in host memory
+    assert torch.equal(chunked, streamed)
     checked = reference_logits(out, [IDS[0].tolist()], "compressed-tensors")[0]
     with torch.no_grad():
         ref = _engine_reference(out, arch, cfg)(IDS).logits

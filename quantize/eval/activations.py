@@ -5,9 +5,9 @@ The format says what happens to one linear's input (``input_quantizer(reader, pr
 token, or FP8 with the stored per-tensor scale). A layer's dense linears (attention, a dense MLP,
 shared experts) get it as a forward pre-hook. The routed experts of a sparse layer are no Linear
 modules in transformers 5 (one module holding fused 3D parameters), so for the duration their
-forward is replaced by the computation vLLM's fused-MoE runs: per expert, its tokens quantized
-with its gate/up quantizer, then ``act(x Wg) * (x Wu)`` quantized with its down quantizer before
-the down projection, times the routing weight, summed over each token's experts.
+forward is the layer loop's per-expert one (``executor/moe.chunked_experts_forward``) with what
+vLLM's fused-MoE does to each expert's inputs: its tokens quantized with its gate/up rule, then
+its down input ``act(x Wg) * (x Wu)`` with its down rule.
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from ..executor.moe import chunked_experts_forward
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextmanager
 def quantized_inputs(layer: nn.Module, i: int, arch, config: dict[str, Any],
-                     quantizer: Callable[[Any, str], Quantizer], reader) -> Iterator[None]:
+                     quantizer: Callable[[Any, str], Quantizer], reader, device: str = "cpu",
+                     expert_chunk: int | None = None) -> Iterator[None]:
     """Inside the block, decoder layer ``i`` (``layer``) runs with every quantized linear's input
-    as the engine quantizes it; ``quantizer(reader, linear prefix)`` gives each one's rule."""
+    as the engine quantizes it; ``quantizer(reader, linear prefix)`` gives each one's rule. The
+    experts run ``expert_chunk`` at a time on ``device`` (all of them: None), as the layer loop's."""
     prefix = arch.layer_prefix(i)
     experts = arch.moe.experts.module if arch.is_sparse_layer(config, i) else None
     handles = []
@@ -43,9 +46,11 @@ def quantized_inputs(layer: nn.Module, i: int, arch, config: dict[str, Any],
         if experts is not None:
             module = layer.get_submodule(experts)
             saved = vars(module).get("forward")  # the --expert-chunk forward, when installed
-            rules = [(quantizer(reader, prefix + arch.expert_linear(e, 0)), quantizer(reader, prefix + arch.expert_linear(e, 2)))
-                     for e in range(arch.num_experts(config))]
-            module.forward = _experts_forward(module, arch.moe.experts.fused, rules)
+            E = arch.num_experts(config)
+            # gate and up read one input: the gate's rule serves both (vLLM loads one scale for the pair)
+            rules = {(e, j): quantizer(reader, prefix + arch.expert_linear(e, j)) for e in range(E) for j in (0, 2)}
+            module.forward = chunked_experts_forward(module, arch.moe.experts, expert_chunk or E, device,
+                                                     inputs=lambda e, j, x: rules[e, j](x))
         yield
     finally:
         for h in handles:
@@ -56,24 +61,3 @@ def quantized_inputs(layer: nn.Module, i: int, arch, config: dict[str, Any],
             else:
                 module.forward = saved
 
-
-def _experts_forward(module: nn.Module, fused: tuple[str, str], rules: list[tuple[Quantizer, Quantizer]]):
-    """The experts' forward with each expert's inputs quantized (``rules[e]``: gate/up input, down
-    input), one expert's weights at a time on the tokens' device (host-resident with --expert-chunk).
-    Gate and up share one input, so the gate's rule serves both (vLLM loads one scale for the pair)."""
-
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        gate_up, down = getattr(module, fused[0]), getattr(module, fused[1])
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            for e, (q_in, q_down) in enumerate(rules):
-                token, pos = torch.where(top_k_index == e)
-                if token.numel() == 0:
-                    continue
-                x = q_in(hidden_states[token])
-                g, u = F.linear(x, gate_up[e].to(device=x.device, dtype=x.dtype)).chunk(2, dim=-1)
-                h = F.linear(q_down(module.act_fn(g) * u), down[e].to(device=x.device, dtype=x.dtype))
-                out.index_add_(0, token, (h * top_k_weights[token, pos, None]).to(out.dtype))
-        return out
-
-    return forward

@@ -56,7 +56,8 @@ def final_logits(model_dir: Path, windows: torch.Tensor, cfg: ExecConfig):
     quantizer = getattr(getattr(reader, "fmt", None), "input_quantizer", None)
     for i in log.progress(range(s.num_layers), total=s.num_layers, desc=f"eval {Path(model_dir).name}"):
         layer = s.load_layer(i)
-        with quantized_inputs(layer, i, arch, reader.config, quantizer, reader.inner) if quantizer else nullcontext():
+        with (quantized_inputs(layer, i, arch, reader.config, quantizer, reader.inner, cfg.device, cfg.expert_chunk)
+              if quantizer else nullcontext()):
             s.run_layer(i, propagate=True)
         s.release_layer(i)
     yield from s.head_logits()

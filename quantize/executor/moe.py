@@ -233,12 +233,15 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     }
 
 
-def chunked_experts_forward(module, ex, chunk: int, device: str):
+def chunked_experts_forward(module, ex, chunk: int, device: str,
+                            inputs: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None):
     """A forward for an experts module whose fused parameters stay in host memory: ``chunk`` experts
     at a time are copied to ``device`` and run on their routed tokens (the computation of
     transformers' eager experts forward, in the layout ``ex`` declares: gate_up (+ bias), the gate,
     down projection (+ bias), times the routing weight, summed over the token's experts). Device
-    memory for the experts is ``chunk / E`` of the layer's."""
+    memory for the experts is ``chunk / E`` of the layer's. ``inputs(e, j, x)``, when given, is what
+    reaches expert e's gate/up (j = 0) and down (j = 2) projections instead of ``x`` (a W8A8
+    engine's activation quantization: eval/activations.py)."""
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         gate_up, down = getattr(module, ex.fused[0]), getattr(module, ex.fused[1])
@@ -255,8 +258,9 @@ def chunked_experts_forward(module, ex, chunk: int, device: str):
                 W_d = down[c0:c0 + chunk].to(**on)
                 for e in hit:
                     token, pos = torch.where(top_k_index == e)
-                    h = expert_hidden(module, ex, hidden_states[token], W_gu[e - c0],
-                                      None if b_gu is None else b_gu[e].to(**on))
+                    x = hidden_states[token] if inputs is None else inputs(e, 0, hidden_states[token])
+                    h = expert_hidden(module, ex, x, W_gu[e - c0], None if b_gu is None else b_gu[e].to(**on))
+                    h = h if inputs is None else inputs(e, 2, h)
                     h = h @ W_d[e - c0] if ex.transposed else F.linear(h, W_d[e - c0])
                     if b_d is not None:
                         h = h + b_d[e].to(**on)
