@@ -222,9 +222,12 @@ DEFAULT_SETTINGS = [
 ]
 
 
-# gptq / rtn into the GPTQ or compressed-tensors format, awq into AWQ GEMM or compressed-tensors;
-# gguf (stacked ffn_*_exps) for the families formats/gguf.py writes (not DeepSeek-V3)
-MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "awq", "gguf")
+# gptq / rtn into the GPTQ or compressed-tensors format, awq into AWQ GEMM or compressed-tensors,
+# fp8 (dynamic: sym) into compressed-tensors; gguf (stacked ffn_*_exps) for the families
+# formats/gguf.py writes (not DeepSeek-V3)
+MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "awq", "fp8", "gguf")
+# experts 3D on disk (GPT-OSS): gptq / rtn into the GPTQ or compressed-tensors format only
+FUSED_MOE_METHODS = ("bf16", "fp16", "gptq", "ct")
 
 
 def effective_bits(config: Mapping[str, Any], s: Setting, arch: Arch) -> float:
@@ -250,7 +253,9 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
     if arch.moe is not None:  # what `quantize` writes for Mixture-of-Experts models today
         from .formats.gguf import FAMILY_TO_GGUF
 
-        settings = [s for s in settings if s.method in MOE_METHODS and (s.method != "gguf" or arch.name in FAMILY_TO_GGUF)]
+        methods = FUSED_MOE_METHODS if arch.moe.experts.fused_on_disk else MOE_METHODS
+        settings = [s for s in settings if s.method in methods and (s.method != "gguf" or arch.name in FAMILY_TO_GGUF)
+                    and (s.method != "fp8" or s.sym)]
     for s in settings:
         w = weight_bytes(config, s, arch, head_bits=head_bits)
         total = w["total"] + kv + overhead

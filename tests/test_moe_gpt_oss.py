@@ -362,13 +362,29 @@ def test_asymmetric_compressed_tensors_is_refused(gpt_oss, calib_for, tmp_path, 
     assert "--sym" in line and "gpt_oss" in line, line
 
 
-def test_plan_counts_every_parameter(gpt_oss):
-    from quantize.plan import parameter_counts
+def test_plan_counts_every_parameter_and_lists_what_is_written(gpt_oss):
+    from quantize.plan import FUSED_MOE_METHODS, parameter_counts, plan
 
     cfg = CheckpointReader(gpt_oss).config
     hf = _hf(gpt_oss)
     n = parameter_counts(cfg)
-    assert n["total"] == sum(p.numel() for p in hf.parameters())
+    assert n["total"] == sum(p.numel() for p in hf.parameters())  # sinks, router and expert biases included
+    assert {r["method"] for r in plan(cfg)["rows"]} <= set(FUSED_MOE_METHODS)  # no AWQ / GGUF rows
+
+
+def test_an_mxfp4_release_is_refused_in_one_line(gpt_oss, calib_for, tmp_path, capsys):
+    """GPT-OSS's original release stores its experts as MXFP4 blocks: exit 2 naming the fix."""
+    import shutil
+
+    d = tmp_path / "mxfp4"
+    shutil.copytree(gpt_oss, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    line = refused_in_one_line(["rtn", "--model", str(d), "--calibration", str(calib_for(gpt_oss)), "--bits", "4",
+                                "--group-size", "32", "--out", str(out)], out, capsys)
+    assert "MXFP4" in line and "dequantize" in line, line
 
 
 def test_check_leaves_out_the_engines_that_cannot_load_gpt_oss_experts(outputs):

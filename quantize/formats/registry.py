@@ -30,6 +30,10 @@ def format_from_config(qc: dict[str, Any], source: str = "config.json") -> Forma
         from .compressed_tensors import format_from_config as ct_format
 
         return ct_format(qc, source=source)
+    if method == "mxfp4":  # GPT-OSS's original release: experts as MXFP4 *_blocks / *_scales
+        raise InputError(f"{source}: an MXFP4 checkpoint (GPT-OSS's release) is not readable by this version; "
+                         "dequantize it to bf16 first (transformers: from_pretrained with "
+                         "Mxfp4Config(dequantize=True), then save_pretrained) and quantize that")
     raise InputError(
         f"{source}: quantization_config quant_method {method!r} is not readable by this version; "
         f"supported: {', '.join(SUPPORTED)}"
