@@ -319,3 +319,24 @@ def test_plan_predicts_the_bytes_and_lists_fp8_for_moe(family, outputs):
     rows = {r["setting"]: r for r in plan(cfg)["rows"]}
     assert rows["ct fp8 w8a8"]["weights"] == written
     assert not any("static" in s for s in rows)
+
+
+@pytest.mark.interop
+def test_vllm_loads_every_tensor_and_never_passes_unrun(outputs):
+    """Interop tier (.venv-vllm): `quantize check` runs vLLM on the Qwen3-MoE FP8 output. vLLM's loader
+    maps every tensor (per-expert names into ``CompressedTensorsW8A8Fp8MoEMethod``'s fused w13/w2;
+    it raises on a tensor or parameter left over); on a CPU it then has no FP8 MoE backend: the
+    verdict is "loaded, forward not run", never a pass. With a GPU it runs and must pass the FP8 gates."""
+    from quantize.check import check_output
+    from quantize.check.engines import interpreter
+
+    if interpreter("vllm", "compressed-tensors").python is None:
+        pytest.skip("interop tier: needs vLLM (.venv-vllm: scripts/setup_vllm.sh)")
+    _, out, _ = outputs("qwen3_moe")
+    _, engines, (rec,) = check_output(out, "auto")
+    assert engines == ["vllm"]
+    if rec.verdict == "pass":  # a machine with FP8 MoE kernels
+        assert rec.figures.rel <= 0.1, rec.figures
+        return
+    assert rec.verdict == "loaded, forward not run" and rec.figures is None, rec
+    assert "CompressedTensorsW8A8Fp8MoEMethod" in rec.reason and "Unsupported FP8 MoE backend" in rec.reason, rec
