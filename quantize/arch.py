@@ -99,6 +99,10 @@ class Experts:
     maps for a compressed-tensors expert (GPT-OSS: ``{disk}.{e}.w13_weight_packed`` /
     ``w2_weight_packed`` and their ``_weight_scale``: gate and up as ONE tensor in the gate_up
     row order, no ``weight_shape``); empty: per-expert 2D linears as for every other tensor.
+    ``score_on_input`` (Llama-4): the module's forward is ``forward(x [E*T, H])``, every expert's
+    copy of the layer's tokens times its routing score (0 where not routed: ``x`` of expert e is
+    ``x.view(E, T, H)[e]``), and its output is summed by the caller; the routing is then read from
+    ``router``'s output logits (top-``k``, as the router picks them).
     """
 
     module: str = "mlp.experts"
@@ -114,6 +118,8 @@ class Experts:
     biases: tuple[str, str] | None = None
     gate: str | None = None
     served: tuple[str, str] = ()  # (gate+up, down) compressed-tensors name stems
+    score_on_input: bool = False
+    router: str | None = None  # the router module (score_on_input): its output's [1] are the logits [T, E]
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class MoE:
     first_dense_key: str | None = None
     dense_list_key: str | None = None
     sparse_step_key: str | None = None
+    sparse_list_key: str | None = None  # Llama-4 ``moe_layers``: exactly these layers are sparse
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,8 @@ class Arch:
         if m.dense_list_key and i in (config.get(m.dense_list_key) or ()):
             return False
         if m.sparse_step_key and (i + 1) % int(config.get(m.sparse_step_key) or 1) != 0:
+            return False
+        if m.sparse_list_key and i not in (config.get(m.sparse_list_key) or ()):
             return False
         return True
 
@@ -746,6 +755,18 @@ _MOE_TABLE: tuple[Arch, ...] = (
     ),
 )
 
+# Llama-4 text (MOE.md §1): experts 3D on disk and in memory, transposed, gate/up CONCATENATED on
+# gate_up's last dim, no biases; the router (a plain Linear) takes the top-k logits through a sigmoid
+# and the score multiplies each expert's INPUT (``score_on_input``); a shared expert runs on every
+# token after the routed ones; ``moe_layers`` says which layers are sparse (the dense ones have their
+# own, wider MLP: ``intermediate_size_mlp``). Outputs: per-expert 2D names (``feed_forward.experts.
+# {e}.gate_proj``), what vLLM's Llama-4 loader maps and transformers' compressed-tensors path
+# (``SequentialLlama4TextExperts``) loads.
+_LLAMA4_EXPERTS = Experts(module="feed_forward.experts", disk="feed_forward.experts", num_keys=("num_local_experts",),
+                          intermediate="intermediate", transposed=True, fused_on_disk=True, score_on_input=True,
+                          router="feed_forward.router")
+_FF = ("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj")
+
 _FUSED_MOE_TABLE: tuple[Arch, ...] = (
     Arch(
         name="gpt_oss",
@@ -764,6 +785,30 @@ _FUSED_MOE_TABLE: tuple[Arch, ...] = (
             never_quantized=(Linear("mlp.router", ("experts",), "hidden"),),
             biased=("mlp.router",),
         ),
+    ),
+    Arch(
+        name="llama4_text",
+        architectures=("Llama4ForCausalLM",),
+        model_type="llama4_text",
+        groups=((Q, K, V), (O,), (Linear(_FF[0], ("mlp_dense",), "hidden"), Linear(_FF[1], ("mlp_dense",), "hidden")),
+                (Linear(_FF[2], ("hidden",), "mlp_dense"),)),
+        # q/k are L2-normalised per head (no weights); v is not: v -> o stays exact (without GQA)
+        scale_pairs=(ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                               "self_attn"),
+                     ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
+                     ScalePair("post_attention_layernorm", _FF[:2], "feed_forward"),
+                     ScalePair(_FF[1], (_FF[2],))),  # unused: AWQ refuses fused-on-disk experts
+        layer_norms=LLAMA_NORMS,
+        bias_flags=(("attention_bias", ATTN_LINEARS),),
+        moe=MoE(
+            experts=_LLAMA4_EXPERTS,
+            # forward order: router, routed experts, then the shared expert
+            groups=((Linear("feed_forward.experts", ("hidden",), "hidden"),),) + _shared("feed_forward.shared_expert"),
+            never_quantized=(Linear("feed_forward.router", ("experts",), "hidden"),),
+            dense_linears=_FF,
+            sparse_list_key="moe_layers",
+        ),
+        extra_dims=(("mlp_dense", lambda c: c["intermediate_size_mlp"]), ("shared", lambda c: c["intermediate_size"])),
     ),
 )
 

@@ -495,14 +495,13 @@ def test_adapter_on_a_router_is_refused(tiny_model_dir, tmp_path, capsys):
 def test_an_moe_family_not_in_the_table_exits_2_listing_the_supported(tmp_path, capsys):
     import transformers as T
 
-    cfg = T.Llama4TextConfig(vocab_size=1024, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
-                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             num_local_experts=4, num_experts_per_tok=1)
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama4")
-    rc = main(["plan", "--model", str(tmp_path / "llama4")])
+    cfg = T.OlmoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "olmoe")
+    rc = main(["plan", "--model", str(tmp_path / "olmoe")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
-    assert rc == 2 and len(err) == 1 and "Llama4ForCausalLM" in err[0], err
-    assert all(f in err[0] for f in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"))
+    assert rc == 2 and len(err) == 1 and "OlmoeForCausalLM" in err[0], err
+    assert all(f in err[0] for f in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"))
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

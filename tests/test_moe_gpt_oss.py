@@ -86,7 +86,7 @@ def outputs(gpt_oss, calib_for, tmp_path_factory):
 
 
 def test_gpt_oss_is_a_fused_moe_family():
-    assert FUSED_MOE_FAMILIES == ["gpt_oss"]
+    assert "gpt_oss" in FUSED_MOE_FAMILIES
 
 
 def test_table_names_every_tensor_of_the_checkpoint(gpt_oss):

@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch import by_name, fused_moe_families, moe_families
+from ..arch import by_name, moe_families
 from ..io.detect import detect_format  # noqa: F401  (re-exported: the check reads outputs as our reader does)
 
 ENGINES = ("transformers", "llama.cpp", "gptqmodel", "vllm", "exllamav2")
@@ -45,15 +45,15 @@ NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF load
 # experts and leaves per-expert GPTQ/AWQ tensors unloaded (the experts stay randomly initialised);
 # gptqmodel's own loader (GPTQModel.load, with defuser) loads them
 MOE_MODEL_TYPES = {by_name(f).model_type for f in moe_families()}
-# experts 3D on disk (GPT-OSS): transformers 5.24 has no conversion mapping for them, so it loads no
+# GPT-OSS (experts 3D on disk): transformers 5.24 has no conversion mapping for them, so it loads no
 # per-expert compressed experts; gptqmodel names GPT-OSS's GPTQ experts its own way
 # (``experts.gate_up.{e}``) and vLLM's GPT-OSS loader maps no GPTQ experts at all (only the
-# compressed-tensors names ``experts.{e}.w13_weight_packed`` we write)
-FUSED_MOE_MODEL_TYPES = {by_name(f).model_type for f in fused_moe_families()}
-_FUSED_MOE_REFUSALS = {
-    ("transformers", "compressed-tensors"): "transformers has no conversion mapping for this model's 3D experts",
-    ("gptqmodel", "gptq"): "gptqmodel names this model's GPTQ experts its own way (experts.gate_up.{e})",
-    ("vllm", "gptq"): "vLLM's loader for this model maps no GPTQ experts (compressed-tensors only)",
+# compressed-tensors names ``experts.{e}.w13_weight_packed`` we write). (Llama-4 text: transformers
+# loads our per-expert compressed-tensors experts, tests/test_moe_llama4.py.)
+_MODEL_REFUSALS = {
+    ("gpt_oss", "transformers", "compressed-tensors"): "transformers has no conversion mapping for gpt_oss's 3D experts",
+    ("gpt_oss", "gptqmodel", "gptq"): "gptqmodel names gpt_oss's GPTQ experts its own way (experts.gate_up.{e})",
+    ("gpt_oss", "vllm", "gptq"): "vLLM's gpt_oss loader maps no GPTQ experts (compressed-tensors only)",
 }
 
 # the import that proves an interpreter holds the engine
@@ -112,8 +112,8 @@ VLLM_GPTQ_TYPES = {(4, True), (8, True)}
 def refused_by(engine: str, fmt: str, directory: Path | None) -> str | None:
     """Why ``engine`` is known to refuse this checkpoint's configuration (so ``auto`` leaves it out;
     ``all`` or naming it still runs it, and its refusal is recorded), or None."""
-    if directory is not None and model_type(directory) in FUSED_MOE_MODEL_TYPES and (engine, fmt) in _FUSED_MOE_REFUSALS:
-        return _FUSED_MOE_REFUSALS[(engine, fmt)]
+    if directory is not None and (model_type(directory), engine, fmt) in _MODEL_REFUSALS:
+        return _MODEL_REFUSALS[(model_type(directory), engine, fmt)]
     if (engine, fmt) == ("transformers", "compressed-tensors") and directory is not None \
             and model_type(directory) in MOE_MODEL_TYPES and float_weights(directory):
         # transformers 5 + compressed-tensors 0.20 run FP8 experts dequantized (tests/test_fp8_moe.py)

@@ -7,6 +7,7 @@ context for activation statistics of named linears and puts dequantized weights 
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -98,6 +99,9 @@ class LayerContext:
         the experts module's inputs (tokens and their routing) are kept by the context instead."""
         handles = []
         for name in names:
+            if name == self.experts_module and self.arch.moe.experts.score_on_input:
+                handles += self._keep_scored_inputs()
+                continue
             if name == self.experts_module:
                 def keep(_mod, args, kwargs):
                     x = args[0] if args else kwargs["hidden_states"]
@@ -116,6 +120,24 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
+
+    def _keep_scored_inputs(self) -> list:
+        """Hooks keeping, per batch, every expert's scaled copy of the tokens ``[E, T, H]`` and the
+        routing ``[T, k]`` (the router's top-k logits) for experts whose input carries the score
+        (``Experts.score_on_input``, Llama-4): an expert's rows are its copies of its routed tokens."""
+        ex, cfg = self.arch.moe.experts, self.streamer.reader.config
+        E, k = self.arch.num_experts(cfg), self.arch.experts_per_token(cfg)
+        pending: dict[int, torch.Tensor] = {}  # per thread (lock-step batches run in workers)
+
+        def route(_mod, _args, output):
+            pending[threading.get_ident()] = torch.topk(output[1], k, dim=-1).indices
+
+        def keep(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(E, -1, x.shape[-1])
+            self._expert_inputs.append((x, pending.pop(threading.get_ident()).reshape(x.shape[1], -1)))
+        return [self.module(ex.router).register_forward_hook(route),
+                self.module(ex.module).register_forward_pre_hook(keep, with_kwargs=True)]
 
     def sequential(self, names: list[str], collect: Callable[[str, torch.Tensor], None],
                    solve: Callable[[str], None], *,

@@ -162,6 +162,19 @@ def expert_hidden(module, ex, x: torch.Tensor, W_gu: torch.Tensor, b_gu: torch.T
     return module.act_fn(g) * u
 
 
+def _routed_rows(x: torch.Tensor, i: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s input rows of one batch: its routed tokens (``x`` [T, H]), or its own scaled
+    copies of them (``x`` [E, T, H]: ``Experts.score_on_input``)."""
+    return (x[e] if x.ndim == 3 else x)[(i == e).any(-1)]
+
+
+def _all_rows(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Every token of one batch (``score_on_input``: each as scaled for the experts it was routed to)."""
+    if x.ndim == 2:
+        return x
+    return x[i.long(), torch.arange(x.shape[1], device=x.device)[:, None]].reshape(-1, x.shape[-1])
+
+
 def _bias(module, ex, k: int) -> torch.Tensor | None:
     return getattr(module, ex.biases[k]) if ex.biases else None
 
@@ -184,18 +197,18 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     # rows, and their order, of one concatenation: the same Hessians)
     parts = [(x, i) for x, i in inputs]
     inputs.clear()
-    T = sum(x.shape[0] for x, _ in parts)
+    T = sum(x.shape[-2] for x, _ in parts)
     counts = (sum(expert_counts(i, E) for _, i in parts) if parts else torch.zeros(E, dtype=torch.long))
     need = max(1, math.ceil(opts.min_tokens * T))
     how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback) for e in range(E)]
     how = ["rtn" if h == "all" and T == 0 else h for h in how]
     below = [e for e in range(E) if int(counts[e]) < need]
-    H_all = hessian_of(torch.cat([x for x, _ in parts])) if "all" in how else None  # shared by every such expert
+    H_all = hessian_of(torch.cat([_all_rows(x, i) for x, i in parts])) if "all" in how else None  # shared by every such expert
 
     def tokens(e: int) -> torch.Tensor:
         if how[e] == "all":
-            return torch.cat([x for x, _ in parts])
-        return torch.cat([x[(i == e).any(-1)] for x, i in parts])
+            return torch.cat([_all_rows(x, i) for x, i in parts])
+        return torch.cat([_routed_rows(x, i, e) for x, i in parts])
 
     step = experts_per_solve(max(arch.linear_shape(arch.expert_linear(0, j), cfg)[1] for j in (0, 2)), E)
     for e0 in range(0, E, step):
@@ -243,6 +256,9 @@ def chunked_experts_forward(module, ex, chunk: int, device: str,
     reaches expert e's gate/up (j = 0) and down (j = 2) projections instead of ``x`` (a W8A8
     engine's activation quantization: eval/activations.py)."""
 
+    if ex.score_on_input:
+        return _chunked_scored_forward(module, ex, chunk)
+
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         gate_up, down = getattr(module, ex.fused[0]), getattr(module, ex.fused[1])
         b_gu, b_d = _bias(module, ex, 0), _bias(module, ex, 1)
@@ -267,6 +283,29 @@ def chunked_experts_forward(module, ex, chunk: int, device: str,
                     out.index_add_(0, token, (h * top_k_weights[token, pos, None]).to(out.dtype))
                 del W_gu, W_d
         return out
+
+    return forward
+
+
+def _chunked_scored_forward(module, ex, chunk: int):
+    """``chunked_experts_forward`` for experts whose input carries the routing score (Llama-4):
+    ``x [E*T, H]`` holds each expert's copy of the tokens; every expert runs on its own copy (zero
+    rows where not routed, as the module's batched matmul does) and the outputs keep that layout."""
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        gate_up, down = getattr(module, ex.fused[0]), getattr(module, ex.fused[1])
+        E = gate_up.shape[0]
+        x = hidden_states.view(E, -1, hidden_states.shape[-1])
+        out = torch.empty_like(x)
+        on = dict(device=hidden_states.device, dtype=hidden_states.dtype)
+        with torch.no_grad():
+            for c0 in range(0, E, chunk):
+                W_gu, W_d = gate_up[c0:c0 + chunk].to(**on), down[c0:c0 + chunk].to(**on)
+                for e in range(c0, min(E, c0 + chunk)):
+                    h = expert_hidden(module, ex, x[e], W_gu[e - c0], None)
+                    out[e] = h @ W_d[e - c0] if ex.transposed else F.linear(h, W_d[e - c0])
+                del W_gu, W_d
+        return out.view(-1, hidden_states.shape[-1])
 
     return forward
 

@@ -39,8 +39,12 @@ class DequantReader:
         self.arch = None
         if getattr(fmt, "served_experts", None) is not None:
             from ..arch import get_arch
+            from ..errors import InputError
 
-            self.arch = get_arch(reader.config, source=str(reader.path))
+            try:
+                self.arch = get_arch(reader.config, source=str(reader.path))
+            except InputError:  # not a family of the table: no experts to serve
+                self.arch = None
             self._served = fmt.served_experts(self.arch, reader.names())
             hidden.update(f"{stem}_{s}" for stem, _ in self._served.values() for s in fmt.suffixes
                           if f"{stem}_{s}" in reader)

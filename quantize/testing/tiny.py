@@ -36,14 +36,15 @@ def _config_classes() -> dict[str, type]:
         "qwen3_moe": T.Qwen3MoeConfig,
         "deepseek_v3": T.DeepseekV3Config,
         "gpt_oss": T.GptOssConfig,
+        "llama4_text": T.Llama4TextConfig,
     }
 
 
 FAMILIES: list[str] = arch_table.dense_families()
 """The dense families (every method and format supports them)."""
 FUSED_MOE_FAMILIES: list[str] = arch_table.fused_moe_families()
-"""The Mixture-of-Experts families whose checkpoints hold the experts 3D (GPT-OSS): GPTQ/RTN into
-GPTQ and compressed-tensors only (tests/test_moe_gpt_oss.py)."""
+"""The Mixture-of-Experts families whose checkpoints hold the experts 3D (GPT-OSS, Llama-4 text):
+GPTQ/RTN into GPTQ and compressed-tensors only (tests/test_moe_gpt_oss.py, tests/test_moe_llama4.py)."""
 MOE_FAMILIES: list[str] = [f for f in arch_table.moe_families() if f not in FUSED_MOE_FAMILIES]
 """The Mixture-of-Experts families with per-expert 2D checkpoints: 4 experts, 2 per token, expert
 width hidden / 2."""
@@ -62,6 +63,10 @@ _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
     # every layer sparse, experts 3D on disk with biases; layers alternate sliding-window (8) / full
     # attention, with sinks
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8),
+    # layer 0 dense (its own MLP, intermediate_size_mlp), layer 1 sparse (moe_layers = [1]): 4 experts,
+    # top-1 as released, a shared expert; chunked attention in chunks of 16 tokens
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=2, attention_chunk_size=16),
 }
 
 
