@@ -23,6 +23,10 @@ layers stay dense. A sparse layer's groups are the dense groups with the MLP one
 ``MoE.groups``, where the experts module stands as one group (``Arch.layer_groups``); per-expert
 linears are named as on disk (``mlp.experts.7.gate_proj``), so every format writes the names vLLM's
 ``FusedMoE`` maps. ``MemoryView`` serves the in-memory (transformers) parameter names from them.
+GPT-OSS and Llama-4 text checkpoints hold the 3D parameters themselves (``Experts.fused_on_disk``,
+transposed; GPT-OSS's interleaved and biased, Llama-4's scaled by the routing score on the input):
+their per-expert linears are views of those, written per expert all the same (GPT-OSS's
+compressed-tensors under the names vLLM's GPT-OSS loader streams, ``Experts.served``).
 """
 
 from __future__ import annotations

@@ -279,16 +279,17 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
     quantized = {prefix + lin + ".weight": lin for lin in results}
     replaced = {prefix + rel: t for rel, t in (replaced or {}).items()}
     pack_bias = getattr(fmt, "pack_bias", None)  # a format may store a quantized linear's bias its own way
-    # experts whose checkpoint holds the 3D parameters (GPT-OSS): each is written as its experts'
-    # linears (per expert, one group sharing an input: gate+up, then down)
+    # experts whose checkpoint holds the 3D parameters (GPT-OSS, Llama-4 text): each is written as
+    # its experts' linears (per expert, one group sharing an input: gate+up, then down)
     stacked = _stacked_experts(arch, reader.config, i) if quantized else {}
+    written: set[str] = set()  # the quantized weights written in place of a 3D parameter
     for name in names:
         if name in stacked:
             for lins in stacked[name]:
                 if not all(lin in results for lin in lins):
                     raise RuntimeFault(f"layer {i}: {name} holds {lins}, which were not all quantized")
                 out.update(_pack_experts(fmt, arch, prefix, lins, results))
-                quantized = {k: v for k, v in quantized.items() if v not in lins}
+                written.update(prefix + lin + ".weight" for lin in lins)
         elif name in quantized:
             for suffix, t in fmt.pack(results[quantized[name]]).items():
                 out[f"{prefix}{quantized[name]}.{suffix}"] = t.contiguous()
@@ -298,7 +299,7 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
             out[name] = replaced[name].to(device="cpu", dtype=reader.dtype(name)).contiguous()
         else:
             out[name] = reader.get(name).contiguous()
-    missing = (set(quantized) | set(replaced)) - set(names)
+    missing = ((set(quantized) - written) | set(replaced)) - set(names)
     if missing:
         raise RuntimeFault(f"layer {i}: quantized {sorted(missing)} not found in the checkpoint")
     return out
