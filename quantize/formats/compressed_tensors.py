@@ -146,11 +146,16 @@ def dequantize_int(tensors: Mapping[str, Tensor], **kw: Any) -> Tensor:
 # -- FP8 -------------------------------------------------------------------------------------------
 
 
-def pack_fp8(result: FP8Result, *, scale_dtype: torch.dtype, name: str = "weight") -> dict[str, Tensor]:
+def pack_fp8(result: FP8Result, *, scale_dtype: torch.dtype, name: str = "weight", per_tensor: bool = False) -> dict[str, Tensor]:
+    """``weight_scale`` [N, 1] per channel, [1] per tensor (the shapes compressed-tensors creates)."""
     stored = result.scale.to(scale_dtype)
     if not torch.equal(stored.to(torch.float32), result.scale.to(torch.float32)):
         raise InputError(f"{name}: FP8 scales are not exact in {scale_dtype}; quantize with this model's dtype")
-    out = {"weight": result.weight.contiguous(), "weight_scale": stored.reshape(-1, 1).contiguous()}
+    if stored.numel() != (1 if per_tensor else result.weight.shape[0]):
+        raise InputError(f"{name}: {stored.numel()} FP8 weight scales for {result.weight.shape[0]} rows, but the format "
+                         f"stores them per {'tensor' if per_tensor else 'channel'}")
+    out = {"weight": result.weight.contiguous(),
+           "weight_scale": stored.reshape(1 if per_tensor else (-1, 1)).contiguous()}
     if result.input_scale is not None:
         out["input_scale"] = torch.tensor([result.input_scale], dtype=torch.float32).to(scale_dtype)
     return out
@@ -158,8 +163,8 @@ def pack_fp8(result: FP8Result, *, scale_dtype: torch.dtype, name: str = "weight
 
 def dequantize_fp8(tensors: Mapping[str, Tensor], name: str = "weight") -> Tensor:
     w, s = tensors.get("weight"), tensors.get("weight_scale")
-    if w is None or s is None or w.dtype != torch.float8_e4m3fn or w.ndim != 2 or s.numel() != w.shape[0]:
-        raise InputError(f"{name}: expected float8_e4m3fn weight [N, K] and weight_scale [N, 1]")
+    if w is None or s is None or w.dtype != torch.float8_e4m3fn or w.ndim != 2 or s.numel() not in (1, w.shape[0]):
+        raise InputError(f"{name}: expected float8_e4m3fn weight [N, K] and weight_scale [N, 1] or [1]")
     return w.to(torch.float32) * s.to(torch.float32).reshape(-1, 1)
 
 
@@ -377,16 +382,17 @@ class CompressedTensorsIntFormat:
 
 
 class CompressedTensorsFP8Format:
-    """``float-quantized`` FP8 W8A8 (per-channel weights; dynamic per-token or static per-tensor
-    activations) as the pipeline's ``Format``."""
+    """``float-quantized`` FP8 W8A8 (per-channel weights, or per-tensor: ``per_tensor``; dynamic
+    per-token or static per-tensor activations) as the pipeline's ``Format``."""
 
     name = "compressed-tensors"
     suffixes = FP8_SUFFIXES
 
-    def __init__(self, static: bool = False, dtype: torch.dtype = torch.bfloat16, arch=None):
+    def __init__(self, static: bool = False, dtype: torch.dtype = torch.bfloat16, arch=None, per_tensor: bool = False):
         self.static = static
         self.dtype = dtype
         self.arch = arch
+        self.per_tensor = per_tensor
 
     @classmethod
     def from_scheme(cls, scheme, source: str) -> "CompressedTensorsFP8Format":
@@ -395,13 +401,13 @@ class CompressedTensorsFP8Format:
         if str(getattr(w.type, "value", w.type)) != "float" or w.num_bits != 8 or strategy not in ("channel", "tensor"):
             raise InputError(f"{source}: float-quantized {w.type} {w.num_bits}-bit {strategy} weights are not readable "
                              "(FP8 per channel or per tensor is)")
-        return cls(static=a is not None and not a.dynamic)
+        return cls(static=a is not None and not a.dynamic, per_tensor=strategy == "tensor")
 
     def preflight(self, arch, config: Mapping[str, Any]) -> None:
         self.arch = arch
 
     def pack(self, result: FP8Result) -> dict[str, Tensor]:
-        return pack_fp8(result, scale_dtype=self.dtype)
+        return pack_fp8(result, scale_dtype=self.dtype, per_tensor=self.per_tensor)
 
     def input_quantizer(self, reader, prefix: str):
         """What the engine does to linear ``prefix``'s input (for eval): FP8 per token, or FP8 with
@@ -423,7 +429,8 @@ class CompressedTensorsFP8Format:
         return tuple(shapes["weight"])
 
     def quantization_config(self) -> dict[str, Any]:
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel"}
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                   "strategy": "tensor" if self.per_tensor else "channel"}
         acts = ({"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor"} if self.static
                 else {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"})
         return build_config(weights=weights, input_activations=acts, fmt=FLOAT, ignore=_ignore(self.arch))

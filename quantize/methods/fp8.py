@@ -44,12 +44,15 @@ def exact_scale(x: Tensor, scale_dtype: str) -> Tensor:
 
 
 def fp8_quantize(W: Tensor, scale_dtype: str = "bfloat16", *, input_scale: float | None = None,
-                 name: str = "weight") -> FP8Result:
-    """Per-channel FP8 e4m3 of ``W [N, K]`` (not modified); an all-zero row gets the smallest scale."""
+                 name: str = "weight", absmax: float | None = None) -> FP8Result:
+    """Per-channel FP8 e4m3 of ``W [N, K]`` (not modified); an all-zero row gets the smallest scale.
+    With ``absmax`` (>= max|W|): per tensor, one scale ``absmax / 448`` (``scale`` [1]), so that
+    several linears can share it (an expert's gate and up: vLLM's fused w13 holds one per expert)."""
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
     W32 = check_weight(W, name)
-    scale = exact_scale(W32.abs().amax(dim=1) / FP8_MAX, scale_dtype)
+    amax = W32.abs().amax(dim=1) if absmax is None else torch.tensor([absmax], dtype=torch.float32, device=W32.device)
+    scale = exact_scale(amax / FP8_MAX, scale_dtype)
     q = (W32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return FP8Result(weight=q, scale=scale, W_hat=q.to(torch.float32) * scale[:, None], input_scale=input_scale)
 
@@ -88,31 +91,41 @@ class AbsMax:
 
 
 class FP8Method:
-    """Layer plug-in: every layer linear to per-channel FP8; static activation scales when asked.
+    """Layer plug-in: every layer linear to FP8; static activation scales when asked.
 
-    Mixture-of-Experts layers (dynamic activations only, see :meth:`preflight`): every routed
-    expert's gate/up/down, each its own 2D linear as on disk (``mlp.experts.{e}.gate_proj``,
-    Mixtral ``block_sparse_moe.experts.{e}.w1``), and the shared experts; routers and
-    shared-expert gates are never quantized. Weights take no statistics, so every expert is
-    quantized whatever the routing sends it."""
+    Mixture-of-Experts layers: every routed expert's gate/up/down, each its own 2D linear as on
+    disk (``mlp.experts.{e}.gate_proj``, Mixtral ``block_sparse_moe.experts.{e}.w1``), and the
+    shared experts; routers and shared-expert gates are never quantized. Dynamic: per-channel
+    weights, no statistics. Static (``per_tensor``: what vLLM's FP8 fused-MoE method takes with
+    static activations, per-tensor weights, for every linear of the model) -- Lifecycle of a sparse
+    layer: [1] the dense groups (attention, shared experts) as in a dense layer; [2] the experts
+    from the tokens that reach them (``ctx.expert_inputs``, ``executor/moe.Routing``): gate/up per
+    expert with one weight scale for the pair, and one input scale, from every token reaching the
+    experts; down's input scale the largest ``|act(x Ŵgate) * (x Ŵup)|`` over the experts, each on
+    its routed tokens through its FP8 gate/up (an expert under ``--moe-min-tokens``: the declared
+    fallback, all tokens; ``rtn``: no statistic of its own). vLLM takes the largest input scale of a
+    layer's experts, so every expert stores that one; [3] the stage propagates through it all."""
 
     name = "fp8"
     solves_experts = True
 
-    def __init__(self, scale_dtype: str = "bfloat16", static: bool = False):
+    def __init__(self, scale_dtype: str = "bfloat16", static: bool = False, per_tensor: bool = False, moe=None):
+        from ..executor.moe import MoEOptions
+
         self.scale_dtype = scale_dtype
         self.static = static
+        self.per_tensor = per_tensor
+        self.moe = moe or MoEOptions()
 
     def preflight(self, arch, config) -> None:
-        """Static per-tensor activation scales are refused for a Mixture-of-Experts model: vLLM's
-        FP8 fused-MoE method (``CompressedTensorsW8A8Fp8MoEMethod``) takes per-channel weights only
-        with dynamic per-token activations, so such a checkpoint would not load there."""
-        if self.static and arch.moe is not None:
+        """Static activation scales with per-channel weights are refused for a Mixture-of-Experts
+        model: vLLM's FP8 fused-MoE method (``CompressedTensorsW8A8Fp8MoEMethod``) takes per-channel
+        weights only with dynamic per-token activations, so such a checkpoint would not load there."""
+        if self.static and arch.moe is not None and not self.per_tensor:
             from ..errors import InputError
 
-            raise InputError(f"--scheme static: {arch.name} is a Mixture-of-Experts model and vLLM's FP8 fused-MoE "
-                             "layers take per-channel FP8 weights only with dynamic per-token activations; "
-                             "use --scheme dynamic")
+            raise InputError(f"static FP8 with per-channel weights: {arch.name} is a Mixture-of-Experts model and "
+                             "vLLM's FP8 fused-MoE layers take static activation scales only with per-tensor weights")
 
     def process_layer(self, ctx) -> Any:
         from ..executor.context import LayerResult
@@ -122,9 +135,11 @@ class FP8Method:
         groups = {g[0]: g for g in ctx.groups}
         arch, cfg = ctx.arch, ctx.streamer.reader.config
 
-        def quantize(name: str, scale_in: float | None) -> None:
+        def quantize(name: str, scale_in: float | None, absmax: float | None = None) -> None:
             W = ctx.weight(name)
-            r = fp8_quantize(W, self.scale_dtype, input_scale=scale_in, name=ctx.prefix + name)
+            if self.per_tensor and absmax is None:
+                absmax = float(W.abs().amax())
+            r = fp8_quantize(W, self.scale_dtype, input_scale=scale_in, name=ctx.prefix + name, absmax=absmax)
             ctx.set_weight(name, r.W_hat)
             results[name] = r
             ref = float(W.square().sum())
@@ -143,7 +158,49 @@ class FP8Method:
         if not self.static:
             for first in groups:
                 solve(first, None)
-        else:
-            stats = {first: AbsMax() for first in groups}
-            ctx.sequential(list(groups), lambda first, x: stats[first].add(x), lambda first: solve(first, stats[first].value))
+            return LayerResult(results, metrics)
+        dense = [first for first in groups if first != ctx.experts_module]
+        hidden = ctx.stored_hidden()
+        stats = {first: AbsMax() for first in dense}
+        ctx.sequential(dense, lambda first, x: stats[first].add(x), lambda first: solve(first, stats[first].value))
+        if ctx.experts_module is not None:
+            # the pass above ran the experts unquantized: the stage propagates the layer again
+            ctx.restore_inputs(hidden)
+            self._experts_static(ctx, quantize, metrics)
         return LayerResult(results, metrics)
+
+    def _experts_static(self, ctx, quantize, metrics: dict) -> None:
+        from ..executor.moe import CHUNK, Routing, expert_hidden
+
+        arch, cfg = ctx.arch, ctx.streamer.reader.config
+        E, ex = arch.num_experts(cfg), arch.moe.experts
+        rt = Routing.of(ctx.expert_inputs(), E, self.moe)  # the tokens reaching the experts, with the weights in place
+        ctx.extra_metrics["moe"] = rt.record(arch.experts_per_token(cfg))
+        amax_in = AbsMax()
+        for x, _ in rt.parts:
+            amax_in.add(x)
+        scale_in = static_input_scale(amax_in.value, self.scale_dtype)
+        for e in range(E):  # gate and up: one weight scale for the pair, the layer's input scale
+            gate, up = arch.expert_linear(e, 0), arch.expert_linear(e, 1)
+            pair = max(float(ctx.weight(gate).abs().amax()), float(ctx.weight(up).abs().amax()))
+            for name in (gate, up):
+                quantize(name, scale_in, pair)
+        module = ctx.module(ctx.experts_module)
+        gate_up = getattr(module, ex.fused[0])
+        down_amax: list[float | None] = []
+        for e, how in enumerate(rt.how):
+            if how == "rtn":  # the declared no-statistics fallback: the other experts' scale serves it
+                down_amax.append(None)
+                continue
+            x = rt.rows(e)
+            W_gu = gate_up[e].to(device=x.device, dtype=x.dtype)  # FP8 already; host-resident with --expert-chunk
+            amax = AbsMax()
+            with torch.no_grad():
+                for chunk in x.split(CHUNK):
+                    amax.add(expert_hidden(module, ex, chunk, W_gu, None))
+            down_amax.append(amax.value)
+            del x, W_gu
+        scale_down = static_input_scale(max([a for a in down_amax if a is not None], default=0.0), self.scale_dtype)
+        for e in range(E):
+            quantize(arch.expert_linear(e, 2), scale_down)
+        metrics["expert_input_absmax"] = {"gate_up": amax_in.value, "down": down_amax}
