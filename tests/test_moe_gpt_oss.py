@@ -396,3 +396,55 @@ def test_check_leaves_out_the_engines_that_cannot_load_gpt_oss_experts(outputs):
     assert select("auto", "compressed-tensors", "gpt_oss", root / "ct") == ["vllm"]
     assert select("auto", "gptq", "gpt_oss", root / "gptq") == []
     assert "conversion mapping" in refused_by("transformers", "compressed-tensors", root / "ct")
+
+
+_VLLM_NAMES = r"""
+import json, sys
+from safetensors import safe_open
+from vllm.model_executor.models.gpt_oss import GptOssForCausalLM, GptOssModel
+from vllm.model_executor.model_loader.weight_utils import maybe_remap_moe_expert_param_name
+
+with safe_open(sys.argv[1] + "/model.safetensors", "pt") as f:
+    names = list(f.keys())
+params = {f"layers.{i}.mlp.experts.routed_experts.{p}": None for i in range(2)
+          for p in ("w13_weight_packed", "w13_weight_scale", "w2_weight_packed", "w2_weight_scale", "w13_bias", "w2_bias")}
+routed = {}
+for n in names:
+    m = GptOssForCausalLM.hf_to_vllm_mapper._map_name(n)
+    m = (m[0] if isinstance(m, tuple) else m).removeprefix("model.")
+    m = maybe_remap_moe_expert_param_name(m, params)
+    info = GptOssModel._get_streamed_expert_info(m, params)
+    if info is not None:
+        routed[n] = [info[0], info[1], info[2]]
+    elif ".experts." in m:
+        routed[n] = [None, m, None]
+print(json.dumps(routed))
+"""
+
+
+@pytest.mark.interop
+def test_vllm_routes_every_expert_tensor_to_its_parameter(outputs):
+    """vLLM's own name handling for GPT-OSS (its weights mapper, its routed-experts rename and its
+    per-expert streaming parser, run in .venv-vllm; the engine itself needs a WNA16 MoE kernel this
+    CPU lacks) sends each of our compressed-tensors expert tensors to the fused parameter and expert
+    it belongs to, and the expert biases to w13_bias / w2_bias."""
+    import subprocess
+
+    from quantize.check.engines import interpreter
+
+    vllm = interpreter("vllm", "compressed-tensors")
+    if vllm.python is None:
+        pytest.skip(f"needs vLLM: {vllm.reason}")
+    root, _ = outputs
+    r = subprocess.run([vllm.python, "-c", _VLLM_NAMES, str(root / "ct")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    routed = json.loads(r.stdout.strip().splitlines()[-1])
+    for i in range(2):
+        for e in range(4):
+            for stem, shard in (("w13", "gpt_oss_w13"), ("w2", "gpt_oss_w2")):
+                for s in ("weight_packed", "weight_scale"):
+                    assert routed.pop(f"model.layers.{i}.mlp.experts.{e}.{stem}_{s}") == \
+                        [e, f"layers.{i}.mlp.experts.routed_experts.{stem}_{s}", shard]
+        assert routed.pop(f"model.layers.{i}.mlp.experts.gate_up_proj_bias")[1] == f"layers.{i}.mlp.experts.routed_experts.w13_bias"
+        assert routed.pop(f"model.layers.{i}.mlp.experts.down_proj_bias")[1] == f"layers.{i}.mlp.experts.routed_experts.w2_bias"
+    assert routed == {}
