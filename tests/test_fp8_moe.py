@@ -481,3 +481,21 @@ def test_vllm_loads_every_tensor_and_never_passes_unrun(scheme, outputs):
         return
     assert rec.verdict == "loaded, forward not run" and rec.figures is None, rec
     assert "CompressedTensorsW8A8Fp8MoEMethod" in rec.reason and CPU_FORWARD_ERRORS[scheme] in rec.reason, rec
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])  # shared experts before / after the routed ones
+def test_static_lockstep_equals_stopped_passes(family, tiny_model_dir, calib_for, tmp_path):
+    """Static: one paused forward per layer (lock-step) and one stopped pass per group give the
+    same bytes, with the experts' statistics and the propagation through the FP8 experts, and
+    with the experts kept in host memory 3 at a time (--expert-chunk)."""
+    from quantize.commands.fp8 import quantize_fp8
+
+    model = tiny_model_dir(family, dtype=torch.bfloat16)
+    cal = calib_for(model)
+    runs = {"lock": dataclasses.replace(CPU, lockstep=True), "multi": dataclasses.replace(CPU, lockstep=False),
+            "chunk": dataclasses.replace(CPU, lockstep=True, expert_chunk=3)}
+    for name, cfg in runs.items():
+        quantize_fp8(model_dir=model, out=tmp_path / name, exec_cfg=cfg, scheme="static", calibration=cal)
+    files = [f for f in output_files(tmp_path / "lock") if f != "manifest.json"]
+    assert_same_files(tmp_path / "lock", tmp_path / "multi", files)
+    assert_same_files(tmp_path / "lock", tmp_path / "chunk", [f for f in files if f.endswith(".safetensors")])

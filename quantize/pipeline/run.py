@@ -145,12 +145,19 @@ def plan_run(recipe: Recipe, recipe_path: Path, *, out: Path | None = None, devi
             qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
                             "moe_fallback": moe.fallback})
     elif recipe.method == "fp8":
+        moe = recipe.moe or MoESettings()
+
         def do_quantize():
             from ..commands.fp8 import quantize_fp8
             static = recipe.fp8_scheme == "static"
             return quantize_fp8(model_dir=model_dir, out=qdir, exec_cfg=exec_cfg, scheme=recipe.fp8_scheme,
-                                calibration=calib_dir if static else None, seed=cal.seed, overwrite=True)
+                                calibration=calib_dir if static else None, seed=cal.seed, overwrite=True,
+                                moe_calibration=moe.calibration, moe_min_tokens=moe.min_tokens,
+                                moe_fallback=moe.fallback)
         qparams = {"method": "fp8", "scheme": recipe.fp8_scheme}
+        if recipe.moe is not None and recipe.fp8_scheme == "static":  # recorded by a static MoE stage only
+            qparams.update({"moe_calibration": moe.calibration, "moe_min_tokens": moe.min_tokens,
+                            "moe_fallback": moe.fallback})
     elif recipe.method == "gguf":
         def do_quantize():
             from ..commands.gguf import quantize_gguf
