@@ -3,13 +3,15 @@
 Pure functions over tensors. Per output row ``n`` of ``W [N, K]``: ``scale[n] = max|W[n]| / 448``
 (448 = the largest finite e4m3 value), rounded to the dtype the checkpoint stores scales in; the
 weight is ``fp8(clamp(W / scale, ±448))`` (round to nearest even) and reads back as
-``float(q) · scale``. A static activation scale is ``max|x| / 448`` over every calibration token
-reaching a linear (:class:`AbsMax` collects it; solving is separate).
+``float(q) · scale``. Per tensor (static FP8 of a Mixture-of-Experts model): one ``scale`` for
+the whole weight, or for a group of weights (an expert's gate and up). A static activation scale
+is ``max|x| / 448`` over every calibration token reaching a linear (:class:`AbsMax` collects it;
+solving is separate).
 
 A layer plug-in (:class:`FP8Method`) runs it in the shared layer loop: without calibration data
 (dynamic per-token activation scales, chosen by the engine at run time) no forward runs at all;
 with ``static`` the loop's true-sequential pass feeds each group of linears its inputs, with the
-earlier groups already in FP8.
+earlier groups already in FP8 (a sparse layer's experts: from the tokens routed to them).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class FP8Method:
                 solve(first, None)
             return LayerResult(results, metrics)
         dense = [first for first in groups if first != ctx.experts_module]
-        hidden = ctx.stored_hidden()
+        hidden = ctx.stored_hidden() if ctx.experts_module is not None else None  # this layer's inputs
         stats = {first: AbsMax() for first in dense}
         ctx.sequential(dense, lambda first, x: stats[first].add(x), lambda first: solve(first, stats[first].value))
         if ctx.experts_module is not None:
@@ -170,6 +172,7 @@ class FP8Method:
         return LayerResult(results, metrics)
 
     def _experts_static(self, ctx, quantize, metrics: dict) -> None:
+        """Step [2] of the class docstring: every routed expert of ``ctx``'s layer, static."""
         from ..executor.moe import CHUNK, Routing, expert_hidden
 
         arch, cfg = ctx.arch, ctx.streamer.reader.config
