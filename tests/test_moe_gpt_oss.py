@@ -398,6 +398,15 @@ def test_check_leaves_out_the_engines_that_cannot_load_gpt_oss_experts(outputs):
     assert "conversion mapping" in refused_by("transformers", "compressed-tensors", root / "ct")
 
 
+def test_check_of_a_gptq_output_exits_2_saying_why(outputs, capsys):
+    from quantize.cli import main
+
+    root, _ = outputs
+    assert main(["check", str(root / "gptq")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
+    assert len(err) == 1 and "gptqmodel:" in err[0] and "vllm:" in err[0], err
+
+
 _VLLM_NAMES = r"""
 import json, sys
 from safetensors import safe_open

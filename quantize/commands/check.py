@@ -40,7 +40,12 @@ def check_command(directory: Path, engine: str, as_json: bool):
         raise InputError(f"{directory}: --engine {engine} does not serve {fmt} outputs (engines for {fmt}: {served})")
     fmt, engines, records = check_output(directory, engine)
     if not engines:
-        raise InputError(f"{directory}: no engine serves {fmt} outputs")
+        from ..check.engines import refused_by
+
+        known = [f"{e}: {refused_by(e, fmt, directory)}" for e in engines_for(fmt, model_type(directory))
+                 if refused_by(e, fmt, directory)]
+        why = f" ({'; '.join(known)})" if known else ""
+        raise InputError(f"{directory}: no engine serves {fmt} outputs of this model{why}")
     if mf.load_manifest(directory) is not None:
         mf.append_checks(directory, records)
         where = f"recorded in {directory / mf.MANIFEST_NAME}"
