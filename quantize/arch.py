@@ -151,6 +151,9 @@ class MoE:
     dense_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     renames: tuple[tuple[str, str], ...] = ()
     biased: tuple[str, ...] = ()  # never_quantized modules that carry a bias (GPT-OSS's router)
+    # persistent buffers of a sparse layer on disk, never quantized: (relative name, width key)
+    # (DeepSeek-V3's router ``mlp.gate.e_score_correction_bias``, one value per routed expert)
+    buffers: tuple[tuple[str, str], ...] = ()
     first_dense_key: str | None = None
     dense_list_key: str | None = None
     sparse_step_key: str | None = None
@@ -333,12 +336,14 @@ class Arch:
     def layer_other_params(self, config: Mapping[str, Any], i: int) -> list[tuple[str, int, bool]]:
         """Layer ``i``'s parameters besides its linears, norms and router weights, never quantized:
         ``(relative name, numel, one slice per routed expert)`` -- ``layer_params`` (GPT-OSS's
-        sinks), router biases (``MoE.biased``) and the experts' biases (``Experts.biases``)."""
+        sinks), router biases (``MoE.biased``), router buffers (``MoE.buffers``: DeepSeek's
+        ``e_score_correction_bias``) and the experts' biases (``Experts.biases``)."""
         d = self.dims(config)
         out = [(name, d[width], False) for name, width in self.layer_params]
         if self.is_sparse_layer(config, i):
             out += [(f"{self.disk_name(m.name)}.bias", sum(d[o] for o in m.out), False)
                     for m in self.moe.never_quantized if m.name in self.moe.biased]
+            out += [(name, d[width], False) for name, width in self.moe.buffers]
             ex = self.moe.experts
             if ex.biases:
                 E = self.num_experts(config)
@@ -743,6 +748,7 @@ _MOE_TABLE: tuple[Arch, ...] = (
             groups=((EXPERTS,),) + _shared("mlp.shared_experts"),  # shared experts run after the routed ones
             scale_pairs=_moe_pairs(_DEEPSEEK_EXPERTS, "mlp.shared_experts"),
             first_dense_key="first_k_dense_replace",
+            buffers=(("mlp.gate.e_score_correction_bias", "experts"),),
         ),
         extra_dims=(
             ("moe_intermediate", _moe_intermediate),

@@ -436,10 +436,7 @@ def test_check_does_not_pass_transformers_on_fp8_experts(family, outputs, tiny_m
     assert select("auto", "compressed-tensors", "llama", dense) == ["transformers", "vllm"]
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="quantize plan does not count DeepSeek's mlp.gate.e_score_correction_bias (E values per "
-                        "sparse layer: 8 bytes here), for every format")) if f == "deepseek_v3" else f
-    for f in MOE_FAMILIES])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_plan_predicts_the_bytes_and_lists_fp8_for_moe(family, outputs):
     """``quantize plan`` has an FP8 (dynamic) row for MoE models, and its tensor bytes are the
     written checkpoint's to the byte (every expert's e4m3 weight and bf16 scale, routers dense)."""

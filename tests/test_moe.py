@@ -317,7 +317,8 @@ def test_inspect_shows_coverage(starved, calib_for, tmp_path):
 
 
 def test_plan_counts_total_and_active_parameters(tiny_model_dir):
-    """The published totals of real MoE models (config.json only), and exact counts on tiny ones."""
+    """The published totals of real MoE models (config.json only), and exact counts on tiny ones
+    (every value the checkpoint holds: DeepSeek's ``e_score_correction_bias`` buffer too)."""
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -329,7 +330,9 @@ def test_plan_counts_total_and_active_parameters(tiny_model_dir):
         model = tiny_model_dir(family)
         hf = _hf(model)
         cfg = CheckpointReader(model).config
-        assert parameter_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters()), family
+        sd = hf.state_dict()  # parameters and the persistent buffers the checkpoint carries (DeepSeek's router bias)
+        on_disk = sum(p.numel() for p in hf.parameters()) + sum(b.numel() for n, b in hf.named_buffers() if n in sd)
+        assert parameter_counts(cfg)["total"] == on_disk, family
         p = plan(cfg)
         from quantize.plan import MOE_METHODS
 
