@@ -93,11 +93,13 @@ def moe_options(f):
                           "(a DeepSeek-V3 layer is 21 GiB in bf16: e.g. 32 of 256 on a 24 GiB card). Default: the "
                           "whole layer on the device.")(f)
     f = click.option("--moe-fallback", default="all", show_default=True, type=click.Choice(["all", "rtn"]),
-                     help="MoE: how an expert that saw fewer than --moe-min-tokens is solved: from the all-token "
-                          "Hessian, or RTN on its weights. Either way it is listed in the manifest.")(f)
+                     help="MoE: how an expert that saw fewer than --moe-min-tokens is solved: from all tokens' "
+                          "statistics (GPTQ/AWQ/GGUF: the all-token Hessian or activations; static FP8: the "
+                          "all-token input range), or without statistics of its own (RTN on its weights; static "
+                          "FP8: the other experts' input scale). Either way it is listed in the manifest.")(f)
     f = click.option("--moe-min-tokens", default=0.005, show_default=True, type=float,
-                     help="MoE: fraction of the calibration tokens an expert must be routed to for a Hessian of its "
-                          "own (GPTQModel's 0.5%%).")(f)
+                     help="MoE: fraction of the calibration tokens an expert must be routed to for statistics of its "
+                          "own (a Hessian; static FP8: an input range) (GPTQModel's 0.5%%).")(f)
     f = click.option("--moe-calibration", default="routed", show_default=True, type=click.Choice(["routed", "all"]),
                      help="MoE: each expert's statistics from the tokens routed to it, or from all tokens (the "
                           "forward stays the model's own routing either way).")(f)
