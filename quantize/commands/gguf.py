@@ -47,6 +47,11 @@ def quantize_gguf(*, model_dir: Path, out: Path, exec_cfg, ftype: str = "Q4_K_M"
               "damp": damp, "imatrix": imatrix_out is not None, "seed": seed}
     if arch.moe is not None and calibration is not None:
         params.update(moe.params())
+    if arch.name == "deepseek_v3" and calibration is not None:
+        # kv_b's k rows are written transposed (attn_k_b): their inputs are q_nope's, not kv_b's, so no
+        # Hessian of ours applies; attn_v_b (kv_b's v rows, kv_b's inputs) is GPTQ-solved
+        params["reference_rounding"] = {"attn_k_b": "kv_b_proj's k rows transposed per head (inputs: q_nope); "
+                                                    "llama.cpp's reference rounding"}
     m = run_quantize_stage(stage="gguf", model_dir=model_dir, calibration_dir=calibration, out=out, method=method,
                            fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite, resume=resume)
     if imatrix_out is not None:
@@ -59,7 +64,7 @@ def write_imatrix_from_manifest(m, out: Path, imatrix_out: Path, calibration: Pa
     import torch
 
     from ..calibration import load_calibration
-    from ..formats.gguf import expert_tensor, gguf_tensor_name
+    from ..formats.gguf import expert_tensor, gguf_tensor_name, kv_b_parts
     from ..formats.gguf_imatrix import write_imatrix
     from ..formats.registry import model_config
 
@@ -69,6 +74,12 @@ def write_imatrix_from_manifest(m, out: Path, imatrix_out: Path, calibration: Pa
     stacks: dict[str, dict[int, tuple[list[float], int]]] = {}  # stacked experts: one entry, per-expert rows
     for layer in m.metrics["layers"]:
         for name, (sums, n) in layer.get("imatrix", {}).items():
+            split = kv_b_parts(name + ".weight", config)
+            if split is not None:  # DeepSeek's kv_b: only attn_v_b reads kv_b's inputs (one row per head)
+                (_, _), (v_name, (heads, _, _)) = split
+                entries[gguf_tensor_name(v_name, config)] = (torch.tensor([sums] * heads, dtype=torch.float32),
+                                                             [int(n)] * heads)
+                continue
             expert = expert_tensor(name + ".weight", config)
             if expert is not None:
                 stacks.setdefault(expert[0], {})[expert[1]] = (sums, int(n))

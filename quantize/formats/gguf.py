@@ -20,6 +20,10 @@ mixtral     ``llama``       LlamaModel: as llama, plus ``expert_count``/``expert
 qwen2_moe   ``qwen2moe``    Qwen2MoeModel: + ``expert_feed_forward_length``,
                             ``expert_shared_feed_forward_length``; shared expert ``*_shexp``
 qwen3_moe   ``qwen3moe``    Qwen3MoeModel: qwen2moe's keys without a shared expert; q/k norms
+deepseek_v3 ``deepseek2``   DeepseekV2Model: MLA (``attn_q_a``/``attn_q_a_norm``/``attn_q_b``,
+                            ``attn_kv_a_mqa``/``attn_kv_a_norm``, ``kv_b_proj`` split per head
+                            into ``attn_k_b`` (transposed) and ``attn_v_b``), leading dense
+                            layers, ``exp_probs_b``, shared expert ``*_shexp``; MLA/expert keys
 ==========  ==============  ================================================================
 
 Mixture-of-Experts (MOE.md section 4): a layer's routed experts are stacked into one 3D tensor per
@@ -27,8 +31,23 @@ projection, ``blk.N.ffn_{gate,up,down}_exps`` (numpy ``[E, rows, cols]``), writt
 per-expert results; the router ``ffn_gate_inp`` and Qwen2-MoE's shared-expert gate
 ``ffn_gate_inp_shexp`` stay F32. llama.cpp's graphs fix what the checkpoint must be: every layer
 sparse, and top-k weights renormalised for qwen3moe/Mixtral, not for qwen2moe
-(:func:`check_representable` refuses the rest). DeepSeek-V3 (llama.cpp's ``deepseek2``: MLA with
-``attn_kv_b`` split into ``attn_k_b``/``attn_v_b``, ``exp_probs_b``, YaRN keys) is not written yet.
+(:func:`check_representable` refuses the rest).
+
+DeepSeek-V3 (``deepseek2``, DeepseekV2Model): ``kv_b_proj`` ``[H*(nope+v), kv_lora]`` is written as
+the converter splits it for MLA's weight absorption, per head the ``nope`` k rows then the ``v`` rows:
+``attn_k_b`` = the k rows transposed (numpy ``[H, kv_lora, nope]``: llama.cpp multiplies q_nope by
+it) and ``attn_v_b`` = the v rows (``[H, v, kv_lora]``); the reader joins them back into
+``kv_b_proj``. ``first_k_dense_replace`` leading layers keep ``ffn_{gate,up,down}``; the router's
+``e_score_correction_bias`` is ``exp_probs_b.bias`` (F32). Keys: the converter's (head_count_kv 1, key/value
+length ``kv_lora+rope``/``kv_lora`` and their ``_mla`` forms, rope dimension count ``qk_rope_head_dim``,
+q/kv LoRA ranks, leading dense block count, expert counts, group count/used (llama.cpp groups the
+experts as transformers does), weights scale/norm, YaRN keys and ``yarn_log_mul = 0.1 *
+mscale_all_dim``) -- plus ``expert_gating_func = sigmoid`` always: the converter writes it only when
+config.json has ``scoring_func`` (DeepSeek's own release does; a config saved by transformers does
+not), and without it llama.cpp would gate with softmax while transformers' DeepseekV3 always gates with
+sigmoid. Refused (:func:`check_representable`): ``num_key_value_heads != num_attention_heads`` (the
+converter splits ``kv_b`` by it), ``rope_interleave: false`` (llama.cpp's deepseek2 rotary is the
+interleaved one), no ``q_lora_rank`` (the architecture table needs it).
 
 Layout rules (``ModelBase.prepare_tensors``): 1-D tensors and every ``*_norm.weight`` are F32; a tied
 head has no ``output`` tensor (llama.cpp reuses ``token_embd``); names come from
@@ -82,10 +101,12 @@ FAMILY_TO_GGUF = {
     "mixtral": "llama",
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
+    "deepseek_v3": "deepseek2",
 }
 GGUF_TO_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3",
-                  "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+                  "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v3"}
 # llama.cpp's MoE graphs renormalise the top-k routing weights (or not) whatever the file says
+# (deepseek2 reads it from expert_weights_norm: any norm_topk_prob is representable)
 _RENORMALISES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
 # file type names (llama-quantize's) -> general.file_type
@@ -132,8 +153,7 @@ def gguf_arch(config: Mapping[str, Any]) -> str:
     family = get_arch(config).name
     if family not in FAMILY_TO_GGUF:
         raise InputError(
-            f"config.json: {family} is not written as GGUF yet (llama.cpp's deepseek2 layout: MLA attn_kv_b split "
-            f"into attn_k_b/attn_v_b, exp_probs_b, YaRN keys); GGUF families: {', '.join(FAMILY_TO_GGUF)}; "
+            f"config.json: {family} is not written as GGUF yet; GGUF families: {', '.join(FAMILY_TO_GGUF)}; "
             "use `quantize gptq` for this model"
         )
     return FAMILY_TO_GGUF[family]
@@ -196,6 +216,9 @@ def check_representable(config: Mapping[str, Any]) -> None:
 
 def _check_representable(config: Mapping[str, Any], arch: Arch) -> None:
     """Refuse checkpoints llama.cpp's graph for the family cannot express."""
+    if arch.name == "deepseek_v3":
+        _check_deepseek(config)
+        return
     if arch.moe is not None:
         gguf_arch(config)
         dense = [i for i in range(arch.num_layers(config)) if not arch.is_sparse_layer(config, i)]
@@ -218,6 +241,28 @@ def _check_representable(config: Mapping[str, Any], arch: Arch) -> None:
             f"config.json: tie_word_embeddings=false, but llama.cpp's {arch.name} always uses token_embd as the "
             "output head (it has no output tensor); this checkpoint cannot be written as GGUF"
         )
+
+
+def _check_deepseek(config: Mapping[str, Any]) -> None:
+    """What llama.cpp's deepseek2 (and the converter's layout) needs of a DeepSeek-V3 config."""
+    if config.get("q_lora_rank") is None:
+        raise InputError("config.json: q_lora_rank is not set; a DeepSeek-V3 GGUF needs attn_q_a/attn_q_b (the "
+                         "architecture table has no plain q_proj), so this checkpoint is not written as GGUF")
+    heads, kv_heads = int(config["num_attention_heads"]), config.get("num_key_value_heads")
+    if kv_heads is not None and int(kv_heads) != heads:
+        raise InputError(f"config.json: num_key_value_heads={kv_heads} but num_attention_heads={heads}; llama.cpp's "
+                         "converter splits kv_b_proj into attn_k_b/attn_v_b per KV head, which needs them equal")
+    if config.get("rope_interleave", True) is False:
+        raise InputError("config.json: rope_interleave=false, but llama.cpp's deepseek2 rotates interleaved pairs; "
+                         "llama.cpp would compute another model, so it is not written as GGUF")
+    scoring = config.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise InputError(f"config.json: scoring_func={scoring!r}, but transformers' DeepseekV3 gates with sigmoid; "
+                         "the file would say one thing and the model do another, so it is not written as GGUF")
+    groups, experts = int(config.get("n_group") or 1), int(config["n_routed_experts"])
+    if groups > 1 and (experts % groups or experts // groups < 2):
+        raise InputError(f"config.json: n_routed_experts={experts} in n_group={groups} groups; llama.cpp (as "
+                         "transformers) scores each group by its top two experts, which needs >= 2 experts per group")
 
 
 def llama_cpp_caveats(config: Mapping[str, Any]) -> list[str]:
@@ -300,6 +345,8 @@ def add_metadata(writer, config: Mapping[str, Any], model_dir: Path | None, file
         w.add_sliding_window(int(config.get("sliding_window") or 0))
         if rp.get("long_factor"):
             w.add_rope_scaling_attn_factors(_phi3_longrope_attn_factor(config, rp))
+    elif family == "deepseek_v3":
+        _add_deepseek_metadata(w, config, arch, rp, file_type)
     else:
         # TextModel.set_gguf_parameters (llama, mistral, qwen2, qwen3)
         w.add_block_count(n_layers)
@@ -330,6 +377,53 @@ def add_metadata(writer, config: Mapping[str, Any], model_dir: Path | None, file
             w.add_rope_dimension_count(_head_dim(config))
     # ModelBase.prepare_metadata
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_deepseek_metadata(w, config: Mapping[str, Any], arch: Arch, rp: Mapping[str, Any], file_type) -> None:
+    """DeepseekV2Model.set_gguf_parameters: TextModel's keys with num_key_value_heads forced to 1 (MLA
+    runs as MQA over the latent), then the MLA and expert keys (module docstring)."""
+    gguf = _gguf()
+    n_head = int(config["num_attention_heads"])
+    kv_lora, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
+    # TextModel.set_gguf_parameters (its head_dim key_length/value_length are overwritten below)
+    w.add_block_count(arch.num_layers(config))
+    w.add_context_length(int(config["max_position_embeddings"]))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1)
+    _add_rope_scaling(w, rp)
+    if rp.get("rope_theta") is not None:
+        w.add_rope_freq_base(float(rp["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps") or 1e-6))
+    w.add_expert_count(arch.num_experts(config))
+    w.add_expert_used_count(arch.experts_per_token(config))
+    if config.get("n_group") is not None:
+        w.add_expert_group_count(int(config["n_group"]))
+    if config.get("topk_group") is not None:
+        w.add_expert_group_used_count(int(config["topk_group"]))
+    # transformers' DeepseekV3TopkRouter always gates with sigmoid (see the module docstring)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_file_type(_file_type(file_type))
+    # DeepseekV2Model's own keys
+    w.add_leading_dense_block_count(int(config.get("first_k_dense_replace") or 0))
+    w.add_vocab_size(int(config["vocab_size"]))
+    w.add_q_lora_rank(int(config["q_lora_rank"]))
+    w.add_kv_lora_rank(kv_lora)
+    w.add_key_length(kv_lora + rope)
+    w.add_value_length(kv_lora)
+    w.add_key_length_mla(int(config["qk_nope_head_dim"]) + rope)
+    w.add_value_length_mla(int(config["v_head_dim"]))
+    w.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+    w.add_expert_shared_count(int(config.get("n_shared_experts") or 0))
+    if config.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(float(config["routed_scaling_factor"]))
+    if config.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rope)
+    if rp.get("mscale_all_dim") is not None:
+        # the converter's legacy factor 0.1 (llama.cpp divides it out again)
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(rp["mscale_all_dim"]))
 
 
 def _add_rope_scaling(w, rp: Mapping[str, Any]) -> None:
@@ -645,6 +739,43 @@ def expert_tensor(hf_name: str, config: Mapping[str, Any]) -> tuple[str, int | N
     return f"blk.{int(m.group(1))}.{EXPERT_STEMS[ex.linears.index(m.group(3))]}.weight", e
 
 
+# DeepSeek-V3's kv_b_proj is written as two tensors, under the converter's names for them
+KV_B = "self_attn.kv_b_proj"
+KV_B_PARTS = ("self_attn.k_b_proj", "self_attn.v_b_proj")
+
+
+def mla_dims(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """``(heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)`` of a DeepSeek-V3 config."""
+    return (int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]), int(config["v_head_dim"]),
+            int(config["kv_lora_rank"]))
+
+
+def kv_b_parts(hf_name: str, config: Mapping[str, Any]) -> list[tuple[str, tuple[int, int, int]]] | None:
+    """For DeepSeek-V3's ``...self_attn.kv_b_proj.weight``: the two tensors it is written as,
+    ``[(k_b name, (H, kv_lora, nope)), (v_b name, (H, v, kv_lora))]`` (HF-style names the gguf name map
+    knows: ``attn_k_b``/``attn_v_b``); None for every other tensor."""
+    if not hf_name.endswith(KV_B + ".weight") or get_arch(config).name != "deepseek_v3":
+        return None
+    H, nope, v, r = mla_dims(config)
+    stem = hf_name[: -len(KV_B + ".weight")]
+    return [(f"{stem}{KV_B_PARTS[0]}.weight", (H, r, nope)), (f"{stem}{KV_B_PARTS[1]}.weight", (H, v, r))]
+
+
+def split_kv_b(W, config: Mapping[str, Any]):
+    """``kv_b_proj`` ``[H*(nope+v), kv_lora]`` -> ``(k_b [H, kv_lora, nope], v_b [H, v, kv_lora])``, as
+    DeepseekV2Model.modify_tensors splits it: per head its first ``nope`` rows are k's, the next ``v``
+    rows v's; k's block is transposed (llama.cpp absorbs it into q: ``q_nope @ k_b``)."""
+    H, nope, v, r = mla_dims(config)
+    kv = W.reshape(H, nope + v, r)
+    return kv[:, :nope, :].transpose(1, 2).contiguous(), kv[:, nope:, :].contiguous()
+
+
+def join_kv_b(k_b, v_b, config: Mapping[str, Any]):
+    """Inverse of :func:`split_kv_b` (torch tensors)."""
+    H, nope, v, r = mla_dims(config)
+    return torch.cat([k_b.reshape(H, r, nope).transpose(1, 2), v_b.reshape(H, v, r)], dim=1).reshape(H * (nope + v), r)
+
+
 def expert_stack_name(arch: Arch, i: int, j: int) -> str:
     """The HF-style name we give layer ``i``'s stacked experts of projection ``j`` (0 gate, 1 up, 2 down)."""
     ex = arch.moe.experts
@@ -658,6 +789,8 @@ def gguf_tensor_name(hf_name: str, config: Mapping[str, Any]) -> str:
     stacked = expert_tensor(hf_name, config)
     if stacked is not None:
         return stacked[0]
+    if hf_name.endswith("e_score_correction_bias"):  # ModelBase.filter_tensors: a ".bias" the map knows
+        hf_name = hf_name[: -len("_bias")] + ".bias"
     name = _name_map(FAMILY_TO_GGUF[arch.name], arch.num_layers(config)).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise InputError(f"tensor {hf_name!r} has no GGUF name for {arch.name}; it is not part of a {arch.name} model")
@@ -1091,11 +1224,13 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> dic
     if arch.moe is not None:
         cfg[arch.moe.experts.num_keys[0]] = int(key("expert_count"))
         cfg["num_experts_per_tok"] = int(key("expert_used_count"))
-        cfg["norm_topk_prob"] = _RENORMALISES[family]
+        cfg["norm_topk_prob"] = _RENORMALISES.get(family, False)  # deepseek2: expert_weights_norm, below
         if key("expert_feed_forward_length") is not None:
             cfg["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
         if key("expert_shared_feed_forward_length") is not None:
             cfg["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length"))
+    if family == "deepseek_v3":
+        cfg.update(_deepseek_config(key, heads))
     if family == "llama" and "blk.0.attn_q.bias" in tensor_names:
         cfg["attention_bias"] = True
     if family == "gemma2":
@@ -1107,6 +1242,40 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> dic
         cfg["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length", cfg["max_position_embeddings"]))
         sw = key("attention.sliding_window")
         cfg["sliding_window"] = int(sw) if sw else None
+    return cfg
+
+
+def _deepseek_config(key: Callable[..., Any], heads: int) -> dict[str, Any]:
+    """The DeepSeek-V3 config keys deepseek2's metadata holds (the inverse of _add_deepseek_metadata)."""
+    rope = int(key("rope.dimension_count"))
+    cfg: dict[str, Any] = {
+        "num_key_value_heads": heads,  # the file's 1 is MLA's MQA view; transformers' kv_b is per head
+        "head_dim": rope,  # DeepseekV3Config's own value
+        "q_lora_rank": int(key("attention.q_lora_rank")),
+        "kv_lora_rank": int(key("attention.kv_lora_rank")),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": int(key("attention.key_length_mla")) - rope,
+        "v_head_dim": int(key("attention.value_length_mla")),
+        "moe_intermediate_size": int(key("expert_feed_forward_length")),
+        "n_shared_experts": int(key("expert_shared_count", 0)),
+        "first_k_dense_replace": int(key("leading_dense_block_count", 0)),
+        "n_group": int(key("expert_group_count", 1)),
+        "topk_group": int(key("expert_group_used_count", 1)),
+        "routed_scaling_factor": float(key("expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(key("expert_weights_norm", False)),
+        "rope_interleave": True,
+    }
+    if key("rope.scaling.type") == "yarn":
+        rp = {"rope_type": "yarn", "rope_theta": float(key("rope.freq_base", 10000.0)),
+              "factor": float(key("rope.scaling.factor")),
+              "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        for gk, hk in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                       ("rope.scaling.yarn_attn_factor", "attention_factor")):
+            if key(gk) is not None:
+                rp[hk] = float(key(gk))
+        if key("rope.scaling.yarn_log_multiplier") is not None:
+            rp["mscale_all_dim"] = rp["mscale"] = float(key("rope.scaling.yarn_log_multiplier")) / 0.1
+        cfg["rope_parameters"] = rp
     return cfg
 
 
@@ -1151,14 +1320,26 @@ class GGUFCheckpoint(Closing):
         arch = get_arch(self._config, source=str(cfg_path))
         self._hf_to_gguf: dict[str, str] = {}
         self._expert: dict[str, int] = {}  # a routed expert's weight -> its index in the stacked tensor
-        for hf in arch.expected_tensor_names(self._config):
+        self._kv_b: dict[str, tuple[str, str]] = {}  # DeepSeek's kv_b_proj -> its (attn_k_b, attn_v_b)
+        names = arch.expected_tensor_names(self._config)
+        if arch.name == "deepseek_v3":  # the router's e_score_correction_bias (exp_probs_b), where written
+            names += [f"{arch.layer_prefix(i)}mlp.gate.e_score_correction_bias" for i in range(arch.num_layers(self._config))
+                      if arch.is_sparse_layer(self._config, i)]
+        for hf in dict.fromkeys(names):
+            parts = kv_b_parts(hf, self._config)
+            if parts is not None:
+                gk, gv = (gguf_tensor_name(n, self._config) for n, _ in parts)
+                if gk in self._tensors and gv in self._tensors:
+                    self._kv_b[hf] = (gk, gv)
+                    self._hf_to_gguf[hf] = gv
+                continue
             g = gguf_tensor_name(hf, self._config)
             if g in self._tensors:
                 self._hf_to_gguf[hf] = g
                 stacked = expert_tensor(hf, self._config)
                 if stacked is not None:
                     self._expert[hf] = stacked[1]
-        known = set(self._hf_to_gguf.values()) | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+        known = set(self._hf_to_gguf.values()) | {k for k, _ in self._kv_b.values()} | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
         unknown = sorted(set(self._tensors) - known)
         if unknown:
             raise InputError(f"{self.path}: tensor {unknown[0]!r} is not part of a {arch.name} model as config.json describes it")
@@ -1194,6 +1375,9 @@ class GGUFCheckpoint(Closing):
             raise InputError(f"{self.path}: has no tensor {name!r} ({len(self._names)} tensors)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._kv_b:
+            H, nope, v, r = mla_dims(self._config)
+            return (H * (nope + v), r)
         shape = self._tensors[self.gguf_name(name)][1]
         return shape[1:] if name in self._expert else shape
 
@@ -1202,14 +1386,18 @@ class GGUFCheckpoint(Closing):
         return torch.float32
 
     def qtype(self, name: str) -> str:
-        """The GGML type ``name`` is stored as (``"Q4_K"``)."""
+        """The GGML type ``name`` is stored as (``"Q4_K"``; DeepSeek's kv_b: ``"<k_b's>+<v_b's>"``)."""
+        if name in self._kv_b:
+            return "+".join(self._tensors[g][0].name for g in self._kv_b[name])
         return self._tensors[self.gguf_name(name)][0].name
 
     # -- reads ---------------------------------------------------------------------------------
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of ``name`` (GGUF row order, i.e. permuted for llama q/k), uint8; a routed
-        expert's: its slice of the stacked tensor."""
+        expert's: its slice of the stacked tensor; DeepSeek's kv_b: attn_k_b's bytes then attn_v_b's."""
+        if name in self._kv_b:
+            return np.concatenate([self._read(g) for g in self._kv_b[name]])
         return self._read(self.gguf_name(name), self._expert.get(name))
 
     def _read(self, gname: str, expert: int | None = None) -> np.ndarray:
@@ -1230,11 +1418,25 @@ class GGUFCheckpoint(Closing):
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """The dense fp32 weight ``name`` in HF layout (cast to ``dtype`` when given)."""
-        gguf = _gguf()
+        if name in self._kv_b:  # re-assembled from attn_k_b (transposed per head) and attn_v_b
+            k_b, v_b = (self._dense(g) for g in self._kv_b[name])
+            return join_kv_b(k_b, v_b, self._config).to(device=device, dtype=dtype or torch.float32)
         gname = self.gguf_name(name)
+        t = self._dense(gname, self._expert.get(name))
+        heads = qk_permute_heads(name, self._config)
+        if heads is not None:
+            t = unpermute_rows(t, heads).contiguous()
+        offset = norm_offset(name, self._config)
+        if offset:
+            t = t - offset
+        return t.to(device=device, dtype=dtype or torch.float32)
+
+    def _dense(self, gname: str, expert: int | None = None) -> torch.Tensor:
+        """GGUF tensor ``gname`` (or one expert's slice of it) dequantized to fp32, in its stored layout."""
+        gguf = _gguf()
         qt, shape, _n, _off = self._tensors[gname]
-        raw = self._read(gname, self._expert.get(name))
-        if name in self._expert:
+        raw = self._read(gname, expert)
+        if expert is not None:
             shape = shape[1:]
         if qt == gguf.GGMLQuantizationType.F32:
             dense = raw.view(np.float32)
@@ -1243,14 +1445,7 @@ class GGUFCheckpoint(Closing):
         else:
             rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
             dense = gguf.quants.dequantize(raw.reshape(rows, -1), qt)
-        t = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32).reshape(shape))
-        heads = qk_permute_heads(name, self._config)
-        if heads is not None:
-            t = unpermute_rows(t, heads).contiguous()
-        offset = norm_offset(name, self._config)
-        if offset:
-            t = t - offset
-        return t.to(device=device, dtype=dtype or torch.float32)
+        return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32).reshape(shape))
 
     def close(self) -> None:
         if self._fd is not None:

@@ -20,7 +20,12 @@ The policy for the file types we write:
   width as a 2D tensor would be;
 - shapes a type cannot hold (width not a multiple of its block) fall back as llama.cpp does:
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even that does not fit;
-- norms and other 1-D tensors stay F32, as convert_hf_to_gguf writes them.
+- norms and other 1-D tensors stay F32, as convert_hf_to_gguf writes them;
+- DeepSeek-V3's MLA tensors (``attn_q_a``, ``attn_q_b``, ``attn_kv_a_mqa``, ``attn_k_b``, ``attn_v_b``) fall in
+  none of llama.cpp's categories (its ``attn_kv_b`` rule would apply only to an unsplit ``kv_b``): the
+  default type, then the shape fallback on their own row width -- ``attn_k_b``'s rows are
+  ``qk_nope_head_dim`` wide (128 in DeepSeek-V3: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
+  ``attn_output``, the dense layers' ``ffn_*``, ``ffn_*_exps`` and ``ffn_*_shexp`` follow the rules above.
 
 llama.cpp's imatrix-only rule (Q4_0 with an imatrix: the first eighth of ffn_down as Q4_1) is not
 applied: the mix never depends on whether calibration data was given, so sizes do not either.
@@ -127,7 +132,11 @@ def tensor_type(name: str, ncols: int, ftype: str, shape: ModelShape, *, ndim: i
 # our architecture table's linear names -> GGUF tensor stems (phi3's fused gate_up is ffn_up there)
 GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_proj": "ffn_gate",
-               "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+               "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               # DeepSeek-V3's MLA (kv_b_proj is written as k_b/v_b: formats/gguf.py split_kv_b)
+               "self_attn.q_a_proj": "attn_q_a", "self_attn.q_b_proj": "attn_q_b",
+               "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_b_proj": "attn_kv_b",
+               "self_attn.k_b_proj": "attn_k_b", "self_attn.v_b_proj": "attn_v_b"}
 EXPERT_STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # routed experts stacked 3D: gate, up, down
 SHARED_STEMS = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # a shared expert's gate, up, down
 
@@ -170,15 +179,25 @@ def gguf_weight_bytes(config, ftype: str, arch) -> dict[str, int]:
     d = arch.dims(config)
     vocab, hidden = int(config["vocab_size"]), d["hidden"]
     layers = 0
+    norm_width = {"q_norm": d["head_dim"], "k_norm": d["head_dim"], "q_a_layernorm": d.get("q_lora"),
+                  "kv_a_layernorm": d.get("kv_lora")}
     for i in range(shape.n_layers):
         for name in arch.layer_linears(config, i):  # experts: E of them, one stacked tensor per projection
             N, K = arch.linear_shape(name, config)
-            layers += tensor_bytes(tensor_type(f"blk.{i}.{gguf_stem(arch, name)}.weight", K, ftype, shape), N, K)
+            if arch.name == "deepseek_v3" and name == "self_attn.kv_b_proj":  # written as k_b and v_b
+                H, nope, v, r = (int(config[k]) for k in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim",
+                                                           "kv_lora_rank"))
+                layers += tensor_bytes(tensor_type(f"blk.{i}.attn_k_b.weight", nope, ftype, shape), H * r, nope)
+                layers += tensor_bytes(tensor_type(f"blk.{i}.attn_v_b.weight", r, ftype, shape), H * v, r)
+            else:
+                layers += tensor_bytes(tensor_type(f"blk.{i}.{gguf_stem(arch, name)}.weight", K, ftype, shape), N, K)
             if arch.has_bias(name, config):
                 layers += 4 * N
         if arch.is_sparse_layer(config, i):  # routers and shared-expert gates: F32
             layers += sum(4 * sum(d[o] for o in lin.out) * d[lin.inp] for lin in arch.moe.never_quantized)
-        layers += sum(4 * (d["head_dim"] if n.endswith(("q_norm", "k_norm")) else hidden) for n in arch.layer_norms)
+            if arch.name == "deepseek_v3":  # exp_probs_b: the router's e_score_correction_bias, F32
+                layers += 4 * shape.n_expert
+        layers += sum(4 * (norm_width.get(n.rsplit(".", 1)[-1]) or hidden) for n in arch.layer_norms)
     embed = tensor_bytes(tensor_type("token_embd.weight", hidden, ftype, shape), vocab, hidden)
     head = 0 if shape.tied else tensor_bytes(tensor_type("output.weight", hidden, ftype, shape), vocab, hidden)
     total = layers + embed + head + 4 * hidden

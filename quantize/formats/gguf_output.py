@@ -7,6 +7,11 @@ checkpoint's order: the writer permutes llama's q/k rows); biases and norms as d
 embedding and an untied head are quantized at compile time by llama.cpp's reference rounding (the
 type llama.cpp's mix gives them), a bounded number of rows at a time.
 
+DeepSeek-V3's ``kv_b_proj`` is two GGUF tensors (``quantize.formats.gguf.split_kv_b``): its part
+entries are ``...self_attn.kv_b_proj.k_b.gguf_<TYPE>`` and ``....v_b.gguf_<TYPE>`` (rows: k_b's
+``[H*kv_lora, nope]``, v_b's ``[H*v, kv_lora]``), compiled into the 3D ``blk.N.attn_k_b`` /
+``blk.N.attn_v_b``.
+
 Mixture-of-Experts: the parts hold each routed expert's linears as 2D results under their on-disk
 names (``mlp.experts.5.up_proj.gguf_Q4_K``); compile stacks one layer's experts of one projection
 into the 3D ``blk.N.ffn_{gate,up,down}_exps`` (rows of expert 0, then expert 1, ...: the byte layout
@@ -47,6 +52,8 @@ class GGUFFormat:
         container.tokenizer_pre(self.model_dir)
 
     def pack(self, result) -> dict[str, torch.Tensor]:
+        if result.parts:  # one linear written as several GGUF tensors (DeepSeek's kv_b -> k_b, v_b)
+            return {f"{role}.{PART_PREFIX}{t.qtype}": t.raw.contiguous() for role, t in result.parts}
         return {PART_PREFIX + result.qtype: result.raw.contiguous()}
 
     def pack_bias(self, bias: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,10 @@ class GGUFFormat:
                 if suffix.startswith(PART_PREFIX):
                     hf = stem + ".weight"
                     qtype = suffix[len(PART_PREFIX):]
+                    split = _kv_b_part(container, stem, config)
+                    if split is not None:  # DeepSeek's kv_b: k_b or v_b, 3D
+                        entries.append((*split, qtype, _part_loader(part, name)))
+                        continue
                     expert = container.expert_tensor(hf, config)
                     if expert is not None:
                         stacks.setdefault(expert[0], {})[expert[1]] = (hf, name, qtype)
@@ -144,6 +155,17 @@ def _expert_stack(arch, config, reader, part: Path, i: int, experts: dict[int, t
         with safe_open(str(part), framework="pt") as f:
             return torch.cat([f.get_tensor(k) for k in keys])  # [E * rows, bytes per row]
     return container.expert_stack_name(arch, i, j), (E, *reader.shape(first)), types.pop(), load
+
+
+def _kv_b_part(container, stem: str, config) -> tuple[str, tuple[int, int, int]] | None:
+    """``...self_attn.kv_b_proj.k_b`` (or ``.v_b``) -> the HF-style name and 3D shape it is written as."""
+    base, _, role = stem.rpartition(".")
+    if role not in ("k_b", "v_b"):
+        return None
+    parts = container.kv_b_parts(base + ".weight", config)
+    if parts is None:
+        return None
+    return parts[0] if role == "k_b" else parts[1]
 
 
 def _part_loader(path: Path, name: str, dense: bool = False):

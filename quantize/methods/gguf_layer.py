@@ -13,6 +13,15 @@ routed to it, or the declared fallback), without on llama.cpp's reference roundi
 stay 2D per expert and the output format stacks them into ``ffn_*_exps``. An expert solved by RTN
 (no statistics) gets llama.cpp's reference bytes.
 
+DeepSeek-V3's ``kv_b_proj`` is written as llama.cpp's converter splits it (formats/gguf.py
+``split_kv_b``): ``attn_v_b`` holds kv_b's v rows as they are -- the same inputs (the normalised kv
+latent), so with calibration it is GPTQ-solved on kv_b's Hessian; ``attn_k_b`` holds kv_b's k rows
+*transposed* per head, so its rows' inputs are q_nope's channels, not kv_b's: no Hessian of ours
+applies and it always takes llama.cpp's reference rounding (recorded in the manifest's params,
+``reference_rounding``). The layer continues with kv_b re-assembled from both dequantized parts. Every
+other DeepSeek linear's GGUF rows are its HF rows (q_a, q_b, kv_a, o, the MLPs, experts, shared expert):
+GPTQ on its own Hessian.
+
 Types outside the K/legacy set we solve (llama.cpp's shape fallbacks Q5_0/Q5_1) are quantized by
 gguf-py's reference quantizer; F16/BF16 are cast.
 """
@@ -27,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..formats import gguf_blocks, gguf_legacy
+from ..formats.gguf import KV_B
 from ..formats.gguf_mix import ModelShape, gguf_stem, tensor_type
 from . import kquants
 from .gptq import gptq_on_fixed_grid, prepare_hessian_inverse
@@ -46,6 +56,9 @@ class GGUFTensor:
     raw: Tensor  # uint8 [N, bytes per row]
     W_hat: Tensor  # fp32 [N, K]: what llama.cpp (and gguf-py) dequantize
     solver: str  # "gptq" (Hessian), "reference" (llama.cpp's rounding), "cast", "gguf-py"
+    # a linear written as several GGUF tensors (DeepSeek's kv_b: ("k_b", ...), ("v_b", ...)); W_hat is
+    # then the whole linear's, and qtype/raw/solver are the last part's
+    parts: tuple[tuple[str, "GGUFTensor"], ...] = ()
 
 
 def _gguf_py(W: Tensor, qtype: str) -> tuple[Tensor, Tensor]:
@@ -86,6 +99,23 @@ def quantize_tensor(W: Tensor, qtype: str, H: Tensor | None = None, *, prepared=
     codes, W_hat, _ = gptq_on_fixed_grid(W32, prepared, column, name=name)
     codes = codes.to(torch.uint8)
     return GGUFTensor(qtype, gguf_blocks.pack(codes, grid, qtype), kquants.dequantize(codes, grid), "gptq")
+
+
+def quantize_kv_b(W: Tensor, config, layer: int, ftype: str, shape: ModelShape, H: Tensor | None = None, *,
+                  prepared=None, damp: float = 0.01, name: str = "kv_b_proj") -> GGUFTensor:
+    """DeepSeek-V3's ``kv_b_proj`` ``[H*(nope+v), kv_lora]`` as llama.cpp's ``attn_k_b`` / ``attn_v_b``
+    (module docstring): v_b on ``H`` when given, k_b (transposed: other inputs) always by llama.cpp's
+    reference rounding; ``W_hat`` is kv_b re-assembled from both."""
+    from ..formats.gguf import join_kv_b, mla_dims, split_kv_b
+
+    heads, nope, v, r = mla_dims(config)
+    k_b, v_b = split_kv_b(check_weight(W, name), config)
+    tk = tensor_type(f"blk.{layer}.attn_k_b.weight", nope, ftype, shape)
+    tv = tensor_type(f"blk.{layer}.attn_v_b.weight", r, ftype, shape)
+    rk = quantize_tensor(k_b.reshape(heads * r, nope), tk, name=name + " (k_b)")
+    rv = quantize_tensor(v_b.reshape(heads * v, r), tv, H, prepared=prepared, damp=damp, name=name + " (v_b)")
+    W_hat = join_kv_b(rk.W_hat, rv.W_hat, config)
+    return GGUFTensor(rv.qtype, rv.raw, W_hat, rv.solver, parts=(("k_b", rk), ("v_b", rv)))
 
 
 def _legacy_on_grid(W32: Tensor, qtype: str, H: Tensor | None, prepared, damp: float, name: str) -> GGUFTensor:
@@ -154,13 +184,23 @@ class GGUFMethod:
             prepared = prepare(H, self.damp, f"{ctx.prefix}{names[0]} Hessian") if H is not None else None
             for name in names:
                 W = ctx.weight(name)
-                qtype = tensor_type(f"blk.{ctx.index}.{gguf_stem(ctx.arch, name)}.weight", W.shape[1], self.ftype, self.shape)
-                r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name)
+                if ctx.arch.name == "deepseek_v3" and name == KV_B:
+                    r = quantize_kv_b(W, ctx.streamer.reader.config, ctx.index, self.ftype, self.shape, H,
+                                      prepared=prepared, name=ctx.prefix + name)
+                    metrics["types"].update({f"self_attn.{role}_proj": t.qtype for role, t in r.parts})
+                else:
+                    qtype = tensor_type(f"blk.{ctx.index}.{gguf_stem(ctx.arch, name)}.weight", W.shape[1], self.ftype,
+                                        self.shape)
+                    r = quantize_tensor(W, qtype, H, prepared=prepared, name=ctx.prefix + name)
+                    metrics["types"][name] = qtype
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
-                metrics["types"][name] = qtype
                 if H is not None:
-                    ref = quantize_tensor(W, qtype, name=ctx.prefix + name).W_hat
+                    if r.parts:
+                        ref = quantize_kv_b(W, ctx.streamer.reader.config, ctx.index, self.ftype, self.shape, None,
+                                            name=ctx.prefix + name).W_hat
+                    else:
+                        ref = quantize_tensor(W, r.qtype, name=ctx.prefix + name).W_hat
                     errs = relative_errors(W, H, ours=r.W_hat, reference=ref)
                     metrics["rel_error"][name], metrics["reference_rel_error"][name] = errs["ours"], errs["reference"]
                 if self.imatrix:  # E[x²] now, times the tokens once they are known
