@@ -35,6 +35,11 @@ STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
 
 
+# DeepSeek-V3's YaRN as released (mscale = mscale_all_dim = 1.0), shrunk to the tiny model's context
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
 def moe_kwargs(family: str) -> dict:
     """Tiny MoE models whose every linear is whole 256-value K-quant super-blocks, configured as
     llama.cpp's graph computes them (qwen3moe renormalises the top-k weights, qwen2moe does not).
@@ -264,6 +269,8 @@ def test_expert_names_map_to_their_stack(runs):
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+                                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 64}}, "mscale"),
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
     ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("qwen3_moe", {"mlp_only_layers": [0], "norm_topk_prob": True}, "layer 0"),

@@ -28,6 +28,17 @@ Q4_K_M (llama.cpp's reference rounding) and Q4_K_M with calibration (GPTQ per ex
 3. given our imatrix file (one ``[E, K]`` entry per stack), its bytes are our re-implementation's
    ``quantize_reference(W_e, qtype, importance_e)`` for every expert: llama.cpp reads our per-expert
    statistics at the offsets we wrote them.
+
+DeepSeek-V3 (llama.cpp's ``deepseek2``, tests/test_gguf_moe.py ``moe_kwargs``: 3 layers, layer 0
+dense, MLA ranks 256, qk_nope 128, 4 experts in 2 groups, one shared expert) runs through the same
+three checks: llama.cpp loads our MLA layout (attn_k_b transposed per head, attn_v_b, exp_probs_b,
+the converter's keys) with its weight-absorbed MLA graph, its logits match our read-back's (the
+router margin here: the k-th vs (k+1)-th selection score -- sigmoid + e_score_correction_bias --
+among the chosen group, or the chosen vs the next group's score, whichever is smaller, over the std
+of the selection scores); its quantizer writes our Q4_K_M from our BF16 (attn_k_b's 128-wide rows:
+its Q5_0 fallback); and it reads our per-head attn_v_b imatrix entry. Its logits are also checked with
+YaRN as DeepSeek-V3 configures it (``deepseek_v3+yarn``: factor 4 over an original context of 64,
+mscale = mscale_all_dim = 1: the converter's yarn keys and ``yarn_log_multiplier``).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="interop tier: needs llama-cpp-python (scripts/setup_llamacpp.sh -> .venv-llamacpp)")
 gguf = pytest.importorskip("gguf")
 
-from test_gguf_moe import GGUF_MOE, moe_kwargs  # noqa: E402
+from test_gguf_moe import DEEPSEEK, DEEPSEEK_YARN, GGUF_MOE, moe_kwargs  # noqa: E402
 from test_interop_llamacpp import (  # noqa: E402, F401  (_quiet_llama_cpp: the module's autouse fixture)
     _dense, _kl, _llama_quantize, _quiet_llama_cpp, _tensors, build_ggufs, llama_cpp_logits)
 
@@ -57,9 +68,13 @@ TIE = 0.1            # router margin / std(router logits) below which a flip is 
 MAX_DIVERGED = 0.25  # fraction of positions beyond REL_TOL (a flip, and later tokens attending to it)
 KL_FRACTION = 0.2    # KL(ours || llama.cpp) / KL(fp || ours), quantized files
 VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
+FAMILIES = GGUF_MOE + (DEEPSEEK,)
+YARN = DEEPSEEK + "+yarn"  # the same tiny DeepSeek-V3 with YaRN (factor 4, mscale = mscale_all_dim = 1)
 
 
 def _kwargs(family: str) -> dict:
+    if family == YARN:
+        return {**moe_kwargs(DEEPSEEK), "rope_parameters": dict(DEEPSEEK_YARN)}
     kw = moe_kwargs(family)
     if family == "mixtral":
         kw["num_local_experts"] = 8  # llama.cpp's n_expert == 8 rules
@@ -72,7 +87,7 @@ def built(tiny_model_dir, calib_for, tmp_path_factory):
 
     def get(family: str) -> dict[str, Path]:
         if family not in cache:
-            src = tiny_model_dir(family, **_kwargs(family))
+            src = tiny_model_dir(family.partition("+")[0], **_kwargs(family))
             root = tmp_path_factory.mktemp(f"llamacpp-moe-{family}")
             cache[family] = build_ggufs(src, calib_for(src), root, ("F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K_M+cal"))
         return cache[family]
@@ -88,10 +103,25 @@ def _forward_with_router_margins(model, ids: list[int]) -> tuple[torch.Tensor, t
 
     def hook(mod, args):
         logits = torch.nn.functional.linear(args[0].reshape(-1, args[0].shape[-1]).float(), mod.weight.float())
-        top = logits.sort(-1, descending=True).values
-        margins.append((top[:, k - 1] - top[:, k]) / logits.std(-1))
+        bias = getattr(mod, "e_score_correction_bias", None)
+        if bias is None:
+            top = logits.sort(-1, descending=True).values
+            margins.append((top[:, k - 1] - top[:, k]) / logits.std(-1))
+            return
+        # DeepSeek-V3: selection scores sigmoid + bias, the top groups (by their two best), then top-k
+        s = logits.sigmoid() + bias.float()
+        G, Tg = int(model.config.n_group), int(model.config.topk_group)
+        groups = s.view(len(s), G, -1)
+        g_score = groups.topk(2, -1).values.sum(-1).sort(-1, descending=True)
+        g_margin = g_score.values[:, Tg - 1] - g_score.values[:, Tg] if Tg < G else torch.full((len(s),), float("inf"))
+        chosen = groups.gather(1, g_score.indices[:, :Tg, None].expand(-1, -1, groups.shape[-1])).reshape(len(s), -1)
+        top = chosen.sort(-1, descending=True).values
+        e_margin = top[:, k - 1] - top[:, k] if k < top.shape[-1] else torch.full((len(s),), float("inf"))
+        margins.append(torch.minimum(g_margin, e_margin) / s.std(-1))
 
-    handles = [layer.mlp.gate.register_forward_pre_hook(hook) for layer in model.model.layers]
+    routers = [layer.mlp.gate for layer in model.model.layers if isinstance(getattr(layer.mlp, "gate", None), torch.nn.Module)
+               and hasattr(layer.mlp, "experts")]
+    handles = [router.register_forward_pre_hook(hook) for router in routers]
     try:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
@@ -102,7 +132,7 @@ def _forward_with_router_margins(model, ids: list[int]) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family", GGUF_MOE)
+@pytest.mark.parametrize("family", FAMILIES + (YARN,))
 def test_llama_cpp_logits_match_our_read_back(built, family, variant):
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +161,7 @@ def test_llama_cpp_logits_match_our_read_back(built, family, variant):
     assert torch.equal(got.argmax(-1)[clear], ours.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("family", GGUF_MOE)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_quantizer_writes_our_bytes(built, family, tmp_path):
     d = built(family)
     theirs = _tensors(_llama_quantize(d["BF16"] / "model.gguf", tmp_path / "q4km.gguf"))
@@ -148,9 +178,12 @@ def test_llama_cpp_quantizer_writes_our_bytes(built, family, tmp_path):
     if family == "mixtral":  # 8 experts: llama.cpp's bumps, which our mix reproduces
         assert ours["blk.0.attn_v.weight"][0] == ours["blk.0.attn_k.weight"][0] == "Q8_0"
         assert ours["blk.0.attn_output.weight"][0] == "Q5_K"
+    if family == DEEPSEEK:  # MLA: attn_k_b's 128-wide rows take llama.cpp's fallback; the rest the default
+        assert ours["blk.1.attn_k_b.weight"][0] == "Q5_0" and ours["blk.1.attn_v_b.weight"][0] == "Q4_K"
+        assert {ours[f"blk.1.{g}.weight"][0] for g in ("attn_q_a", "attn_q_b", "attn_kv_a_mqa")} == {"Q4_K"}
 
 
-@pytest.mark.parametrize("family", GGUF_MOE)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_path):
     d = built(family)
     imx = read_imatrix(d["imatrix"])
@@ -158,7 +191,7 @@ def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_pat
     dense = _dense(d["BF16"] / "model.gguf")
     checked = 0
     for n, (qtype, raw) in theirs.items():
-        if "_exps." not in n:
+        if "_exps." not in n and "attn_v_b." not in n:  # DeepSeek's attn_v_b: one imatrix row per head
             continue
         E, K = dense[n].shape[0], dense[n].shape[-1]
         want = np.concatenate([gguf_blocks.quantize_reference(
@@ -166,4 +199,4 @@ def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_pat
             for e in range(E)])
         assert np.array_equal(raw, want), (family, n)
         checked += 1
-    assert checked == 2 * 3
+    assert checked == 2 * 3 + (3 if family == DEEPSEEK else 0)

@@ -47,7 +47,10 @@ config.json has ``scoring_func`` (DeepSeek's own release does; a config saved by
 not), and without it llama.cpp would gate with softmax while transformers' DeepseekV3 always gates with
 sigmoid. Refused (:func:`check_representable`): ``num_key_value_heads != num_attention_heads`` (the
 converter splits ``kv_b`` by it), ``rope_interleave: false`` (llama.cpp's deepseek2 rotary is the
-interleaved one), no ``q_lora_rank`` (the architecture table needs it).
+interleaved one), no ``q_lora_rank`` (the architecture table needs it), YaRN whose attention factor
+``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)`` is not 1 (llama.cpp takes mscale as
+1 or as mscale_all_dim; DeepSeek-V3's 1.0/1.0 is written). ``n_group``/``topk_group`` are written, not
+refused: this llama.cpp selects the top groups by their two best experts' scores, as transformers does.
 
 Layout rules (``ModelBase.prepare_tensors``): 1-D tensors and every ``*_norm.weight`` are F32; a tied
 head has no ``output`` tensor (llama.cpp reuses ``token_embd``); names come from
@@ -259,6 +262,18 @@ def _check_deepseek(config: Mapping[str, Any]) -> None:
     if scoring != "sigmoid":
         raise InputError(f"config.json: scoring_func={scoring!r}, but transformers' DeepseekV3 gates with sigmoid; "
                          "the file would say one thing and the model do another, so it is not written as GGUF")
+    rp = _rope_params(config)
+    if rp.get("rope_type") == "yarn":
+        # llama.cpp's deepseek2 takes YaRN's mscale as 1 (or as mscale_all_dim) and scales the whole
+        # q.k by mscale_all_dim's factor: transformers computes the same only when its attention factor
+        # get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) is 1 (DeepSeek-V3: both 1.0)
+        mad, msc = rp.get("mscale_all_dim"), rp.get("mscale")
+        explicit = rp.get("attention_factor", rp.get("attn_factor"))
+        if not mad or msc is None or float(msc) != float(mad) or (explicit is not None and float(explicit) != 1.0):
+            raise InputError(
+                f"config.json: YaRN with mscale={msc}, mscale_all_dim={mad}, attention_factor={explicit}: llama.cpp's "
+                "deepseek2 computes transformers' attention scaling only when mscale == mscale_all_dim (and no "
+                "other attention_factor); this checkpoint is not written as GGUF")
     groups, experts = int(config.get("n_group") or 1), int(config["n_routed_experts"])
     if groups > 1 and (experts % groups or experts // groups < 2):
         raise InputError(f"config.json: n_routed_experts={experts} in n_group={groups} groups; llama.cpp (as "
