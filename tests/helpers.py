@@ -33,6 +33,24 @@ def run_gptq(model: Path, cal: Path, out: Path, **overrides: Any) -> mf.Manifest
     return quantize_gptq(model_dir=model, calibration=cal, out=out, **{**args, **overrides})
 
 
+def rtn_ct_and_gptq_outputs(model: Path, cal: Path, root: Path) -> dict[str, mf.Manifest]:
+    """GPTQ (static groups) into the GPTQ and compressed-tensors formats, and RTN into
+    compressed-tensors, under ``root/{gptq,ct,rtn}``: the three outputs the MoE family tests read."""
+    return {
+        "gptq": run_gptq(model, cal, root / "gptq", static_groups=True),
+        "ct": run_gptq(model, cal, root / "ct", static_groups=True, format="compressed-tensors"),
+        "rtn": run_gptq(model, cal, root / "rtn", act_order=False, static_groups=True, rtn=True,
+                        format="compressed-tensors"),
+    }
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, **kw: Any):
+    """transformers' model of ``path`` in eval mode (fp32 unless told)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

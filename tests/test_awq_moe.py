@@ -29,18 +29,13 @@ from quantize.methods import awq as A
 from quantize.methods.awq_layer import AWQMethod, fold_pair
 from quantize.testing import MOE_FAMILIES, build_tiny_model
 
-from helpers import CPU, keeping_outputs, refused_in_one_line, replaced, run_gptq
+from helpers import CPU, hf_model, keeping_outputs, refused_in_one_line, replaced, run_gptq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11], [9, 400, 23, 77, 1000, 6, 31, 250, 8, 19, 640, 2]])
 NO_GQA = {"num_key_value_heads": 4}  # the tiny models have 4 heads: v -> o applies (not to DeepSeek's MLA)
 
-
-def _hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _awq(model, cal, out, **kw):
@@ -118,7 +113,7 @@ def test_folded_scales_leave_the_moe_model_unchanged(family, tiny_model_dir):
     model_dir = tiny_model_dir(family, **NO_GQA)
     config = CheckpointReader(model_dir).config
     arch = get_arch(config)
-    model = _hf(model_dir)
+    model = hf_model(model_dir)
     with torch.no_grad():
         before = model(IDS).logits
     routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".mlp.gate.weight")}
@@ -132,7 +127,7 @@ def test_folded_scales_leave_the_moe_model_unchanged(family, tiny_model_dir):
     for name, w in routers.items():
         assert not torch.equal(dict(model.named_parameters())[name], w), name
 
-    broken = _hf(model_dir)
+    broken = hf_model(model_dir)
     _fold_random(broken, arch, config, torch.Generator().manual_seed(0), passive=False)
     with torch.no_grad():
         assert (broken(IDS).logits - before).abs().max() > 1e-2
@@ -212,7 +207,7 @@ def test_awq_moe_writes_what_it_propagated_and_beats_rtn(family, tiny_model_dir,
     # our read-back model runs: finite logits, not the fp model's
     with torch.no_grad():
         logits = load_dequantized_model(tmp_path / "awq")(IDS).logits
-        assert torch.isfinite(logits).all() and not torch.equal(logits, _hf(model)(IDS).logits)
+        assert torch.isfinite(logits).all() and not torch.equal(logits, hf_model(model)(IDS).logits)
 
     # (d) the manifest: every expert's tokens and how it was solved; every expert linear quantized
     for layer in m.metrics["layers"]:
@@ -250,7 +245,7 @@ def test_awq_beats_rtn_on_every_expert_that_saw_tokens(tiny_model_dir, calib_for
     cal = calib_for(model)
     _awq(model, cal, tmp_path / "awq")
     _rtn(model, cal, tmp_path / "rtn")
-    src, q, r = _hf(model), load_dequantized_model(tmp_path / "awq"), load_dequantized_model(tmp_path / "rtn")
+    src, q, r = hf_model(model), load_dequantized_model(tmp_path / "awq"), load_dequantized_model(tmp_path / "rtn")
     from quantize.calibration import load_calibration
 
     ids, _ = load_calibration(cal)

@@ -27,7 +27,7 @@ from quantize.methods.rtn import rtn_quantize
 from quantize.plan import parameter_counts, plan
 from quantize.testing import MOE_FAMILIES, build_tiny_model
 
-from helpers import CPU, assert_same_files, output_files, refused_in_one_line, run_gptq
+from helpers import CPU, assert_same_files, hf_model, output_files, refused_in_one_line, run_gptq
 from helpers import replaced as helpers_replaced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,11 +36,6 @@ LOCK = dataclasses.replace(CPU, lockstep=True)
 MULTI = dataclasses.replace(CPU, lockstep=False)
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11]])
 
-
-def _hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +90,7 @@ def test_dense_and_sparse_layers_follow_the_config():
 def test_memory_view_assembles_what_transformers_holds(family, tiny_model_dir):
     """Every in-memory parameter (fused 3D experts, renamed modules) equals transformers' own load."""
     model = tiny_model_dir(family)
-    hf = _hf(model)
+    hf = hf_model(model)
     r = CheckpointReader(model)
     view = skeleton.MemoryView(r, get_arch(r.config))
     for name, p in hf.named_parameters():
@@ -115,7 +110,7 @@ def test_streamed_forward_equals_transformers(family, chunk, tiny_model_dir, dee
 
     model = _model(family, tiny_model_dir, deepseek_with_bias)
     with torch.no_grad():
-        ref = _hf(model)(IDS).logits
+        ref = hf_model(model)(IDS).logits
     ours = torch.cat(list(final_logits(model, IDS, dataclasses.replace(CPU, expert_chunk=chunk))))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
@@ -160,7 +155,7 @@ def test_gptq_experts_into_both_formats(family, tiny_model_dir, deepseek_with_bi
     assert torch.equal(lib, b.get(prefix + ".weight").float())
     # transformers + compressed-tensors load the checkpoint into their fused experts: the same
     # weights as our read-back (quantized: not the source's), the same logits
-    lib_model, ours, src = _hf(tmp_path / "ct"), load_dequantized_model(tmp_path / "ct"), _hf(model)
+    lib_model, ours, src = hf_model(tmp_path / "ct"), load_dequantized_model(tmp_path / "ct"), hf_model(model)
     sparse = next(i for i in range(arch.num_layers(cfg)) if arch.is_sparse_layer(cfg, i))
     for fused in arch.moe.experts.fused:
         got = getattr(lib_model.model.layers[sparse].mlp.experts, fused)
@@ -328,7 +323,7 @@ def test_plan_counts_total_and_active_parameters(tiny_model_dir):
         assert abs(n["total"] - total) / total < 0.01 and abs(n["active"] - active) / active < 0.02, (name, n)
     for family in MOE_FAMILIES:
         model = tiny_model_dir(family)
-        hf = _hf(model)
+        hf = hf_model(model)
         cfg = CheckpointReader(model).config
         sd = hf.state_dict()  # parameters and the persistent buffers the checkpoint carries (DeepSeek's router bias)
         on_disk = sum(p.numel() for p in hf.parameters()) + sum(b.numel() for n, b in hf.named_buffers() if n in sd)
@@ -356,7 +351,7 @@ def test_dequantized_moe_model_loads_whole(tiny_model_dir, calib_for, tmp_path):
     run_gptq(model, calib_for(model), tmp_path / "q")
     q = load_dequantized_model(tmp_path / "q")
     with torch.no_grad():
-        a, b = _hf(model)(IDS).logits, q(IDS).logits
+        a, b = hf_model(model)(IDS).logits, q(IDS).logits
     assert torch.isfinite(b).all() and not torch.equal(a, b)
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl < 0.05
@@ -371,7 +366,7 @@ def test_layer_groups_match_the_model_and_its_execution_order(family, tiny_model
     from torch import nn
 
     model = tiny_model_dir(family)
-    hf = _hf(model)
+    hf = hf_model(model)
     cfg = CheckpointReader(model).config
     arch = get_arch(cfg)
     E = arch.num_experts(cfg)
@@ -437,7 +432,7 @@ def _moe_adapter(base, out, seed=0):
     random factors; returns the PeftModel's logits on IDS."""
     import peft
 
-    model = _hf(base)
+    model = hf_model(base)
     attn = ["q_a_proj", "o_proj"] if "deepseek" in str(base) else ["q_proj", "v_proj"]
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=attn,
                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -461,7 +456,7 @@ def test_merge_lora_on_attention_and_fused_experts_is_exact(family, tiny_model_d
     assert main(["merge", "lora", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
     with torch.no_grad():
-        merged, plain = _hf(tmp_path / "merged")(IDS).logits, _hf(base)(IDS).logits
+        merged, plain = hf_model(tmp_path / "merged")(IDS).logits, hf_model(base)(IDS).logits
     torch.testing.assert_close(merged, peft_logits, rtol=1e-5, atol=1e-5)
     assert (plain - peft_logits).abs().max() > 100 * (merged - peft_logits).abs().max()
     cfg = CheckpointReader(base).config
@@ -487,7 +482,7 @@ def test_adapter_on_a_router_is_refused(tiny_model_dir, tmp_path, capsys):
     import peft
 
     base = tiny_model_dir("qwen2_moe")
-    p = peft.get_peft_model(_hf(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert_gate"]))
+    p = peft.get_peft_model(hf_model(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert_gate"]))
     p.save_pretrained(tmp_path / "adapter")
     rc = main(["merge", "lora", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]

@@ -26,7 +26,7 @@ from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
 from quantize.testing import FUSED_MOE_FAMILIES, build_tiny_model
 
-from helpers import CPU, refused_in_one_line, replaced, run_gptq
+from helpers import CPU, hf_model, refused_in_one_line, replaced, rtn_ct_and_gptq_outputs, run_gptq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,11 +35,6 @@ MULTI = dataclasses.replace(CPU, lockstep=False)
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11]])
 GATE_UP_GAIN = 30.0  # gate_up weights x30: |gate_up| reaches past the clamp limit 7 on many tokens
 
-
-def _hf(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +63,8 @@ def starved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outputs(gpt_oss, calib_for, tmp_path_factory):
     """GPTQ (static groups) into both formats, and RTN into compressed-tensors, once for the module."""
-    from quantize.commands.gptq import quantize_gptq
-
     root = tmp_path_factory.mktemp("gpt-oss-out")
-    cal = calib_for(gpt_oss)
-    m = {
-        "gptq": run_gptq(gpt_oss, cal, root / "gptq", static_groups=True),
-        "ct": run_gptq(gpt_oss, cal, root / "ct", static_groups=True, format="compressed-tensors"),
-        "rtn": quantize_gptq(model_dir=gpt_oss, calibration=cal, out=root / "rtn", bits=4, group_size=32,
-                             act_order=False, sym=True, damp=0.01, static_groups=True, block_size=128, rtn=True,
-                             exec_cfg=CPU, format="compressed-tensors"),
-    }
+    m = rtn_ct_and_gptq_outputs(gpt_oss, calib_for(gpt_oss), root)
     return root, m
 
 
@@ -105,7 +91,7 @@ def test_table_names_every_tensor_of_the_checkpoint(gpt_oss):
 def test_memory_view_and_expert_views_are_what_transformers_holds(gpt_oss):
     """The source's 3D experts pass through; each expert linear's view is its slice of them as the
     eager loop uses it: gate = gate_up_proj[e][:, 0::2]ᵀ, up = [:, 1::2]ᵀ, down = down_proj[e]ᵀ."""
-    hf = _hf(gpt_oss)
+    hf = hf_model(gpt_oss)
     r = CheckpointReader(gpt_oss)
     arch = get_arch(r.config)
     view = skeleton.MemoryView(r, arch)
@@ -126,7 +112,7 @@ def test_streamed_forward_equals_transformers(gpt_oss, chunk):
     from quantize.eval.perplexity import final_logits
 
     with torch.no_grad():
-        ref = _hf(gpt_oss)(IDS).logits
+        ref = hf_model(gpt_oss)(IDS).logits
     ours = torch.cat(list(final_logits(gpt_oss, IDS, dataclasses.replace(CPU, expert_chunk=chunk))))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
@@ -158,7 +144,7 @@ def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(sparse, gp
     ctx.sequential([g[0] for g in ctx.groups], lambda *_: None, lambda _n: None,
                    experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs),
                    moe=MoEOptions(min_tokens=0.0))
-    hf = _hf(gpt_oss, experts_implementation="eager")
+    hf = hf_model(gpt_oss, experts_implementation="eager")
     experts = hf.model.layers[sparse].mlp.experts
     gu, dn = experts.gate_up_proj, experts.down_proj
     seen: dict[tuple[str, int], list[torch.Tensor]] = {}
@@ -245,7 +231,7 @@ def test_gptq_experts_into_both_formats_read_back(gpt_oss, outputs):
         model = load_dequantized_model(root / d)
         experts = model.model.layers[1].mlp.experts
         assert torch.equal(experts.gate_up_proj[2][:, 1::2].T, b.get("model.layers.1.mlp.experts.2.up_proj.weight"))
-        assert not torch.equal(experts.gate_up_proj, _hf(gpt_oss).model.layers[1].mlp.experts.gate_up_proj)
+        assert not torch.equal(experts.gate_up_proj, hf_model(gpt_oss).model.layers[1].mlp.experts.gate_up_proj)
         with torch.no_grad():
             ref = model(IDS).logits
         ours = torch.cat(list(final_logits(root / d, IDS, CPU)))
@@ -304,7 +290,7 @@ def test_lockstep_expert_chunks_and_stopped_passes_give_the_same_bytes(gpt_oss, 
     "experts stay at their random initialisation"))
 def test_transformers_loads_our_compressed_tensors_output(outputs):
     root, _ = outputs
-    lib = _hf(root / "ct")
+    lib = hf_model(root / "ct")
     ours = load_dequantized_model(root / "ct")
     with torch.no_grad():
         torch.testing.assert_close(lib(IDS).logits, ours(IDS).logits, rtol=1e-4, atol=1e-4)
@@ -366,7 +352,7 @@ def test_plan_counts_every_parameter_and_lists_what_is_written(gpt_oss):
     from quantize.plan import FUSED_MOE_METHODS, parameter_counts, plan
 
     cfg = CheckpointReader(gpt_oss).config
-    hf = _hf(gpt_oss)
+    hf = hf_model(gpt_oss)
     n = parameter_counts(cfg)
     assert n["total"] == sum(p.numel() for p in hf.parameters())  # sinks, router and expert biases included
     assert {r["method"] for r in plan(cfg)["rows"]} <= set(FUSED_MOE_METHODS)  # no AWQ / GGUF rows

@@ -27,7 +27,9 @@ from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
 from quantize.testing import FUSED_MOE_FAMILIES, build_tiny_model
 
-from helpers import CPU, assert_same_files, output_files, refused_in_one_line, replaced, run_gptq
+from helpers import (
+    CPU, assert_same_files, hf_model, output_files, refused_in_one_line, replaced, rtn_ct_and_gptq_outputs, run_gptq,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,11 +40,6 @@ IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11, 5, 17, 300
 SPARSE = 1  # the tiny model's moe_layers
 
 
-def _hf(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-
 
 @pytest.fixture(scope="module")
 def llama4(tmp_path_factory):
@@ -51,17 +48,8 @@ def llama4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outputs(llama4, calib_for, tmp_path_factory):
-    from quantize.commands.gptq import quantize_gptq
-
     root = tmp_path_factory.mktemp("llama4-out")
-    cal = calib_for(llama4)
-    m = {
-        "gptq": run_gptq(llama4, cal, root / "gptq", static_groups=True),
-        "ct": run_gptq(llama4, cal, root / "ct", static_groups=True, format="compressed-tensors"),
-        "rtn": quantize_gptq(model_dir=llama4, calibration=cal, out=root / "rtn", bits=4, group_size=32,
-                             act_order=False, sym=True, damp=0.01, static_groups=True, block_size=128, rtn=True,
-                             exec_cfg=CPU, format="compressed-tensors"),
-    }
+    m = rtn_ct_and_gptq_outputs(llama4, calib_for(llama4), root)
     return root, m
 
 
@@ -84,7 +72,7 @@ def test_table_names_every_tensor_of_the_checkpoint(llama4):
 
 def test_expert_views_are_what_transformers_holds(llama4):
     """gate = gate_up_proj[e][:, :I]ᵀ, up = [:, I:]ᵀ, down = down_proj[e]ᵀ (transposed, concatenated)."""
-    hf = _hf(llama4)
+    hf = hf_model(llama4)
     r = CheckpointReader(llama4)
     arch = get_arch(r.config)
     view = skeleton.MemoryView(r, arch)
@@ -102,7 +90,7 @@ def test_streamed_forward_equals_transformers(llama4, chunk):
     from quantize.eval.perplexity import final_logits
 
     with torch.no_grad():
-        ref = _hf(llama4)(IDS).logits
+        ref = hf_model(llama4)(IDS).logits
     ours = torch.cat(list(final_logits(llama4, IDS, dataclasses.replace(CPU, expert_chunk=chunk))))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
@@ -132,7 +120,7 @@ def test_expert_hessians_equal_brute_force_from_the_batched_expert_matmuls(llama
     ctx.sequential([g[0] for g in ctx.groups], lambda *_: None, lambda _n: None,
                    experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs),
                    moe=MoEOptions(min_tokens=0.0))
-    hf = _hf(llama4)
+    hf = hf_model(llama4)
     moe = hf.model.layers[SPARSE].feed_forward
     gu, dn = moe.experts.gate_up_proj, moe.experts.down_proj
     routed: list[torch.Tensor] = []
@@ -257,11 +245,11 @@ def test_transformers_loads_our_compressed_tensors_output(llama4, outputs):
     """transformers 5.24 + compressed-tensors load the per-expert linears into their sequential
     Llama-4 experts (``SequentialLlama4TextExperts``): the same logits as our read-back."""
     root, _ = outputs
-    lib = _hf(root / "ct")
+    lib = hf_model(root / "ct")
     ours = load_dequantized_model(root / "ct")
     with torch.no_grad():
         a, b = lib(IDS).logits, ours(IDS).logits
-        src = _hf(llama4)(IDS).logits
+        src = hf_model(llama4)(IDS).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.equal(a, src)
 
@@ -311,5 +299,5 @@ def test_plan_counts_every_parameter(llama4):
     from quantize.plan import FUSED_MOE_METHODS, parameter_counts, plan
 
     cfg = CheckpointReader(llama4).config
-    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in _hf(llama4).parameters())
+    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in hf_model(llama4).parameters())
     assert {r["method"] for r in plan(cfg)["rows"]} <= set(FUSED_MOE_METHODS)
