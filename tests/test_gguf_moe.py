@@ -342,6 +342,8 @@ def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs):
             s = shapes[n]
             want_type = "F32" if len(s) == 1 or "norm" in n or "gate_inp" in n else tensor_type(n, s[-1], variant.split("+")[0], shape)
             assert x.tensor_type.name == want_type == m.metrics["tensor_types"][n], (variant, n)
+        # `quantize plan`'s GGUF row is this file's tensor bytes exactly (kv_b as k_b + v_b, exp_probs_b, MLA norms)
+        assert sum(int(x.n_bytes) for x in r.tensors) == gguf_weight_bytes(c, variant.split("+")[0], by_name(DEEPSEEK))["total"]
         if variant.startswith("Q4_K_M"):  # attn_k_b's 128-wide rows: llama.cpp's fallback from Q4_K
             assert t["blk.1.attn_k_b.weight"].tensor_type.name == "Q5_0"
             assert t["blk.1.attn_v_b.weight"].tensor_type.name == "Q4_K"
