@@ -479,3 +479,18 @@ def test_deepseek_yarn_keys_are_the_converters(tmp_path):
     assert back["rope_parameters"]["mscale_all_dim"] == pytest.approx(1.0) and back["qk_nope_head_dim"] == 128
     assert {k: back[k] for k in ("q_lora_rank", "kv_lora_rank", "v_head_dim", "first_k_dense_replace", "n_group")} == {
         "q_lora_rank": 256, "kv_lora_rank": 256, "v_head_dim": 64, "first_k_dense_replace": 1, "n_group": 2}
+
+
+def test_deepseek_config_from_metadata_is_the_source_config(runs):
+    """Without config.json beside the file, the reader rebuilds DeepSeek-V3's config from deepseek2's
+    keys (num_key_value_heads back to the head count, nope = key_length_mla - rope, ...)."""
+    from quantize.formats.gguf import config_from_metadata
+
+    d = runs(DEEPSEEK)
+    ck = GGUFCheckpoint(d["Q4_K_M"][0])
+    src = CheckpointReader(d["src"]).config
+    rebuilt = config_from_metadata(ck.metadata, set(ck._tensors))
+    for k, v in rebuilt.items():
+        if k in src and src[k] is not None:
+            assert v == pytest.approx(src[k]), k
+    assert {k for k in rebuilt if k not in src or src[k] is None} <= {"rope_theta"}
