@@ -36,7 +36,8 @@ the converter's keys) with its weight-absorbed MLA graph, its logits match our r
 router margin here: the k-th vs (k+1)-th selection score -- sigmoid + e_score_correction_bias --
 among the chosen group, or the chosen vs the next group's score, whichever is smaller, over the std
 of the selection scores); its quantizer writes our Q4_K_M from our BF16 (attn_k_b's 128-wide rows:
-its Q5_0 fallback); and it reads our per-head attn_v_b imatrix entry. Its logits are also checked with
+its Q5_0 fallback; and for Q8_0, Q4_0, Q6_K, Q5_K_M: Q8_0/Q4_0/Q8_0/Q5_1); and it reads our per-head
+attn_v_b imatrix entry. Its logits are also checked with
 YaRN as DeepSeek-V3 configures it (``deepseek_v3+yarn``: factor 4 over an original context of 64,
 mscale = mscale_all_dim = 1: the converter's yarn keys and ``yarn_log_multiplier``).
 """
@@ -200,3 +201,27 @@ def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_pat
         assert np.array_equal(raw, want), (family, n)
         checked += 1
     assert checked == 2 * 3 + (3 if family == DEEPSEEK else 0)
+
+
+# llama_ftype values (llama.h) of the other file types we write
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q6_K": 18, "Q5_K_M": 17}
+
+
+@pytest.mark.parametrize("ftype", sorted(LLAMA_FTYPES))
+def test_llama_cpp_quantizer_writes_our_deepseek_bytes_for_every_file_type(built, ftype, tmp_path):
+    """The other file types on DeepSeek-V3: attn_k_b's 128-wide rows take llama.cpp's other fallbacks
+    (Q6_K -> Q8_0, Q5_K -> Q5_1; Q4_0/Q8_0 fit), the MLA tensors the default type; every byte ours."""
+    from quantize.commands.gguf import quantize_gguf
+    from helpers import CPU
+
+    d = built(DEEPSEEK)
+    quantize_gguf(model_dir=d["src"], out=tmp_path / "ours", exec_cfg=CPU, ftype=ftype)
+    ours = _tensors(tmp_path / "ours" / "model.gguf")
+    theirs = _tensors(_llama_quantize(d["BF16"] / "model.gguf", tmp_path / "theirs.gguf", LLAMA_FTYPES[ftype]))
+    assert sorted(theirs) == sorted(ours)
+    type_diff = {n: (ours[n][0], theirs[n][0]) for n in ours if ours[n][0] != theirs[n][0]}
+    byte_diff = [n for n in ours if n not in type_diff and not np.array_equal(ours[n][1], theirs[n][1])]
+    print(f"\n[llama_model_quantize {ftype}] deepseek_v3: attn_k_b {ours['blk.1.attn_k_b.weight'][0]}, "
+          f"attn_v_b {ours['blk.1.attn_v_b.weight'][0]}; other types {type_diff}, other bytes {byte_diff}")
+    assert not type_diff and not byte_diff
+    assert ours["blk.1.attn_k_b.weight"][0] == {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q6_K": "Q8_0", "Q5_K_M": "Q5_1"}[ftype]
