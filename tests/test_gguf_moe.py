@@ -340,7 +340,8 @@ def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs):
         assert "blk.0.ffn_gate_inp.weight" not in t and "blk.1.ffn_gate.weight" not in t  # layer 0 dense only
         for n, x in layer.items():
             s = shapes[n]
-            want_type = "F32" if len(s) == 1 or "norm" in n or "gate_inp" in n else tensor_type(n, s[-1], variant.split("+")[0], shape)
+            dense = len(s) == 1 or "norm" in n or "gate_inp" in n
+            want_type = "F32" if dense else tensor_type(n, s[-1], variant.split("+")[0], shape)
             assert x.tensor_type.name == want_type == m.metrics["tensor_types"][n], (variant, n)
         # `quantize plan`'s GGUF row is this file's tensor bytes exactly (kv_b as k_b + v_b, exp_probs_b, MLA norms)
         assert sum(int(x.n_bytes) for x in r.tensors) == gguf_weight_bytes(c, variant.split("+")[0], by_name(DEEPSEEK))["total"]

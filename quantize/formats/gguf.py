@@ -1355,7 +1355,8 @@ class GGUFCheckpoint(Closing):
                 stacked = expert_tensor(hf, self._config)
                 if stacked is not None:
                     self._expert[hf] = stacked[1]
-        known = set(self._hf_to_gguf.values()) | {k for k, _ in self._kv_b.values()} | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+        known = (set(self._hf_to_gguf.values()) | {k for k, _ in self._kv_b.values()}
+                 | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
         unknown = sorted(set(self._tensors) - known)
         if unknown:
             raise InputError(f"{self.path}: tensor {unknown[0]!r} is not part of a {arch.name} model as config.json describes it")
