@@ -406,7 +406,6 @@ def test_killed_and_resumed_run_gives_the_same_bytes(tiny_model_dir, calib_for, 
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["exl2", "--calibration", "{cal}", "--bpw", "4"], ["Mixture-of-Experts", "quantize awq", "quantize gptq"]),
     (["awq", "--calibration", "{cal}", "--moe-min-tokens", "1.5"], ["--moe-min-tokens"]),
     (["awq", "--calibration", "{cal}", "--expert-chunk", "2"], ["--expert-chunk", "quantize gptq"]),
 ])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import exec_options, make_exec_config, out_option, stage_options, quantize_output_options
+from .common import exec_options, make_exec_config, moe_options, out_option, stage_options, quantize_output_options
 
 BPW_RANGE = (2.0, 8.0)
 DEFAULT_MEASUREMENT_ROWS = 16  # exllamav2 measures on 16 rows by default (-mr)
@@ -16,7 +16,8 @@ DEFAULT_MEASUREMENT_ROWS = 16  # exllamav2 measures on 16 rows by default (-mr)
 def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, head_bits: int = 6,
                   measurement: Path | None = None, measurement_rows: int = DEFAULT_MEASUREMENT_ROWS,
                   norm: float | None = 1.0, damp: float | None = None, exec_cfg, seed: int = 0,
-                  overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9):
+                  overwrite: bool = False, resume: bool = False, max_shard_bytes: int = 5 * 10**9,
+                  moe_calibration: str = "routed", moe_min_tokens: float = 0.005, moe_fallback: str = "all"):
     """Library entry point (the CLI and `quantize run` call this). Returns the completed manifest.
 
     1. measurement: the first ``measurement_rows`` calibration rows, every candidate option of every
@@ -25,16 +26,22 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
        minimising ``Σ err^norm`` (``norm=None``: exllamav2's exponent sweep);
     3. quantization pass through the streaming executor on all calibration rows, then ``lm_head``
        with ``head_bits`` (untied heads whose vocabulary is a multiple of 32; else kept as is).
+
+    Mixture-of-Experts (the families exllamav2 loads: Mixtral, Qwen3-MoE; others InputError): a
+    sparse layer's routed experts are one slot (``block_sparse_moe``) whose option row all its
+    experts share, its cost every expert's bits; each expert is GPTQ-solved on its own routed
+    Hessian (``moe_*``: executor/moe.py's rules, recorded in the manifest with the coverage).
     """
     import torch
 
     from .. import log
     from .. import manifest as mf
     from ..errors import InputError
-    from ..executor.stage import fingerprint, preflight, refuse_experts, run_quantize_stage
+    from ..executor.moe import MoEOptions
+    from ..executor.stage import fingerprint, preflight, run_quantize_stage
     from ..formats.exl2 import EXL2Format, achieved_bpw, measurement_bytes
     from ..io.atomic import StagedOutput, staging_path
-    from ..methods.exl2 import EXL2_DAMP, HEAD_OPTIONS, PAD_COLUMNS
+    from ..methods.exl2 import EXL2_DAMP, HEAD_OPTIONS, PAD_COLUMNS, exllamav2_moe_refusal
     from ..methods.exl2_layer import MEASUREMENT_FILE, Exl2QuantMethod, run_measurement
     from ..methods.exl2_optimize import (
         cheapest_bits,
@@ -56,9 +63,12 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
     torch.manual_seed(seed)
     model_dir, calibration, out = Path(model_dir), Path(calibration), Path(out)
     reader, arch, input_ids, calib = preflight(model_dir, calibration, StagedOutput(out, overwrite=overwrite))
-    refuse_experts(arch, model_dir, "exl2")  # exllamav2's MoE kernels are not targeted yet
     config = reader.config
-    for lin in arch.linear_names():
+    why = exllamav2_moe_refusal(arch, config)
+    if why is not None:
+        raise InputError(f"{model_dir}: {why}")
+    moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
+    for lin in arch.linear_kinds(config):
         N, _ = arch.linear_shape(lin, config)
         if N % PAD_COLUMNS:
             raise InputError(f"{model_dir / 'config.json'}: {lin} has {N} outputs, not a multiple of {PAD_COLUMNS}; "
@@ -81,6 +91,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
         rows = min(measurement_rows, int(input_ids.shape[0]))
         inputs = [mf.describe_input("model", model_dir), mf.describe_input("calibration", calibration)]
         run_id = fingerprint({"stage": "exl2-measure", "rows": rows, "damp": damp,
+                              **(moe.params() if arch.moe is not None else {}),
                               "inputs": [i.model_dump() for i in inputs],
                               "compute_dtype": str(exec_cfg.dtype), "device": exec_cfg.device})
         staging = staging_path(out)
@@ -90,9 +101,12 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
         if doc is None or doc.get("quantize", {}).get("run_id") != run_id:
             log.info(f"measuring {arch.num_layers(config)} layers on {rows} x {input_ids.shape[1]} tokens")
             entries = run_measurement(model_dir=model_dir, reader=reader, arch=arch, input_ids=input_ids[:rows],
-                                      exec_cfg=exec_cfg, work_dir=staging / "measure", run_id=run_id, damp=damp)
+                                      exec_cfg=exec_cfg, work_dir=staging / "measure", run_id=run_id, damp=damp,
+                                      moe=moe)
             info = {"run_id": run_id, "rows": rows, "length": int(input_ids.shape[1]), "dataset": cal_info["dataset"],
                     "damp": damp, "model": str(model_dir)}
+            if arch.moe is not None:
+                info.update(moe.params())
             doc = measurement_document(entries, arch.num_layers(config), info)
             tmp = cached.with_name(cached.name + ".tmp")
             tmp.write_bytes(measurement_bytes(doc))
@@ -117,7 +131,7 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
         head, head_bits_used = None, 16
     else:
         head_bits_used = head_bits
-    method = Exl2QuantMethod(plan, head=head, damp=damp)
+    method = Exl2QuantMethod(plan, head=head, damp=damp, moe=moe)
     meas_bytes = measurement_bytes(doc)
     fmt = EXL2Format(bpw, head_bits_used, cal_info, meas_bytes)
     params = {"method": "exl2", "bpw": bpw, "head_bits": head_bits_used, "norm": norm, "damp": damp, "seed": seed,
@@ -126,6 +140,8 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
               "measurement_rows": doc.get("quantize", {}).get("rows"),
               "planned_bits": sol.total_bits, "decoder_weights": weights,
               "strategy": [s.key + ":" + str(j) for s, j in zip(slots, sol.choice)]}
+    if arch.moe is not None:  # absent for dense models: earlier runs' fingerprints stay valid
+        params.update(moe.params())
     m = run_quantize_stage(stage="exl2", model_dir=model_dir, calibration_dir=calibration, out=out, method=method,
                            fmt=fmt, params=params, exec_cfg=exec_cfg, overwrite=overwrite, resume=resume,
                            max_shard_bytes=max_shard_bytes)
@@ -151,11 +167,13 @@ def quantize_exl2(*, model_dir: Path, calibration: Path, out: Path, bpw: float, 
 @click.option("--norm", default="1", show_default=True,
               help="Optimizer objective: minimise the sum of error^NORM over slots; 'auto': exllamav2's exponent sweep.")
 @quantize_output_options
+@moe_options
 @out_option()
 @exec_options
 @stage_options
 def exl2_command(model_dir, calibration, bpw, head_bits, measurement, measurement_rows, norm, max_shard_size, resume,
-                 out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite):
+                 out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite,
+                 moe_calibration="routed", moe_min_tokens=0.005, moe_fallback="all", expert_chunk=None):
     """Quantize to EXL2 (exllamav2): measure candidate bit mixtures per layer, choose them to meet
     --bpw, GPTQ-quantize with act-order and per-group bit widths, one decoder layer resident."""
     from ..errors import InputError
@@ -167,10 +185,11 @@ def exl2_command(model_dir, calibration, bpw, head_bits, measurement, measuremen
         raise InputError(f"--norm {norm!r}: a positive number or 'auto'") from None
     if norm_value is not None and norm_value <= 0:
         raise InputError(f"--norm {norm}: must be positive")
-    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap)
+    cfg = make_exec_config(device, batch_size, offload_activations, compute_dtype, lockstep, host_heap, expert_chunk)
     m = quantize_exl2(model_dir=model_dir, calibration=calibration, out=out, bpw=bpw, head_bits=int(head_bits),
                       measurement=measurement, measurement_rows=measurement_rows, norm=norm_value, exec_cfg=cfg,
-                      seed=seed, overwrite=overwrite, resume=resume, max_shard_bytes=int(max_shard_size * 1e9))
+                      seed=seed, overwrite=overwrite, resume=resume, max_shard_bytes=int(max_shard_size * 1e9),
+                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback)
     got = achieved_bpw(out)
     head = got.get("head")
     click.echo(f"wrote {out} ({len(m.outputs)} files); {got['decoder']['bpw']:.4f} bpw over the decoder linears "

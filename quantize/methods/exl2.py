@@ -196,8 +196,23 @@ HEAD_OPTIONS: dict[int, QParams] = {
     8: _qp(128, [8], [1.0]),
 }
 
-# Module groups ("slots") the optimizer assigns one option row to, and their option tables.
-SLOT_OPTIONS: dict[str, tuple[dict[str, QParams], ...]] = {"self_attn": ATTN_OPTIONS, "mlp": MLP_OPTIONS}
+# Module groups ("slots") the optimizer assigns one option row to, and their option tables. A
+# Mixture-of-Experts layer's routed experts are one slot, ``block_sparse_moe`` (exllamav2's key for
+# every MoE family): one MLP option row for all its experts (gate/up/down of each expert take the
+# row's gate/up/down), as exllamav2's measure_moe_mlp / quant_moe_mlp apply ``strat["w1"|"w3"|"w2"]``.
+MOE_SLOT = "block_sparse_moe"
+SLOT_OPTIONS: dict[str, tuple[dict[str, QParams], ...]] = {"self_attn": ATTN_OPTIONS, "mlp": MLP_OPTIONS,
+                                                           MOE_SLOT: MLP_OPTIONS}
+# measurement.json keys of an MoE slot's options (exllamav2 measure.py: "w1", "w3", "w2" for every family)
+MOE_LEAVES: dict[str, str] = {"gate": "w1", "up": "w3", "down": "w2"}
+
+# Mixture-of-Experts families exllamav2 loads (exllamav2/architecture.py, snapshot da07fac:
+# ``MixtralForCausalLM`` and ``Qwen3MoeForCausalLM`` set ``is_moe``; ExLlamaV2MoEMLP reads
+# ``{mlp_gate|mlp_up|mlp_down}`` = ``block_sparse_moe.experts.*.w1|w3|w2`` resp.
+# ``mlp.experts.*.gate_proj|up_proj|down_proj`` and the router ``mlp_expert_gate`` unquantized).
+# Its other MoE archs (DBRX, GemMoE) are not in our table; Qwen2-MoE, DeepSeek, GPT-OSS and Llama-4
+# are not in exllamav2's.
+EXL2_MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 # Role of a linear (by its leaf name) in the option rows. Fused projections (Phi-3 ``qkv_proj``,
 # ``gate_up_proj``) are quantized as one matrix here (exllamav2 splits them into per-projection
@@ -223,6 +238,53 @@ def slot_linears(arch) -> dict[str, list[str]]:
     for name in arch.linear_names():
         out.setdefault(linear_slot(name)[0], []).append(name)
     return out
+
+
+def layer_slots(arch, config: Mapping[str, Any], i: int) -> dict[str, list[tuple[str, str]]]:
+    """Layer ``i``'s linears by slot with their roles, execution order: ``{"self_attn": [(linear,
+    role), ...], "mlp" | "block_sparse_moe": [...]}``. In a sparse layer every routed expert's
+    gate/up/down (on-disk names) is in the ``block_sparse_moe`` slot with role gate/up/down."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in arch.layer_linears(config, i):
+        slot = arch.expert_slot(name)
+        if slot is not None:
+            out.setdefault(MOE_SLOT, []).append((name, MLP_ROLES[slot[1]]))
+        else:
+            s, role = linear_slot(name)
+            out.setdefault(s, []).append((name, role))
+    return out
+
+
+def option_key(slot: str, linear: str, role: str) -> str:
+    """The key of ``linear``'s options in a measurement entry: its leaf name (``q_proj``), or for
+    an MoE slot exllamav2's ``w1``/``w3``/``w2`` (one per role, shared by every expert)."""
+    return MOE_LEAVES[role] if slot == MOE_SLOT else linear.rpartition(".")[2]
+
+
+def exllamav2_moe_refusal(arch, config: Mapping[str, Any]) -> str | None:
+    """Why exllamav2 cannot run this Mixture-of-Experts model as transformers does (None: it can).
+
+    exllamav2 (model.py) builds an ``ExLlamaV2MoEMLP`` for every layer of an ``is_moe`` arch, and
+    its forward (moe_mlp.py) takes softmax -> top-k -> always renormalises the k weights; its
+    Qwen3-MoE attention has no q/k/v bias (``attention_bias_qkv`` False)."""
+    if arch.moe is None:
+        return None
+    if arch.name not in EXL2_MOE_FAMILIES:
+        alts = ("`quantize gptq` or `quantize rtn`" if arch.moe.experts.fused_on_disk
+                else "`quantize gptq`, `quantize awq` or `quantize gguf`")
+        return (f"exllamav2 does not load {arch.name} Mixture-of-Experts models (its MoE architectures: "
+                f"MixtralForCausalLM, Qwen3MoeForCausalLM), so `quantize exl2` does not write them; use {alts}")
+    dense = [i for i in range(arch.num_layers(config)) if not arch.is_sparse_layer(config, i)]
+    if dense:
+        return (f"layers {dense} are dense (mlp_only_layers / decoder_sparse_step), but exllamav2 makes every layer "
+                f"of an MoE model sparse; use `quantize gptq`, `quantize awq` or `quantize gguf`")
+    if arch.name == "qwen3_moe" and not config.get("norm_topk_prob", False):
+        return ("norm_topk_prob is false, but exllamav2 always renormalises the top-k routing weights, so it would "
+                "compute another model; use `quantize gptq`, `quantize awq` or `quantize gguf`")
+    if arch.name == "qwen3_moe" and config.get("attention_bias", False):
+        return ("attention_bias is true, but exllamav2's Qwen3-MoE attention has no q/k/v/o bias; "
+                "use `quantize gptq`, `quantize awq` or `quantize gguf`")
+    return None
 
 
 # -- cost model --------------------------------------------------------------------------------
@@ -414,6 +476,18 @@ def exl2_quantize(W: Tensor, qp: QParams, H: Tensor | None = None, *, prepared: 
         group_rows=tuple(r for _, r in layout), scale_codes=scale_codes, scale_max=scale_max, W_hat=W_hat,
         loss=float(loss), damp_used=float(damp_used), dead_columns=int(dead.sum()),
     )
+
+
+def exl2_rtn(W: Tensor, qp: QParams, perm: Tensor | None = None, *, name: str = "weight") -> Exl2Result:
+    """Round-to-nearest on the EXL2 grid: :func:`exl2_quantize` with ``U = I`` (same regions, same
+    scale search, no error feedback). ``perm``: the storage order (pass GPTQ's act-order so that the
+    regions hold the same inputs, for the manifest's GPTQ-vs-RTN error); None: the inputs' own order
+    (an expert no calibration token reached: no Hessian, no salience order)."""
+    K = W.shape[1]
+    order = torch.arange(K) if perm is None else perm.to(torch.int64).cpu()
+    prepared = PreparedHessian(torch.eye(K, device=W.device), order.to(W.device), 0.0,
+                               torch.zeros(K, dtype=torch.bool))
+    return exl2_quantize(W, qp, prepared=prepared, name=name)
 
 
 def output_rel_error(ref: Tensor, out: Tensor, seq_len: int) -> list[float]:

@@ -41,15 +41,17 @@ from .exl2 import (
     Exl2Result,
     QParams,
     exl2_quantize,
+    exl2_rtn,
     exllamav2_total_bits,
-    linear_slot,
+    layer_slots,
+    option_key,
     output_rel_error,
     prepare_exl2_hessian,
     slot_linears,
 )
 from .gptq import weighted_error
 from .hessian import HessianAccumulator
-from .layer import raise_nonfinite
+from .layer import raise_nonfinite, relative_errors
 
 MEASUREMENT_FILE = "measurement.json"
 
@@ -96,101 +98,198 @@ def _run_probe(ctx: LayerContext, probe: str | None, consume: Callable[[int, tor
     ctx.forward_passes += 1
 
 
+def _expert_hessians(ctx: LayerContext, moe) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+    """Measurement: every routed expert's input Hessians from the reference forward, by the rules
+    of ``executor/moe.Routing`` (its own routed tokens; the all-token Hessian or none, i.e. RTN, for
+    an expert under ``--moe-min-tokens``): gate/up's from the tokens, down's from the expert's
+    reference hidden state ``act(x W_gate^T) * (x W_up^T)``. ``{linear: H or None}`` and the coverage."""
+    from ..executor.moe import CHUNK, Routing, expert_hidden, hessian_of
+
+    arch, cfg = ctx.arch, ctx.streamer.reader.config
+    E = arch.num_experts(cfg)
+    ex = arch.moe.experts
+    module = ctx.module(ex.module)
+    routing = Routing.of(ctx.expert_inputs(), E, moe)
+    out: dict[str, torch.Tensor | None] = {}
+    H_all = None
+    for e in range(E):
+        names = [arch.expert_linear(e, j) for j in range(3)]
+        if routing.how[e] == "rtn":
+            out.update({n: None for n in names})
+            continue
+        if routing.how[e] == "all" and H_all is not None:
+            X = None
+            H_gu = H_all
+        else:
+            X = routing.rows(e)
+            H_gu = hessian_of(X)
+            if routing.how[e] == "all":
+                H_all = H_gu
+        X = routing.rows(e) if X is None else X
+        W_gu = getattr(module, ex.fused[0])[e].to(device=X.device, dtype=X.dtype)
+        acc = HessianAccumulator()
+        with torch.no_grad():
+            for chunk in X.split(CHUNK):
+                acc.add(expert_hidden(module, ex, chunk, W_gu, None))
+        out.update({names[0]: H_gu, names[1]: H_gu, names[2]: acc.H})
+        del X, W_gu
+    return out, routing.record(arch.experts_per_token(cfg))
+
+
 class Exl2MeasureMethod:
     """Measures every candidate option row of every slot of a layer; changes no weights."""
 
     name = "exl2-measure"
 
-    def __init__(self, damp: float = EXL2_DAMP):
+    def __init__(self, damp: float = EXL2_DAMP, moe=None):
+        from ..executor.moe import MoEOptions
+
         self.damp = damp
+        self.moe = moe or MoEOptions()
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
-        arch = ctx.arch
-        originals = {n: ctx.weight(n) for n in arch.linear_names()}
-        groups = arch.group_names()
+        arch, cfg = ctx.arch, ctx.streamer.reader.config
+        slots = layer_slots(arch, cfg, ctx.index)
+        linears = [lin for group in slots.values() for lin, _ in group]
+        originals = {n: ctx.weight(n) for n in linears}
+        groups = [g for g in ctx.groups if g[0] != ctx.experts_module]
         accs = {g[0]: HessianAccumulator() for g in groups}
         ctx.observe([g[0] for g in groups], lambda n, x: accs[n].add(x))
-        prepared = {}
+        prepared: dict[str, Any] = {}
         for g in groups:
             K = originals[g[0]].shape[1]
             p = prepare_exl2_hessian(_hessian(accs[g[0]], K, ctx, g[0]), self.damp, name=f"{ctx.prefix}{g[0]} Hessian")
             prepared.update({n: p for n in g})
         del accs
+        coverage = None
+        if ctx.experts_module is not None:
+            # every expert's prepared inverse is kept through the 17 option rows (exllamav2 keeps
+            # every expert's quantized candidates instead)
+            hessians, coverage = _expert_hessians(ctx, self.moe)
+            by_id: dict[int, Any] = {}
+            for n, H in hessians.items():
+                if H is None:
+                    prepared[n] = None  # no tokens: RTN on the EXL2 grid
+                    continue
+                if not torch.isfinite(H).all():
+                    raise_nonfinite(ctx, n)
+                if id(H) not in by_id:
+                    K = originals[n].shape[1]
+                    by_id[id(H)] = prepare_exl2_hessian(_hessian_or_eye(H, K, ctx), self.damp,
+                                                        name=f"{ctx.prefix}{n} Hessian")
+                prepared[n] = by_id[id(H)]
+            del hessians, by_id
         seq_len = ctx.streamer.batches[0].hidden.shape[1]
         measurement: dict[str, list[dict[str, Any]]] = {}
         t0 = time.time()
-        for slot, linears in slot_linears(arch).items():
+        for slot, members in slots.items():
             probe = attention_probe(arch) if slot == "self_attn" else None
             ref: dict[int, torch.Tensor] = {}
             _run_probe(ctx, probe, lambda b, y: ref.__setitem__(b, y.detach().clone()))
             # each distinct (linear, option) is quantized once and kept (as fp16: its values are
             # fp16-exact) only until the last option row that uses it
             rows = SLOT_OPTIONS[slot]
-            last_use = {(lin, row[linear_slot(lin)[1]].desc): j for j, row in enumerate(rows) for lin in linears}
+            last_use = {(lin, row[role].desc): j for j, row in enumerate(rows) for lin, role in members}
             cache: dict[tuple[str, str], torch.Tensor] = {}
             entries = []
             for j, row in enumerate(rows):
                 entry: dict[str, Any] = {"accuracy": 0.0, "total_bits": 0}
-                for lin in linears:
-                    qp = row[linear_slot(lin)[1]]
+                for lin, role in members:
+                    qp = row[role]
                     key = (lin, qp.desc)
                     if key not in cache:
-                        r = exl2_quantize(originals[lin], qp, prepared=prepared[lin], name=ctx.prefix + lin)
+                        if prepared[lin] is None:
+                            r = exl2_rtn(originals[lin], qp, name=ctx.prefix + lin)
+                        else:
+                            r = exl2_quantize(originals[lin], qp, prepared=prepared[lin], name=ctx.prefix + lin)
                         cache[key] = r.W_hat.to(torch.float16)
                     ctx.set_weight(lin, cache[key].float())
                     N, K = originals[lin].shape
-                    entry["total_bits"] += exllamav2_total_bits(qp, K, N, bias=ctx.module(lin).bias is not None)
-                    entry[lin.rpartition(".")[2]] = qp.to_dict()
+                    entry["total_bits"] += exllamav2_total_bits(qp, K, N, bias=arch.has_bias(lin, cfg))
+                    entry[option_key(slot, lin, role)] = qp.to_dict()
                 errs: list[float] = []
                 _run_probe(ctx, probe, lambda b, y: errs.extend(output_rel_error(ref[b], y, seq_len)))
                 entry["accuracy"] = max(1e-6, 1.0 - sum(errs) / len(errs))
                 entries.append(entry)
                 for key in [k for k, last in last_use.items() if last == j]:
                     cache.pop(key, None)
-            for lin in linears:
+            for lin, _ in members:
                 ctx.set_weight(lin, originals[lin])
             measurement[ctx.prefix + slot] = entries
             del ref, cache
-        return LayerResult({}, {"measurement": measurement, "measure_seconds": round(time.time() - t0, 3)})
+        metrics: dict[str, Any] = {"measurement": measurement, "measure_seconds": round(time.time() - t0, 3)}
+        if coverage is not None:
+            metrics["moe"] = coverage
+        return LayerResult({}, metrics)
+
+
+def _hessian_or_eye(H: torch.Tensor, K: int, ctx: LayerContext) -> torch.Tensor:
+    """``H``, or the identity when no signal reached these inputs (all-zero diagonal)."""
+    return H if bool((torch.diagonal(H) > 0).any()) else torch.eye(K, device=H.device)
 
 
 class Exl2QuantMethod:
-    """Quantizes each linear with its planned :class:`QParams`; ``plan[layer][linear]``."""
+    """Quantizes each linear with its planned :class:`QParams`; ``plan[layer][linear]``.
+
+    A sparse layer's routed experts are solved in the one layer loop (``ctx.sequential``'s experts
+    callback, executor/moe.py): each expert's gate/up on the Hessian of the tokens routed to it,
+    then its down on its hidden state through the quantized gate/up, with the ``--moe-*`` rules
+    (an expert under ``--moe-min-tokens``: the all-token Hessian, or RTN on the EXL2 grid)."""
 
     name = "exl2"
+    solves_experts = True  # sparse layers: ctx.sequential hands each expert's linears to ``quantize``
 
-    def __init__(self, plan: dict[int, dict[str, QParams]], head: QParams | None = None, damp: float = EXL2_DAMP):
+    def __init__(self, plan: dict[int, dict[str, QParams]], head: QParams | None = None, damp: float = EXL2_DAMP,
+                 moe=None):
+        from ..executor.moe import MoEOptions
+
         self.plan = plan
         self.head = head
         self.damp = damp
+        self.moe = moe or MoEOptions()
 
     def process_layer(self, ctx: LayerContext) -> LayerResult:
         plan = self.plan[ctx.index]
         results: dict[str, Exl2Result] = {}
-        m: dict[str, Any] = {"rel_error": {}, "damp_used": {}, "healed": {}, "options": {}}
+        m: dict[str, Any] = {"rel_error": {}, "rtn_rel_error": {}, "damp_used": {}, "healed": {}, "options": {}}
         totals = {"bits": 0, "weights": 0}
-        groups = {g[0]: g for g in ctx.arch.group_names()}
+        groups = {g[0]: g for g in ctx.groups}
         accs = {first: HessianAccumulator() for first in groups}
 
-        def solve(first: str) -> None:
-            H = _hessian(accs.pop(first), ctx.module(first).in_features, ctx, first)
-            prepared = prepare_exl2_hessian(H, self.damp, name=f"{ctx.prefix}{first} Hessian")
-            for name in groups[first]:
+        def quantize(names: list[str], H: torch.Tensor | None) -> None:
+            """The linears ``names`` sharing the input Hessian ``H`` (None: no calibration signal,
+            RTN on the EXL2 grid in the inputs' own order)."""
+            if H is not None and not torch.isfinite(H).all():
+                raise_nonfinite(ctx, names[0])
+            if H is not None and not bool((torch.diagonal(H) > 0).any()):
+                H = None
+            prepared = None if H is None else prepare_exl2_hessian(H, self.damp, name=f"{ctx.prefix}{names[0]} Hessian")
+            for name in names:
                 W = ctx.weight(name)
-                r = exl2_quantize(W, plan[name], prepared=prepared, name=ctx.prefix + name)
+                if prepared is None:
+                    r = exl2_rtn(W, plan[name], name=ctx.prefix + name)
+                else:
+                    r = exl2_quantize(W, plan[name], prepared=prepared, name=ctx.prefix + name)
                 if not torch.isfinite(r.W_hat).all():
                     raise_nonfinite(ctx, name)
                 ctx.set_weight(name, r.W_hat)
                 results[name] = r
-                ref = weighted_error(W, torch.zeros_like(W), H)
-                m["rel_error"][name] = weighted_error(W, r.W_hat, H) / ref if ref > 0 else 0.0
+                if H is not None:  # RTN: same regions and storage order, no error feedback
+                    rtn = exl2_rtn(W, plan[name], r.perm, name=ctx.prefix + name).W_hat
+                    errs = relative_errors(W, H, exl2=r.W_hat, rtn=rtn)
+                    m["rel_error"][name], m["rtn_rel_error"][name] = errs["exl2"], errs["rtn"]
                 m["damp_used"][name] = r.damp_used
-                m["healed"][name] = bool(r.damp_used > self.damp * (1 + 1e-9))
+                m["healed"][name] = bool(prepared is not None and r.damp_used > self.damp * (1 + 1e-9))
                 m["options"][name] = plan[name].desc
                 totals["bits"] += r.storage_bits()
                 totals["weights"] += W.numel()
 
-        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve)
+        def solve(first: str) -> None:
+            acc = accs.pop(first)
+            quantize(groups[first], acc.H if acc.n else None)
+
+        ctx.sequential(list(groups), lambda first, x: accs[first].add(x), solve,
+                       experts=lambda jobs: [quantize(names, H) for names, H in jobs], moe=self.moe)
         m["storage_bits"] = totals["bits"]
         m["quantized_weights"] = totals["weights"]
         return LayerResult(results, m)
@@ -215,8 +314,9 @@ class Exl2QuantMethod:
 
 
 def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, exec_cfg: ExecConfig,
-                    work_dir: Path, run_id: str, damp: float = EXL2_DAMP) -> dict[str, Any]:
+                    work_dir: Path, run_id: str, damp: float = EXL2_DAMP, moe=None) -> dict[str, Any]:
     """Stream every layer once through :class:`Exl2MeasureMethod`; return the measurement entries.
+    ``moe``: the ``--moe-*`` rules for the experts' Hessians (executor/moe.MoEOptions).
 
     ``work_dir`` holds a resume point after every layer (reference hidden states + entries so far);
     a rerun with the same ``run_id`` continues there. It is removed when the pass completes.
@@ -233,7 +333,7 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
         streamer.set_hidden_states(hidden)
         log.info(f"resuming the measurement at layer {start}")
     streamer.apply_host_heap()
-    method = Exl2MeasureMethod(damp)
+    method = Exl2MeasureMethod(damp, moe)
     n = streamer.num_layers
     with frozen_gc():
         for i in log.progress(range(start, n), total=n - start, desc="exl2 measure"):
@@ -246,7 +346,8 @@ def run_measurement(*, model_dir: Path, reader, arch, input_ids: torch.Tensor, e
             log.event("measure_layer", f"measure layer {i}: {time.time() - t0:.2f}s ({ctx.forward_passes + 1} passes)",
                       layer=i, seconds=round(time.time() - t0, 3))
             point.save(i + 1, streamer.hidden_states(), measurement=entries)
-    if len(entries) != n * len(slot_linears(arch)):
-        raise RuntimeFault(f"measurement covers {len(entries)} slots, expected {n * len(slot_linears(arch))}")
+    want = sum(len(layer_slots(arch, reader.config, i)) for i in range(n))
+    if len(entries) != want:
+        raise RuntimeFault(f"measurement covers {len(entries)} slots, expected {want}")
     shutil.rmtree(work_dir, ignore_errors=True)
     return entries

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import InputError, RuntimeFault
-from .exl2 import SLOT_OPTIONS, QParams, exllamav2_total_bits, linear_slot, slot_linears, storage_bits
+from .exl2 import SLOT_OPTIONS, QParams, exllamav2_total_bits, layer_slots, option_key, storage_bits
 
 DEFAULT_RESOLUTION = 100_000  # DP budget units
 NORM_SWEEP = tuple(round(1.5 + 0.1 * i, 2) for i in range(21))  # exllamav2's norm interval (1.5, 3.5)
@@ -183,76 +183,92 @@ def load_measurement(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _model_slots(arch, config: Mapping[str, Any]):
+    """``(layer, slot, [(linear, role), ...])`` for every slot of the model, layer order."""
+    for i in range(arch.num_layers(config)):
+        for slot, linears in layer_slots(arch, config, i).items():
+            yield i, slot, linears
+
+
 def slots_from_measurement(doc: dict[str, Any], arch, config: Mapping[str, Any], source: str = "measurement.json") -> list[Slot]:
     """One :class:`Slot` per (layer, slot) in layer order, with exact storage costs for this model.
 
     The measurement must have been made for this model: every slot key present, one entry per
     candidate row with the table's options, and each entry's ``total_bits`` equal to exllamav2's
     cost for this model's shapes (a different model gives different costs). InputError otherwise.
+    An MoE slot's cost counts every routed expert's gate, up and down (exllamav2 measure_moe_mlp:
+    ``total_bits`` summed over the experts), so the budget holds the experts' bits.
     """
     meas = doc["measurement"]
     slots = []
-    for i in range(arch.num_layers(config)):
-        for slot, linears in slot_linears(arch).items():
-            key = arch.layer_prefix(i) + slot
-            entries = meas.get(key)
-            options = SLOT_OPTIONS[slot]
-            if not isinstance(entries, list) or len(entries) != len(options):
-                have = "missing" if entries is None else f"{len(entries) if isinstance(entries, list) else 'not a list'} entries"
-                raise InputError(f"{source}: {key} is {have}, expected {len(options)} options; "
-                                 f"the measurement belongs to another model: measure again (omit --measurement)")
-            costs, errors = [], []
-            for j, (entry, row) in enumerate(zip(entries, options)):
-                cost = want_total = 0
-                for lin in linears:
-                    leaf = lin.rpartition(".")[2]
-                    qp = row[linear_slot(lin)[1]]
+    for i, slot, linears in _model_slots(arch, config):
+        key = arch.layer_prefix(i) + slot
+        entries = meas.get(key)
+        options = SLOT_OPTIONS[slot]
+        if not isinstance(entries, list) or len(entries) != len(options):
+            have = "missing" if entries is None else f"{len(entries) if isinstance(entries, list) else 'not a list'} entries"
+            raise InputError(f"{source}: {key} is {have}, expected {len(options)} options; "
+                             f"the measurement belongs to another model: measure again (omit --measurement)")
+        shapes = {lin: arch.linear_shape(lin, config) for lin, _ in linears}
+        costs, errors = [], []
+        for j, (entry, row) in enumerate(zip(entries, options)):
+            cost = want_total = 0
+            checked: set[str] = set()
+            for lin, role in linears:
+                leaf = option_key(slot, lin, role)
+                qp = row[role]
+                if leaf not in checked:
                     got = QParams.from_dict(entry.get(leaf) or {}, source=f"{source}: {key}[{j}].{leaf}")
                     if got.desc != qp.desc:
                         raise InputError(f"{source}: {key}[{j}].{leaf} is {got.desc}, the option table has {qp.desc}; "
                                          f"measure again (omit --measurement)")
-                    N, K = arch.linear_shape(lin, config)
-                    cost += storage_bits(qp, K, N)
-                    want_total += exllamav2_total_bits(qp, K, N, bias=arch.has_bias(lin, config))
-                acc = entry.get("accuracy")
-                if entry.get("total_bits") != want_total:
-                    raise InputError(f"{source}: {key}[{j}] total_bits {entry.get('total_bits')} != {want_total} for this "
-                                     f"model's shapes; the measurement belongs to another model: measure again")
-                if not isinstance(acc, (int, float)) or not 0.0 < acc <= 1.0:
-                    raise InputError(f"{source}: {key}[{j}] accuracy {acc!r} is not in (0, 1]; measure again")
-                costs.append(cost)
-                errors.append(1.0 - float(acc))
-            slots.append(Slot(key, tuple(costs), tuple(errors)))
+                    checked.add(leaf)
+                N, K = shapes[lin]
+                cost += storage_bits(qp, K, N)
+                want_total += exllamav2_total_bits(qp, K, N, bias=arch.has_bias(lin, config))
+            acc = entry.get("accuracy")
+            if entry.get("total_bits") != want_total:
+                raise InputError(f"{source}: {key}[{j}] total_bits {entry.get('total_bits')} != {want_total} for this "
+                                 f"model's shapes; the measurement belongs to another model: measure again")
+            if not isinstance(acc, (int, float)) or not 0.0 < acc <= 1.0:
+                raise InputError(f"{source}: {key}[{j}] accuracy {acc!r} is not in (0, 1]; measure again")
+            costs.append(cost)
+            errors.append(1.0 - float(acc))
+        slots.append(Slot(key, tuple(costs), tuple(errors)))
     return slots
 
 
 def decoder_weights(arch, config: Mapping[str, Any]) -> int:
-    """Σ in·out over the quantized decoder linears: the denominator of the bpw target."""
-    per_layer = 0
-    for lin in arch.linear_names():
-        N, K = arch.linear_shape(lin, config)
-        per_layer += N * K
-    return per_layer * arch.num_layers(config)
+    """Σ in·out over the quantized decoder linears (every routed expert's included): the
+    denominator of the bpw target (exllamav2 optimize.py: ``numel_mlp`` times ``num_experts``)."""
+    total = 0
+    for _, _, linears in _model_slots(arch, config):
+        for lin, _ in linears:
+            N, K = arch.linear_shape(lin, config)
+            total += N * K
+    return total
 
 
 def cheapest_bits(arch, config: Mapping[str, Any]) -> int:
     """Storage bits of the cheapest option row of every slot: the smallest feasible budget."""
-    per_layer = 0
-    for slot, linears in slot_linears(arch).items():
-        per_layer += min(sum(storage_bits(row[linear_slot(lin)[1]], *reversed(arch.linear_shape(lin, config)))
-                             for lin in linears) for row in SLOT_OPTIONS[slot])
-    return per_layer * arch.num_layers(config)
+    total = 0
+    for _, slot, linears in _model_slots(arch, config):
+        shapes = [(role, *arch.linear_shape(lin, config)) for lin, role in linears]
+        total += min(sum(storage_bits(row[role], K, N) for role, N, K in shapes) for row in SLOT_OPTIONS[slot])
+    return total
+
+
+def measured_slots(arch, config: Mapping[str, Any]) -> int:
+    """How many slots a complete measurement of this model has."""
+    return sum(1 for _ in _model_slots(arch, config))
 
 
 def plan_from_solution(solution: Solution, arch, config: Mapping[str, Any]) -> dict[int, dict[str, QParams]]:
-    """``{layer: {linear: QParams}}`` from the chosen option rows (slots in :func:`slots_from_measurement` order)."""
-    plan: dict[int, dict[str, QParams]] = {}
-    k = 0
-    for i in range(arch.num_layers(config)):
-        plan[i] = {}
-        for slot, linears in slot_linears(arch).items():
-            row = SLOT_OPTIONS[slot][solution.choice[k]]
-            for lin in linears:
-                plan[i][lin] = row[linear_slot(lin)[1]]
-            k += 1
+    """``{layer: {linear: QParams}}`` from the chosen option rows (slots in :func:`slots_from_measurement`
+    order); in an MoE slot every expert's gate/up/down takes the row's gate/up/down."""
+    plan: dict[int, dict[str, QParams]] = {i: {} for i in range(arch.num_layers(config))}
+    for k, (i, slot, linears) in enumerate(_model_slots(arch, config)):
+        row = SLOT_OPTIONS[slot][solution.choice[k]]
+        for lin, role in linears:
+            plan[i][lin] = row[role]
     return plan
