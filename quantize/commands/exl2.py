@@ -1,4 +1,7 @@
-"""`quantize exl2`: measure (or reuse a measurement), optimize the bit allocation, quantize to EXL2."""
+"""`quantize exl2`: measure (or reuse a measurement), optimize the bit allocation, quantize to EXL2.
+
+Dense families and the Mixture-of-Experts families exllamav2 loads (Mixtral, Qwen3-MoE with every
+layer sparse and ``norm_topk_prob``); any other MoE model exits 2 naming `quantize gptq`/`awq`/`gguf`."""
 
 from __future__ import annotations
 
@@ -175,7 +178,8 @@ def exl2_command(model_dir, calibration, bpw, head_bits, measurement, measuremen
                  out, batch_size, offload_activations, compute_dtype, lockstep, host_heap, device, seed, overwrite,
                  moe_calibration="routed", moe_min_tokens=0.005, moe_fallback="all", expert_chunk=None):
     """Quantize to EXL2 (exllamav2): measure candidate bit mixtures per layer, choose them to meet
-    --bpw, GPTQ-quantize with act-order and per-group bit widths, one decoder layer resident."""
+    --bpw, GPTQ-quantize with act-order and per-group bit widths, one decoder layer resident.
+    Mixture-of-Experts: Mixtral and Qwen3-MoE (what exllamav2 loads), each expert on its own tokens."""
     from ..errors import InputError
     from ..formats.exl2 import achieved_bpw
 

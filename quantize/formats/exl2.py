@@ -17,6 +17,13 @@ suffix          dtype    shape                            content
 ``q_perm`` is not written (the loader derives it from ``q_invperm``); a third-party ``q_perm`` is
 checked against ``q_invperm`` on read. The bias of a quantized linear is stored fp16 (§3.10).
 
+Mixture-of-Experts (Mixtral, Qwen3-MoE): every routed expert's gate/up/down is an EXL2 linear of its
+own under the name exllamav2's ``ExLlamaV2MoEMLP`` loads (architecture.py ``mlp_gate``/``mlp_up``/
+``mlp_down`` with ``*`` the expert index): Mixtral ``block_sparse_moe.experts.{e}.w1|w3|w2``, Qwen3-MoE
+``mlp.experts.{e}.gate_proj|up_proj|down_proj``, no bias; the router (``block_sparse_moe.gate`` /
+``mlp.gate``) stays an unquantized ``.weight`` (the loader casts it to fp16). exllamav2 itself needs
+CUDA and has not run these files here (tests/test_exl2_moe.py checks them against its source).
+
 Pure functions only: no Hessians, no files (except :func:`achieved_bpw`, which reads headers).
 """
 

@@ -21,6 +21,11 @@ Costs: :func:`storage_bits` is the exact size in bits of the tensors written for
 optimizer budgets with it, so the bpw computed from the files is the bpw the optimizer planned.
 :func:`exllamav2_total_bits` is exllamav2's own ``QParams.total_bits`` (recorded in
 ``measurement.json`` for compatibility).
+
+Slots: the optimizer picks one option row per attention block and per MLP block; a Mixture-of-Experts
+layer's routed experts are one slot (``block_sparse_moe``, the MLP rows shared by all its experts),
+for the families exllamav2 loads (``EXL2_MOE_FAMILIES``; :func:`exllamav2_moe_refusal` says why any
+other MoE model is refused).
 """
 
 from __future__ import annotations

@@ -16,7 +16,21 @@ are restored afterwards, so the next layer sees reference inputs, as in exllamav
 Quantization (:class:`Exl2QuantMethod`, driven by ``run_quantize_stage``): per sequential group,
 the Hessian of the *current* (already quantized upstream) activations, one prepared inverse, each
 linear quantized with the option row the optimizer chose for its slot. ``process_head`` quantizes
-``lm_head`` after the last layer on the final-norm outputs of the quantized model.
+``lm_head`` after the last layer on the final-norm outputs of the quantized model. The manifest
+records per linear the Hessian-weighted error beside RTN's on the same EXL2 grid (same regions and
+storage order, no error feedback: ``exl2_rtn``).
+
+Mixture-of-Experts (Mixtral, Qwen3-MoE: the families exllamav2 loads, ``methods/exl2.EXL2_MOE_FAMILIES``):
+a sparse layer's routed experts are the slot ``block_sparse_moe``, measured with the 17 MLP option
+rows, each row applied to every expert at once (gate/up/down of each expert take the row's
+gate/up/down; exllamav2 ``measure_moe_mlp``), its error the layer output's, its cost the sum over
+the experts. The measurement solves each expert on its own Hessians (the tokens routed to it, by the
+``--moe-*`` rules of ``executor/moe.Routing``; down from its reference hidden state), where
+exllamav2 gives every expert's w1/w3 the Hessian of all the layer's tokens. The quantization pass
+runs the experts through ``ctx.sequential``'s experts callback: per expert its gate/up on its routed
+Hessian, then its down on its hidden state through the quantized gate/up; an expert under
+``--moe-min-tokens`` takes the all-token Hessian or, ``--moe-fallback rtn``, RTN on the EXL2 grid.
+The measurement keeps every expert's prepared inverse through the 17 rows (``E·(H²+I²)`` fp32).
 """
 
 from __future__ import annotations

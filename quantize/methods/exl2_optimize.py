@@ -10,6 +10,10 @@ randomness is involved: the result depends only on the measurement, the costs an
 Objective: ``Σ_slots err^norm`` with ``err = 1 − accuracy`` from the measurement. ``norm=1`` is the
 summed error; ``norm=None`` reproduces exllamav2's choice of exponent: the exponents 1.5 … 3.5 are
 swept and the one whose solution has the smallest worst-slot error wins (ties: smaller sum).
+
+Budget: ``bpw × Σ in·out`` of every decoder linear, a sparse layer's routed experts all counted
+(exllamav2 optimize.py multiplies the MLP's numel by ``num_experts``); an MoE slot's cost is the
+exact storage of every expert's tensors, so the bits in the files are the bits planned.
 """
 
 from __future__ import annotations
