@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import CPU, assert_same_files, keeping_outputs, output_files, refused_in_one_line, replaced
+from helpers import (CPU, assert_same_files, keeping_outputs, killed_at, output_files, recording, refused_in_one_line,
+                     replaced)
 from quantize import manifest as mf
 from quantize.arch import get_arch
 from quantize.commands.exl2 import quantize_exl2
@@ -224,6 +225,22 @@ def test_same_bytes_for_the_same_seed_with_expert_chunk_and_a_reused_measurement
     assert_same_files(r["out"], tmp_path / "chunk", files)
     _run(r["src"], r["cal"], tmp_path / "reuse", measurement=r["out"] / "measurement.json")
     assert_same_files(r["out"], tmp_path / "reuse", files)
+
+
+def test_resume_after_a_kill_in_a_sparse_layer_writes_the_same_bytes(runs, tmp_path):
+    from quantize.methods.exl2_layer import Exl2MeasureMethod
+
+    r = runs("qwen3_moe")
+    with replaced(Exl2MeasureMethod, "process_layer", killed_at(Exl2MeasureMethod, 1)), pytest.raises(KeyboardInterrupt):
+        _run(r["src"], r["cal"], tmp_path / "q")
+    with replaced(Exl2QuantMethod, "process_layer", killed_at(Exl2QuantMethod, 1)), pytest.raises(KeyboardInterrupt):
+        _run(r["src"], r["cal"], tmp_path / "q")
+    resumed: list[int] = []
+    with replaced(Exl2QuantMethod, "process_layer", recording(Exl2QuantMethod, resumed)):
+        m = _run(r["src"], r["cal"], tmp_path / "q")
+    assert resumed == [1]
+    assert_same_files(r["out"], tmp_path / "q", output_files(r["out"]))
+    assert m.metrics["moe"] == r["m"].metrics["moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
