@@ -180,8 +180,9 @@ class Exl2MeasureMethod:
             # every expert's prepared inverse is kept through the 17 option rows (exllamav2 keeps
             # every expert's quantized candidates instead)
             hessians, coverage = _expert_hessians(ctx, self.moe)
-            by_id: dict[int, Any] = {}
-            for n, H in hessians.items():
+            by_id: dict[int, Any] = {}  # ids of Hessians still held by ``hessians`` (shared: the all-token one)
+            for n in list(hessians):
+                H = hessians.pop(n)
                 if H is None:
                     prepared[n] = None  # no tokens: RTN on the EXL2 grid
                     continue
@@ -192,6 +193,7 @@ class Exl2MeasureMethod:
                     by_id[id(H)] = prepare_exl2_hessian(_hessian_or_eye(H, K, ctx), self.damp,
                                                         name=f"{ctx.prefix}{n} Hessian")
                 prepared[n] = by_id[id(H)]
+                del H
             del hessians, by_id
         seq_len = ctx.streamer.batches[0].hidden.shape[1]
         measurement: dict[str, list[dict[str, Any]]] = {}
