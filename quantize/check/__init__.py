@@ -26,6 +26,13 @@ Gates (``TOLERANCES``):
   Q8_0: llama.cpp rounds its activations to Q8_0 as well, the weights' own grid, so its rounding is
   as large as the weights' (measured 0.5x on the tiny llama); nor for F16/BF16/F32 (no effect to
   compare with). Those rest on the ``rel`` gate alone.
+* Mixture-of-Experts outputs, engines gated looser than transformers (llama.cpp, vLLM, kernels): the
+  engine's activation rounding can route a token whose router scores are nearly tied to another
+  expert, and that token (and later ones attending to it) then differs by more than ``rel``. Such
+  positions are allowed in a prompt only at or after a position where our read-back's router margin
+  is a near-tie (``routing.TIE``), and at most ``routing.MAX_DIVERGED`` of them; the verdict's
+  reason names them.
+  The KL gate still applies.
 * GPTQ/AWQ through gptqmodel kernels (transformers or gptqmodel): fp16 activations and kernel
   accumulation order, so ``rel <= 0.02`` like llama.cpp (not measured here: needs .venv-interop).
 * vLLM returns full-vocabulary log-probabilities, not logits, so both sides are compared after
@@ -108,6 +115,12 @@ def tokenize(directory: Path) -> list[list[int]]:
 
 def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
     """Our read-back's logits (fp32) for every prompt: a list of [len, vocab] tensors."""
+    return reference_logits_and_margins(directory, prompts, fmt)[0]
+
+
+def reference_logits_and_margins(directory: Path, prompts: list[list[int]], fmt: str):
+    """Our read-back's logits (fp32) for every prompt, and for a Mixture-of-Experts model each
+    prompt's router margins (``routing.forward_with_margins``; None for a dense model)."""
     import torch
 
     from contextlib import ExitStack
@@ -115,6 +128,7 @@ def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
     from ..arch import get_arch
     from ..eval.activations import quantized_inputs
     from ..io.quantized import load_dequantized_model, open_model
+    from .routing import forward_with_margins
 
     model = load_dequantized_model(directory, dtype=torch.float32).eval()
     reader = open_model(directory)
@@ -126,7 +140,9 @@ def reference_logits(directory: Path, prompts: list[list[int]], fmt: str):
             for i in range(arch.num_layers(reader.config)):
                 stack.enter_context(quantized_inputs(model.get_submodule(arch.layer_prefix(i).rstrip(".")), i, arch,
                                                      reader.config, quantizer, reader.inner))
-        return [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+        runs = [forward_with_margins(model, ids) for ids in prompts]
+    logits, margins = [r[0] for r in runs], [r[1] for r in runs]
+    return logits, (margins if arch.moe is not None and all(m is not None for m in margins) else None)
 
 
 def source_logits(directory: Path, prompts: list[list[int]]):
@@ -192,8 +208,10 @@ def run_engine(engine: str, python: str, directory: Path, prompts: list[list[int
 
 
 def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=None, gguf_type: str | None = None,
-                 interp=None):
-    """One ``CheckRecord`` for ``engine`` on ``directory``."""
+                 interp=None, margins=None):
+    """One ``CheckRecord`` for ``engine`` on ``directory``. ``margins``: per prompt our read-back's
+    router margins (a Mixture-of-Experts model): then an engine gated looser than transformers may
+    differ beyond its ``rel`` tolerance from a router near-tie on (``routing``), and only there."""
     from ..manifest import CheckRecord
 
     if engine == "vllm":  # vLLM gives log-probabilities: compare those (KL is the same)
@@ -216,8 +234,21 @@ def check_engine(engine: str, directory: Path, fmt: str, prompts, ours, source=N
     except ValueError as e:
         return CheckRecord(**base, verdict="fail", reason=str(e))
     tol = tolerance(engine, fmt, float_weights(directory))
+    from . import routing
+
     problems, notes = [], [reason] if reason else []
-    if not fig.rel <= tol.rel:
+    div = routing.divergence(ours, res["logits"], margins, tol.rel) if margins is not None and tol.rel > TRANSFORMERS_REL else None
+    if div is not None and div.count and div.explained():
+        notes.append(f"{div.count} of {div.total} positions beyond {tol.rel:g} of the logit range (max "
+                     f"{fig.rel:.2e}), each prompt's first after a router near-tie (margins "
+                     f"{', '.join(f'{m:.3f}' for m in div.first_margins)} < {routing.TIE:g}): the engine routed "
+                     f"those tokens to other experts")
+    elif div is not None and div.count:
+        problems.append(f"max |logit diff| {fig.max_abs_diff:.3g} = {fig.rel:.2e} of the logit range (tolerance "
+                        f"{tol.rel:g}) at {div.count} of {div.total} positions (at most {routing.MAX_DIVERGED:g} allowed), "
+                        f"the smallest router margin up to each prompt's first {', '.join(f'{m:.3f}' for m in div.first_margins)} "
+                        f"(a near-tie is < {routing.TIE:g}), KL {fig.kl:.3g}, top-1 agreement {fig.top1:.3f}")
+    elif not fig.rel <= tol.rel:
         problems.append(f"max |logit diff| {fig.max_abs_diff:.3g} = {fig.rel:.2e} of the logit range "
                         f"(tolerance {tol.rel:g}), KL {fig.kl:.3g}, top-1 agreement {fig.top1:.3f}")
     if tol.kl_fraction is not None:
@@ -247,7 +278,7 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
     if all(i.python is None for i in interps.values()):  # nothing to run: no need for our read-back
         return fmt, engines, [check_engine(e, directory, fmt, [], [], interp=interps[e]) for e in engines]
     prompts = tokenize(directory)
-    ours = reference_logits(directory, prompts, fmt)
+    ours, margins = reference_logits_and_margins(directory, prompts, fmt)
     source = None
     gguf_type = None
     if fmt == "gguf":
@@ -257,7 +288,7 @@ def check_output(directory: Path, choice: str = "auto") -> tuple[str, list[str],
     ratio_gated = [e for e in engines if interps[e].python is not None and tolerance(e, fmt, fp8).kl_fraction is not None]
     if ratio_gated and gguf_type not in NO_KL_RATIO_TYPES:
         source = source_logits(directory, prompts)
-    records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type, interps[e]) for e in engines]
+    records = [check_engine(e, directory, fmt, prompts, ours, source, gguf_type, interps[e], margins) for e in engines]
     return fmt, engines, records
 
 
