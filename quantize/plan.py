@@ -224,8 +224,8 @@ DEFAULT_SETTINGS = [
 
 # gptq / rtn into the GPTQ or compressed-tensors format, awq into AWQ GEMM or compressed-tensors,
 # fp8 (dynamic: sym) into compressed-tensors; gguf (stacked ffn_*_exps) for the families
-# formats/gguf.py writes (not DeepSeek-V3)
-MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "awq", "fp8", "gguf")
+# formats/gguf.py writes; exl2 for the models exllamav2 runs (methods/exl2.exllamav2_moe_refusal)
+MOE_METHODS = ("bf16", "fp16", "gptq", "ct", "awq", "fp8", "gguf", "exl2")
 # experts 3D on disk (GPT-OSS): gptq / rtn into the GPTQ or compressed-tensors format only
 FUSED_MOE_METHODS = ("bf16", "fp16", "gptq", "ct")
 
@@ -252,10 +252,12 @@ def plan(config: Mapping[str, Any], *, settings: list[Setting] | None = None, co
     settings = settings or DEFAULT_SETTINGS
     if arch.moe is not None:  # what `quantize` writes for Mixture-of-Experts models today
         from .formats.gguf import FAMILY_TO_GGUF
+        from .methods.exl2 import exllamav2_moe_refusal
 
         methods = FUSED_MOE_METHODS if arch.moe.experts.fused_on_disk else MOE_METHODS
+        exl2 = exllamav2_moe_refusal(arch, config) is None
         settings = [s for s in settings if s.method in methods and (s.method != "gguf" or arch.name in FAMILY_TO_GGUF)
-                    and (s.method != "fp8" or s.sym)]
+                    and (s.method != "fp8" or s.sym) and (s.method != "exl2" or exl2)]
     for s in settings:
         w = weight_bytes(config, s, arch, head_bits=head_bits)
         total = w["total"] + kv + overhead

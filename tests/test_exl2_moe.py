@@ -339,3 +339,20 @@ def test_cli_takes_the_moe_options(runs, tmp_path, capsys):
     bad = tmp_path / "bad"
     line = refused_in_one_line(argv[:-1] + [str(bad), "--moe-min-tokens", "1.5"], bad, capsys)
     assert "--moe-min-tokens" in line, line
+
+
+@pytest.mark.parametrize("family, extra, listed", [
+    ("mixtral", {}, True), ("qwen3_moe", {"norm_topk_prob": True}, True),
+    ("qwen3_moe", {}, False), ("qwen2_moe", {}, False), ("deepseek_v3", {}, False),
+])
+def test_plan_lists_exl2_only_where_it_is_written(family, extra, listed, tiny_model_dir):
+    """``quantize plan`` has EXL2 rows for the MoE models `quantize exl2` writes (exllamav2 runs
+    them), none for those it refuses; the rows' layer bytes count every expert at the row's bpw."""
+    from quantize.plan import plan
+
+    cfg = CheckpointReader(tiny_model_dir(family, **extra)).config
+    rows = [r for r in plan(cfg)["rows"] if r["method"] == "exl2"]
+    assert bool(rows) == listed
+    arch = get_arch(cfg)
+    for r in rows:
+        assert r["detail"]["layers"] >= decoder_weights(arch, cfg) * r["bits"] / 8

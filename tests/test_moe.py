@@ -331,7 +331,7 @@ def test_plan_counts_total_and_active_parameters(tiny_model_dir):
         p = plan(cfg)
         from quantize.plan import MOE_METHODS
 
-        assert {r["method"] for r in p["rows"]} <= set(MOE_METHODS)  # no exl2/fp8 rows for MoE
+        assert {r["method"] for r in p["rows"]} <= set(MOE_METHODS)  # only what `quantize` writes for MoE
 
 
 def test_plan_bytes_match_a_written_moe_checkpoint(tiny_model_dir, calib_for, tmp_path):
