@@ -25,7 +25,7 @@ a sparse layer's routed experts are the slot ``block_sparse_moe``, measured with
 rows, each row applied to every expert at once (gate/up/down of each expert take the row's
 gate/up/down; exllamav2 ``measure_moe_mlp``), its error the layer output's, its cost the sum over
 the experts. The measurement solves each expert on its own Hessians (the tokens routed to it, by the
-``--moe-*`` rules of ``executor/moe.Routing``; down from its reference hidden state), where
+``--moe-*`` rules of ``executor/moe.solve_experts``; down from its reference hidden state), where
 exllamav2 gives every expert's w1/w3 the Hessian of all the layer's tokens. The quantization pass
 runs the experts through ``ctx.sequential``'s experts callback: per expert its gate/up on its routed
 Hessian, then its down on its hidden state through the quantized gate/up; an expert under
@@ -113,41 +113,17 @@ def _run_probe(ctx: LayerContext, probe: str | None, consume: Callable[[int, tor
 
 
 def _expert_hessians(ctx: LayerContext, moe) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
-    """Measurement: every routed expert's input Hessians from the reference forward, by the rules
-    of ``executor/moe.Routing`` (its own routed tokens; the all-token Hessian or none, i.e. RTN, for
-    an expert under ``--moe-min-tokens``): gate/up's from the tokens, down's from the expert's
-    reference hidden state ``act(x W_gate^T) * (x W_up^T)``. ``{linear: H or None}`` and the coverage."""
-    from ..executor.moe import CHUNK, Routing, expert_hidden, hessian_of
+    """Measurement: every routed expert's input Hessians as ``executor/moe.solve_experts`` gives them
+    to a method (its own routed tokens; the all-token Hessian, shared, or None, i.e. RTN, for an
+    expert under ``--moe-min-tokens``), only collected: nothing is quantized, so down's comes from
+    the expert's reference hidden state ``act(x W_gate^T) * (x W_up^T)``. ``{linear: H or None}``
+    and the coverage record."""
+    from ..executor.moe import solve_experts
 
-    arch, cfg = ctx.arch, ctx.streamer.reader.config
-    E = arch.num_experts(cfg)
-    ex = arch.moe.experts
-    module = ctx.module(ex.module)
-    routing = Routing.of(ctx.expert_inputs(), E, moe)
     out: dict[str, torch.Tensor | None] = {}
-    H_all = None
-    for e in range(E):
-        names = [arch.expert_linear(e, j) for j in range(3)]
-        if routing.how[e] == "rtn":
-            out.update({n: None for n in names})
-            continue
-        if routing.how[e] == "all" and H_all is not None:
-            X = None
-            H_gu = H_all
-        else:
-            X = routing.rows(e)
-            H_gu = hessian_of(X)
-            if routing.how[e] == "all":
-                H_all = H_gu
-        X = routing.rows(e) if X is None else X
-        W_gu = getattr(module, ex.fused[0])[e].to(device=X.device, dtype=X.dtype)
-        acc = HessianAccumulator()
-        with torch.no_grad():
-            for chunk in X.split(CHUNK):
-                acc.add(expert_hidden(module, ex, chunk, W_gu, None))
-        out.update({names[0]: H_gu, names[1]: H_gu, names[2]: acc.H})
-        del X, W_gu
-    return out, routing.record(arch.experts_per_token(cfg))
+    coverage = solve_experts(ctx, ctx.expert_inputs(), lambda jobs: out.update({n: H for names, H in jobs for n in names}),
+                             moe)
+    return out, coverage
 
 
 class Exl2MeasureMethod:
