@@ -22,7 +22,10 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
                  moe_fallback: str = "all"):
     """Library entry point (the CLI and `quantize run` call this). Returns the output manifest.
     ``moe_*``: a Mixture-of-Experts model's per-expert statistics and fallback (executor/moe.py;
-    for AWQ the ``rtn`` fallback is the AWQ grid without scale or clip); recorded for MoE models only."""
+    for AWQ the ``rtn`` fallback is the AWQ grid without scale or clip); recorded for MoE models only.
+    ``exec_cfg.expert_chunk``: a sparse layer's experts stay in host memory and reach the device one at
+    a time in the searches and quantization (``expert_chunk`` at a time in its forward); the bytes are
+    those of the run without it."""
     import torch
 
     from ..arch import get_arch
@@ -41,10 +44,6 @@ def quantize_awq(*, model_dir: Path, calibration: Path, out: Path, exec_cfg, bit
                                                     ("clip_grid", clip_grid))
                                   if v is not None}))
     torch.manual_seed(seed)
-    if getattr(exec_cfg, "expert_chunk", None) is not None:
-        raise InputError("--expert-chunk: `quantize awq` keeps a sparse layer's experts on the device (the norm -> "
-                         "experts scale search scores every expert's candidates together); drop --expert-chunk, "
-                         "or use `quantize gptq` for layers that do not fit")
     moe = MoEOptions(mode=moe_calibration, min_tokens=moe_min_tokens, fallback=moe_fallback)
     method = AWQMethod(awq, resolve_scale_dtype(format, scale_dtype, model_dir), moe)
     if format == "compressed-tensors":

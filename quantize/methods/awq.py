@@ -32,7 +32,7 @@ not an approximation of it. All math is fp32; nothing here touches a model, a de
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +112,49 @@ def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
     return a.view(N, K).mean(0)
 
 
+def streamed_weight_mean(weights: Iterable[Tensor], group_size: int) -> Tensor:
+    """:func:`weight_mean` of ``weights`` taken one at a time (a generator may bring each to the device
+    and drop it): every linear's column sums of ``|W| / group max`` added in fp64, in iteration
+    order, over the total rows. The same value however the weights are produced (a Mixture-of-Experts
+    pair's experts, all resident or a chunk at a time); fp32 ``[K]``."""
+    total: Tensor | None = None
+    rows = 0
+    for W in weights:
+        W = W.float()
+        N, K = W.shape
+        g = K if group_size == -1 else group_size
+        a = W.abs().view(N, K // g, g)
+        s = (a / (a.amax(dim=-1, keepdim=True) + _W_EPS)).view(N, K).double().sum(0)
+        total = s if total is None else total + s
+        rows += N
+        del W, a, s  # not alive while the next weight is produced
+    if total is None or rows == 0:
+        raise ValueError("no weights")
+    return (total / rows).float()
+
+
+class LazySequence(Sequence):
+    """``n`` items, item ``i`` computed as ``fn(i)`` on every access and never kept: a pair's weights
+    (or candidate weights) handed over one at a time, so only the item in use is resident."""
+
+    def __init__(self, n: int, fn: Callable[[int], Tensor]) -> None:
+        self.n, self.fn = n, fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.fn(j) for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.fn(i % self.n)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(self.n):
+            yield self.fn(i)
+
+
 # -- the AWQ grid ----------------------------------------------------------------------------------
 
 
@@ -181,10 +224,14 @@ def scaled_fake_quant(W: Tensor, s: Tensor, group_size: int) -> Tensor:
 
 
 def scale_candidates(x_mean: Tensor, weights: Sequence[Tensor], group_size: int, *, n_grid: int = SCALE_GRID,
-                     duo_scaling: bool = True) -> list[tuple[float | None, Tensor]]:
+                     duo_scaling: bool = True, w_mean: Tensor | None = None) -> list[tuple[float | None, Tensor]]:
     """The scale search's candidates in tie-break order: ``(None, ones)`` (the identity, plain RTN),
-    then ``(α, s(α))`` for α = i / n_grid, i < n_grid (:func:`duo_scales`; possibly non-finite)."""
-    w_mean = weight_mean(weights, group_size) if duo_scaling else None
+    then ``(α, s(α))`` for α = i / n_grid, i < n_grid (:func:`duo_scales`; possibly non-finite).
+    ``w_mean``: the caller's :func:`weight_mean` of ``weights`` (e.g. :func:`streamed_weight_mean`)."""
+    if not duo_scaling:
+        w_mean = None
+    elif w_mean is None:
+        w_mean = weight_mean(weights, group_size)
     ones = torch.ones(x_mean.numel(), dtype=torch.float32, device=x_mean.device)
     return [(None, ones)] + [(i / n_grid, duo_scales(x_mean, w_mean, i / n_grid)) for i in range(n_grid)]
 
@@ -226,9 +273,11 @@ def weighted_quadratic_losses(terms: Iterable[tuple[Sequence[Tensor], Tensor, fl
     for weights, H, w in terms:
         rows = sum(W.shape[0] for W in weights)
         if w <= 0 or rows == 0:
+            del weights, H
             continue
         total += quadratic_losses(weights, scales, H, group_size) * (w * rows)
         norm += w * rows
+        del weights, H  # not alive while the next term is produced
     return total / norm if norm > 0 else total
 
 
@@ -253,6 +302,7 @@ def search_scales(
     H: Tensor | None = None,
     refine: int | None = None,
     batch_loss: Callable[[Tensor], Tensor] | None = None,
+    w_mean: Tensor | None = None,
 ) -> ScaleSearch:
     """Grid-search the per-channel scales of one smoothing pair.
 
@@ -270,12 +320,17 @@ def search_scales(
     * ``batch_loss(scales [C, K]) -> [C]``: in place of ``H``, the caller's batched proxy of every
       candidate (e.g. :func:`weighted_quadratic_losses` with per-expert Hessians).
 
+    ``loss_fn``'s argument is a sequence whose items are computed on access (one candidate weight
+    alive at a time; ``weights`` may be a :class:`LazySequence` too). ``w_mean``: the duo-scaling
+    weight statistic when the caller computed it (:func:`streamed_weight_mean`), else
+    :func:`weight_mean` of ``weights``.
+
     Without ``loss_fn`` the quadratic loss decides. A candidate with a non-finite scale or loss never
     wins; if none is finite a ``ValueError`` is raised (the caller names the layer and module).
     """
     if loss_fn is None and H is None and batch_loss is None:
         raise ValueError("search_scales needs a loss_fn, a Hessian H (or batch_loss), or both")
-    cands = scale_candidates(x_mean, weights, group_size, n_grid=n_grid, duo_scaling=duo_scaling)
+    cands = scale_candidates(x_mean, weights, group_size, n_grid=n_grid, duo_scaling=duo_scaling, w_mean=w_mean)
     finite = [bool(torch.isfinite(s).all()) for _, s in cands]
     proxy: dict[float | None, float] | None = None
     if H is not None or batch_loss is not None:
@@ -295,8 +350,8 @@ def search_scales(
         scores = {a: math.nan for a, _ in cands}
         for i in chosen:
             a, s = cands[i]
-            loss = float(loss_fn([fake_quantize(w, group_size) if a is None else scaled_fake_quant(w, s, group_size)
-                                  for w in weights]))
+            loss = float(loss_fn(LazySequence(len(weights), lambda j, a=a, s=s: (
+                fake_quantize(weights[j], group_size) if a is None else scaled_fake_quant(weights[j], s, group_size)))))
             scores[a] = loss if math.isfinite(loss) else math.nan
     best_i, best = 0, math.inf
     for i, (a, _) in enumerate(cands):  # in tie-break order: strictly better wins

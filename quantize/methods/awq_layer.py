@@ -146,6 +146,20 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _expert_on_device(name: str, w: Tensor, device: torch.device | str, copy: bool) -> Tensor:
+    """An expert's fp32 weight on the compute device: the one way an expert's weight reaches it, so
+    at most the experts in use are there (``copy``: a tensor of its own even where host and device
+    are one, with ``--expert-chunk``, whose experts stay in host memory)."""
+    return w.to(device=device, dtype=torch.float32, copy=copy)
+
+
+def _on_host(r: Any) -> Any:
+    """A quantized expert's result moved to host memory (``--expert-chunk``: a layer's quantized
+    experts are not kept on the device until the layer is written)."""
+    return dataclasses.replace(r, codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(),
+                               g_idx=r.g_idx.cpu(), W_hat=r.W_hat.cpu(), perm=None if r.perm is None else r.perm.cpu())
+
+
 class _Weights(dict):
     """Relative linear name -> fp32 weight (scales folded in as the layer goes), read from the layer
     on first use: a sparse layer's experts are copied only when a pair or a group needs them."""
@@ -176,6 +190,19 @@ class AWQMethod:
             self.spec.group_width(K, name=f"{arch.layer_prefix(0)}{name}")
 
     # -- plumbing helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _chunked(ctx: LayerContext) -> bool:
+        """A sparse layer run with ``--expert-chunk``: its experts stay in host memory (the layer
+        loop's) and so do their fp32 copies (``_Weights``); each reaches the device only while in use."""
+        return ctx.experts_module is not None and ctx.streamer.cfg.expert_chunk is not None
+
+    def _dev(self, ctx: LayerContext, name: str, w: Tensor, device: torch.device | str | None = None) -> Tensor:
+        """``w`` (linear ``name``'s weight) on the compute device (``device``, default the layer's)."""
+        device = ctx.device if device is None else device
+        if ctx.experts_module is not None and ctx.arch.expert_slot(name) is not None:
+            return _expert_on_device(name, w, device, self._chunked(ctx))
+        return w.to(device)
+
     @staticmethod
     def _fault(ctx: LayerContext, what: str, detail: str) -> RuntimeFault:
         return RuntimeFault(
@@ -233,8 +260,8 @@ class AWQMethod:
         p = self.params
         w = W[name]  # (loaded on first use), dropped once quantized
         del W[name]
-        if gram is not None:  # an expert's weight is host-resident with --expert-chunk: search where its tokens are
-            w = w.to(gram.device)
+        # an expert's weight is host-resident with --expert-chunk: quantize it where its tokens are
+        w = self._dev(ctx, name, w, None if gram is None else gram.device)
         r = r0 = A.awq_quantize(w, self.spec)
         if clip and gram is not None:
             max_val = A.search_clip(w, gram, p.group_size, n_grid=p.clip_grid, max_shrink=p.max_shrink)
@@ -243,9 +270,9 @@ class AWQMethod:
         if not (bool(torch.isfinite(r.W_hat).all()) and bool(torch.isfinite(r.scales.half()).all())):
             raise self._fault(ctx, name, "non-finite quantized weight or fp16 scale overflow after AWQ scaling")
         ctx.set_weight(name, r.W_hat)
-        results[name] = r
         if gram is not None:
             m["rel_error"][name] = _rel_error(w, r.W_hat, gram)
+        results[name] = _on_host(r) if self._chunked(ctx) and ctx.arch.expert_slot(name) is not None else r
 
     # -- Mixture-of-Experts ----------------------------------------------------------------------
     def _routing(self, ctx: LayerContext, parts: list[tuple[Tensor, Tensor]]) -> Routing:
@@ -281,8 +308,10 @@ class AWQMethod:
             gram = self._gram(ctx, x, gate)
             for name in (gate, up):
                 self._quantize_linear(ctx, name, W, gram, clip and how != "rtn", results, m)
-            Wg, Wu = (ctx.weight(n).to(x.device) for n in (gate, up))  # quantized: the quantized expert's down input
+            # quantized: the quantized expert's down input
+            Wg, Wu = (self._dev(ctx, n, ctx.weight(n), x.device) for n in (gate, up))
             gram = self._gram(ctx, x, down, lambda c: act(F.linear(c, Wg)) * F.linear(c, Wu))
+            del Wg, Wu
             self._quantize_linear(ctx, down, W, gram, clip and how != "rtn", results, m)
             del x, gram
 
@@ -307,7 +336,8 @@ class AWQMethod:
                 H = H_all
             else:
                 H = hessian_of(rt.routed(e))
-            yield [W[n].to(H.device) for n in names], H, float(n_e)
+            yield [self._dev(ctx, n, W[n], H.device) for n in names], H, float(n_e)  # one expert on the device
+            del H
         if shared:
             H_all = H_all if H_all is not None else hessian_of(rt.all_tokens())
             yield [W[n].to(H_all.device) for n in shared], H_all, float(rt.tokens)
@@ -328,18 +358,20 @@ class AWQMethod:
                 unscaled.append(e)
                 continue
             one = ScalePair(pair.prev.replace(EXPERT, str(e)), tuple(n.replace(EXPERT, str(e)) for n in pair.linears))
-            Wg, Wu = (W[arch.expert_linear(e, j)].to(x.device) for j in (0, 1))
+            Wg, Wu = (self._dev(ctx, n, W[n], x.device) for n in (arch.expert_linear(e, 0), arch.expert_linear(e, 1)))
             stats, hess = A.AbsMean(), HessianAccumulator()
             with torch.no_grad():
                 for chunk in x.split(CHUNK):
                     h = act(F.linear(chunk.float(), Wg)) * F.linear(chunk.float(), Wu)
                     stats.add(h)
                     hess.add(h)
+            del Wg, Wu, h
             where = f"{one.prev} -> {', '.join(one.linears)}"
             if not bool(torch.isfinite(stats.mean).all()) or not bool(torch.isfinite(hess.H).all()):
                 raise self._fault(ctx, where, "non-finite input activations")
             try:
-                found = A.search_scales(stats.mean, [W[n].to(hess.H.device) for n in one.linears], None, p.group_size,
+                found = A.search_scales(stats.mean, [self._dev(ctx, n, W[n], hess.H.device) for n in one.linears], None,
+                                        p.group_size,
                                         n_grid=p.n_grid,
                                         duo_scaling=p.duo_scaling, H=hess.H)
             except ValueError as err:
@@ -361,7 +393,8 @@ class AWQMethod:
         # them), to re-run it on the candidates the quadratic form ranks best
         stats, hess = A.AbsMean(), HessianAccumulator()
         recording = ctx.recording_calls(pair.inspect, max_tokens=p.search_tokens) if pair.inspect else nullcontext([])
-        batch_loss = None
+        batch_loss = w_mean = None
+        weights: Any = [W[n] for n in pair.linears]
         if any(ctx.arch.expert_slot(n) is not None for n in pair.linears):
             # norm -> experts (+ shared expert, routers): mean |x| over every token reaching the
             # experts; the quadratic form summed over experts, each with its routed tokens' Hessian
@@ -371,6 +404,12 @@ class AWQMethod:
                 stats.add(x)
             hess = None
             batch_loss = lambda S: A.weighted_quadratic_losses(self._moe_terms(ctx, pair, rt, W), S, p.group_size)
+            # every expert's weights, one linear at a time on the device (all of them resident at once
+            # would be the whole layer's experts in fp32): the duo-scaling statistic streamed over
+            # them, and the candidates handed to the sub-block re-run one linear at a time
+            weights = A.LazySequence(len(pair.linears), lambda i: self._dev(ctx, pair.linears[i], W[pair.linears[i]]))
+            if p.duo_scaling:
+                w_mean = A.streamed_weight_mean(iter(weights), p.group_size)
         else:
             with recording as recorded:
                 ctx.observe([pair.linears[0]], lambda _n, x: (stats.add(x), hess.add(x)))
@@ -383,9 +422,10 @@ class AWQMethod:
             calls = recorded if p.search_tokens is None else take_sequences(recorded, p.search_tokens)
             loss = sub_block_loss(ctx, pair, calls, getattr(torch, p.rerun_dtype))
         try:
-            found = A.search_scales(x_mean, [W[n] for n in pair.linears], loss, p.group_size, n_grid=p.n_grid,
+            found = A.search_scales(x_mean, weights, loss, p.group_size, n_grid=p.n_grid,
                                     duo_scaling=p.duo_scaling, H=None if hess is None else hess.H,
-                                    refine=None if p.rerun_top == -1 else p.rerun_top, batch_loss=batch_loss)
+                                    refine=None if p.rerun_top == -1 else p.rerun_top, batch_loss=batch_loss,
+                                    w_mean=w_mean)
         except ValueError as e:
             raise self._fault(ctx, where, f"AWQ scale search failed ({e})") from None
         finally:
@@ -432,6 +472,14 @@ def sub_block_loss(ctx: LayerContext, pair: ScalePair, calls: list[tuple[tuple, 
         module = copy.deepcopy(module).to(dtype)
         calls = [_cast(c, dtype) for c in calls]
         prefix = pair.inspect + "."
+        experts = ctx.experts_module
+        if experts is not None and experts.startswith(prefix) and "forward" in vars(ctx.module(experts)):
+            # --expert-chunk: the copy's experts (host memory, like the layer's) need a chunked
+            # forward of their own (the copied one reads the layer's experts)
+            from ..executor.moe import chunked_experts_forward
+
+            sub = module.get_submodule(experts[len(prefix):])
+            sub.forward = chunked_experts_forward(sub, ctx.arch.moe.experts, ctx.streamer.cfg.expert_chunk, ctx.device)
 
         def set_weight(name: str, w: Tensor) -> None:
             slot = ctx.arch.expert_slot(name) if ctx.experts_module else None
@@ -450,8 +498,9 @@ def sub_block_loss(ctx: LayerContext, pair: ScalePair, calls: list[tuple[tuple, 
         reference = [_output(module(*a, **k)) for a, k in calls]
 
     def loss(effective: list[Tensor]) -> float:
-        for name, w in zip(pair.linears, effective):
+        for name, w in zip(pair.linears, effective):  # (computed on access: one alive at a time)
             set_weight(name, w)
+            del w
         total, count = 0.0, 0
         with torch.no_grad():
             for (a, k), ref in zip(calls, reference):
