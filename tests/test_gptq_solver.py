@@ -40,7 +40,7 @@ def big():
 
 def check_result(r, N: int, K: int, spec: QuantSpec) -> None:
     G = K // spec.group_width(K)
-    assert r.codes.shape == (N, K) and r.codes.dtype == torch.int32
+    assert r.codes.shape == (N, K) and r.codes.dtype == torch.uint8
     assert int(r.codes.min()) >= 0 and int(r.codes.max()) <= (1 << spec.bits) - 1
     assert r.scales.shape == (G, N) and r.zeros.shape == (G, N) and r.g_idx.shape == (K,)
     assert torch.equal(r.scales, r.scales.half().float()) and bool((r.scales > 0).all())

@@ -7,6 +7,7 @@ context for activation statistics of named linears and puts dequantized weights 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,23 @@ class LayerContext:
             return
         mod = self.module(name)
         mod.weight.data = W.to(device=mod.weight.device, dtype=mod.weight.dtype).reshape(mod.weight.shape)
+
+    def place(self, name: str, r: Any) -> Any:
+        """``set_weight(name, r.W_hat)``; returns ``r`` as the layer's results should keep it. A dense
+        linear's weight already is ``W_hat`` (same dtype and device) or a cast of it, so ``r`` is kept
+        as is. An expert's weight is copied into the experts module's 3D parameter, so its result
+        moves to where that parameter lives (host memory with ``--expert-chunk``: a layer's results
+        live until it is written, and on the device every expert's would add up to several times the
+        chunk the device holds) and takes the placed slice as its ``W_hat`` where that holds the
+        same values (same dtype), instead of keeping a second copy of every expert's weight."""
+        self.set_weight(name, r.W_hat)
+        placed = self._expert_view(name)
+        if placed is None:
+            return r
+        moved = {f.name: getattr(r, f.name).to(placed.device) for f in dataclasses.fields(r)
+                 if f.name != "W_hat" and isinstance(getattr(r, f.name), torch.Tensor)}
+        W_hat = placed if placed.dtype == r.W_hat.dtype else r.W_hat.to(placed.device)
+        return dataclasses.replace(r, W_hat=W_hat, **moved)
 
     def observe(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> None:
         """One pass over the calibration batches calling ``fn(name, x)`` with each named module's

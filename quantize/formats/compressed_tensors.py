@@ -87,7 +87,8 @@ def pack_int(codes: Tensor, scales: Tensor, zeros: Tensor, *, bits: int, sym: bo
     half = 1 << (bits - 1)
     if tuple(scales.shape) != (G, N) or tuple(zeros.shape) != (G, N) or K % G:
         raise InputError(f"{name}: scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not fit codes {tuple(codes.shape)}")
-    if bool((codes < 0).any() or (codes >= 2 * half).any()):
+    lo, hi = torch.aminmax(codes) if codes.numel() else (torch.tensor(0), torch.tensor(0))
+    if int(lo) < 0 or int(hi) >= 2 * half:  # ints, not tensor comparisons: 256 is 0 as a uint8
         raise InputError(f"{name}: codes must lie in [0, {2 * half - 1}] for {bits}-bit")
     if sym and bool((zeros != half).any()):
         raise InputError(f"{name}: a symmetric scheme needs every zero point at {half}; quantize with --sym")

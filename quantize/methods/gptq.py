@@ -255,7 +255,7 @@ def _result(Qt: Tensor, scales: Tensor, zeros: Tensor, prepared: PreparedHessian
     and group parameters ``[G, N]``: codes back in original column order, ``g_idx``, ``W_hat``."""
     check_scales(scales, name)
     perm, K, device = prepared.perm, Qt.shape[0], Qt.device
-    codes = Qt.to(torch.int32).T
+    codes = Qt.to(torch.uint8).T  # in [0, maxq] <= 255
     codes = codes[:, torch.argsort(perm)] if perm is not None else codes.contiguous()
     positions = torch.arange(K, device=device)
     if lazy and perm is not None:

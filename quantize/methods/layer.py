@@ -120,8 +120,7 @@ class GPTQMethod(_GridMethod):
                 for name, W, r in zip(names, Ws, rs):
                     if not all_finite(r.W_hat):
                         raise_nonfinite(ctx, name)
-                    ctx.set_weight(name, r.W_hat)
-                    results[name] = r
+                    r = results[name] = ctx.place(name, r)
                     m["damp_used"][name] = float(r.damp_used)
                     m["healed"][name] = bool(r.damp_used > self.spec.damp * (1 + 1e-9))
                     if H is not None:
@@ -154,9 +153,7 @@ class RTNMethod(_GridMethod):
             for names, H in jobs:
                 for name in names:
                     W = ctx.weight(name)
-                    r = rtn_quantize(W, self.spec)
-                    ctx.set_weight(name, r.W_hat)
-                    results[name] = r
+                    r = results[name] = ctx.place(name, rtn_quantize(W, self.spec))
                     if H is not None:
                         m["rel_error"][name] = relative_errors(W, H, rtn=r.W_hat)["rtn"]
 

@@ -24,7 +24,7 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, H: Tensor | None = None, *, name: s
     groups = W32.view(N, G, g)
     scale, zero = find_params_float(groups, **spec.grid_params())
     check_scales(scale, name)
-    codes = _quantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq).view(N, K).to(torch.int32)
+    codes = _quantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq).view(N, K).to(torch.uint8)
     g_idx = (torch.arange(K, device=W32.device) // g).to(torch.int32)
     scales, zeros = scale.T.contiguous(), zero.T.to(torch.int32).contiguous()
     W_hat = dequantize_grouped(codes, scales, zeros, g_idx)
