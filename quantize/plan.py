@@ -178,15 +178,20 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
     in the compute dtype on the device (one layer resident; the next one prefetched on the host), of
     which only ``expert_chunk`` experts at a time with ``--expert-chunk`` (the rest in host memory),
     and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer those of
-    the experts solved together, ``executor/moe.experts_per_solve``, plus the all-token one)."""
+    the experts solved together, ``executor/moe.experts_per_solve``, plus the all-token one), and
+    the layer's results until it is written: a code byte per weight (``QuantResult.codes``, uint8)
+    and fp32 scales and int32 zeros per group of 128 (the dequantized weights are the layer's own
+    storage: ``LayerContext.place``)."""
     arch = arch or get_arch(config)
-    layer_max = device_max = hess_max = 0
+    layer_max = device_max = hess_max = results_max = 0
     E = arch.num_experts(config)
     for i, _ in _layer_kinds(arch, config):
         names = arch.layer_linears(config, i)
         experts = sum(math.prod(arch.linear_shape(n, config)) for n in names if arch.expert_slot(n) is not None)
         total = sum(math.prod(arch.linear_shape(n, config)) for n in names)
         layer_max = max(layer_max, total * compute_bytes)
+        results_max = max(results_max, sum(N * K + 8 * N * math.ceil(K / 128)
+                                           for N, K in (arch.linear_shape(n, config) for n in names)))
         resident = total - experts + (experts * min(expert_chunk, E) // E if expert_chunk and E else experts)
         device_max = max(device_max, resident * compute_bytes)
         for group in arch.layer_groups(config, i):
@@ -200,7 +205,8 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
             else:
                 K = arch.linear_shape(group[0], config)[1]
                 hess_max = max(hess_max, 4 * K * K)
-    return {"layer_bytes_max": layer_max, "device_layer_bytes_max": device_max, "hessian_bytes_max": hess_max}
+    return {"layer_bytes_max": layer_max, "device_layer_bytes_max": device_max, "hessian_bytes_max": hess_max,
+            "results_bytes_max": results_max}
 
 
 def kv_cache_bytes(config: Mapping[str, Any], context: int, batch: int, kv_dtype: str = "fp16",

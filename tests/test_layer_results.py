@@ -75,3 +75,33 @@ def test_codes_are_one_byte_and_exact():
     b = pack_int(r.codes.to(torch.int32), r.scales, r.zeros, bits=8, sym=False, scale_dtype=torch.float16)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert isinstance(r, QuantResult)
+
+
+def test_plan_counts_the_results_a_run_holds(tiny_model_dir, calib_for, tmp_path):
+    """``quantize plan``'s results figure is the largest layer's code bytes (one a weight, every
+    linear the run quantizes, experts included) plus its group parameters at group 128."""
+    import math
+
+    from quantize.arch import get_arch
+    from quantize.io.reader import CheckpointReader
+    from quantize.plan import run_memory
+
+    model = tiny_model_dir("qwen3_moe")
+    cfg = CheckpointReader(model).config
+    arch = get_arch(cfg)
+    per_layer: dict[int, int] = {}
+
+    def keep(method_cls):
+        orig = method_cls.process_layer
+
+        def process_layer(self, ctx):
+            res = orig(self, ctx)
+            per_layer[ctx.index] = sum(r.codes.nbytes for r in res.results.values())
+            return res
+        return process_layer
+
+    with replaced(GPTQMethod, "process_layer", keep(GPTQMethod)):
+        run_gptq(model, calib_for(model), tmp_path / "out")
+    groups = max(sum(8 * N * math.ceil(K / 128) for N, K in (arch.linear_shape(n, cfg) for n in arch.layer_linears(cfg, i)))
+                 for i in per_layer)
+    assert run_memory(cfg, arch)["results_bytes_max"] == max(per_layer.values()) + groups

@@ -12,8 +12,10 @@ lock-step's paused activations, tokens x (2 hidden + intermediate) (counted alth
 without them where they do not fit in a quarter of the free memory: the estimate errs high); one
 batch's MLP temporaries; for the Hessian methods the largest set of Hessians alive at once and
 their prepared inverses (fp32); and the larger of the resident embedding (capture) and eval's
-logits of a window for the quantized model and its baseline. On a GPU that is the device's working
-set; the host then holds the prefetched next layer and the embedding.
+logits of a window for the quantized model and its baseline; the layer's results until it is
+written (a code byte a weight plus group parameters: ``plan.run_memory``). On a GPU that is the
+device's working set (with a dense layer's fp32 dequantized weights, which stay there beside the
+bf16 layer); the host then holds the prefetched next layer, the embedding and the experts' results.
 """
 
 from __future__ import annotations
@@ -100,9 +102,12 @@ def working_set(config: Mapping[str, Any], recipe: Recipe, on_gpu: bool) -> tupl
     eval_logits = 2 * recipe.eval.seq_len * vocab * 4 if recipe.eval.enabled else 0
     work = layer + hidden_states + lockstep + batch_tmp + hessian + max(embed, eval_logits)
     next_layer = layer // cb * src  # read ahead on the host, in the source dtype
+    results = per_run["results_bytes_max"]  # codes and group parameters until the layer is written
     if not on_gpu:
-        return work + next_layer, None
-    return next_layer + vocab * d["hidden"] * src + hidden_states, work
+        return work + next_layer + results, None
+    # on a GPU: a dense layer's results stay on the device, with their fp32 W_hat (the layer is
+    # bf16); experts' go to the host (LayerContext.place): the device figure counts both, erring high
+    return next_layer + vocab * d["hidden"] * src + hidden_states + results, work + results + 4 * (layer // cb)
 
 
 def run_resources(run: RunSpec, cpus: int = 1) -> RunResources:
