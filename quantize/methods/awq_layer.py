@@ -42,6 +42,12 @@ layer loop:
   [STEP 2] the experts group: per expert, gate/up clipped on the group Gram matrices of its tokens,
            then down on ``act(X Ŵgate) * (X Ŵup)`` through its quantized gate/up; the coverage
            record (tokens per expert, how each was solved) goes to the manifest as GPTQ's does.
+  With ``--expert-chunk N`` the layer loop keeps the experts in host memory (its forward brings N at
+  a time to the device) and so does ``_Weights`` their fp32 copies; every expert weight reaches the
+  device through ``_expert_on_device``, one expert at a time: the norm -> experts search streams the
+  duo-scaling statistic (``awq.streamed_weight_mean``, also without chunks), scores expert by expert
+  and hands the MoE re-run its candidates one linear at a time (``awq.LazySequence``); a quantized
+  expert's result goes where its weight lives (``LayerContext.place``: host memory). The arithmetic, and so the bytes, are those of the resident run.
 
 The executor then propagates the batch through the quantized layer. Norm weights and biases the
 scales were folded into are returned in ``LayerResult.tensors`` (rounded to the checkpoint dtype
@@ -153,13 +159,6 @@ def _expert_on_device(name: str, w: Tensor, device: torch.device | str, copy: bo
     return w.to(device=device, dtype=torch.float32, copy=copy)
 
 
-def _on_host(r: Any) -> Any:
-    """A quantized expert's result moved to host memory (``--expert-chunk``: a layer's quantized
-    experts are not kept on the device until the layer is written)."""
-    return dataclasses.replace(r, codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(),
-                               g_idx=r.g_idx.cpu(), W_hat=r.W_hat.cpu(), perm=None if r.perm is None else r.perm.cpu())
-
-
 class _Weights(dict):
     """Relative linear name -> fp32 weight (scales folded in as the layer goes), read from the layer
     on first use: a sparse layer's experts are copied only when a pair or a group needs them."""
@@ -269,10 +268,9 @@ class AWQMethod:
             m["noclip_rel_error"][name] = _rel_error(w, r0.W_hat, gram)
         if not (bool(torch.isfinite(r.W_hat).all()) and bool(torch.isfinite(r.scales.half()).all())):
             raise self._fault(ctx, name, "non-finite quantized weight or fp16 scale overflow after AWQ scaling")
-        ctx.set_weight(name, r.W_hat)
         if gram is not None:
             m["rel_error"][name] = _rel_error(w, r.W_hat, gram)
-        results[name] = _on_host(r) if self._chunked(ctx) and ctx.arch.expert_slot(name) is not None else r
+        results[name] = ctx.place(name, r)  # an expert's result: where its weight lives (host with --expert-chunk)
 
     # -- Mixture-of-Experts ----------------------------------------------------------------------
     def _routing(self, ctx: LayerContext, parts: list[tuple[Tensor, Tensor]]) -> Routing:
