@@ -27,13 +27,18 @@ GPT-OSS and Llama-4 text checkpoints hold the 3D parameters themselves (``Expert
 transposed; GPT-OSS's interleaved and biased, Llama-4's scaled by the routing score on the input):
 their per-expert linears are views of those, written per expert all the same (GPT-OSS's
 compressed-tensors under the names vLLM's GPT-OSS loader streams, ``Experts.served``).
+
+A family whose layer layout depends on its config carries :class:`Variant` values: :func:`get_arch`
+returns the form the config selects (DeepSeek-V3 with ``q_lora_rank: null``, Moonlight-style: a plain
+``self_attn.q_proj`` in place of q_a_proj / q_a_layernorm / q_b_proj), so every consumer reads one
+resolved table entry; :func:`by_name` returns the family's default form.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from .errors import InputError
@@ -161,6 +166,17 @@ class MoE:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A config-selected form of a family, as data: where ``when(config)`` holds, the family's entry
+    with the fields in ``changes`` (``(field name, value)``) replaced is what :func:`get_arch` returns
+    (same name, model_type and architectures). The first variant whose ``when`` holds wins."""
+
+    when: Callable[[Mapping[str, Any]], bool]
+    changes: tuple[tuple[str, Any], ...]
+    about: str = ""  # what the variant is, for messages and docs
+
+
+@dataclass(frozen=True)
 class Arch:
     """One decoder family. Fields are data; methods only derive names and widths from them."""
 
@@ -182,11 +198,20 @@ class Arch:
     # family-specific widths: (name, function of config.json) -> int; "requires" keys must be non-null
     extra_dims: tuple[tuple[str, Callable[[Mapping[str, Any]], int]], ...] = ()
     requires: tuple[tuple[str, str], ...] = ()  # (config key, why) that must be set for the table to hold
+    variants: tuple[Variant, ...] = ()  # config-selected forms (:meth:`for_config`); () in a resolved form
     layers_path: str = "model.layers"
     num_layers_key: str = "num_hidden_layers"
     embed_path: str = "model.embed_tokens"
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
+
+    def for_config(self, config: Mapping[str, Any]) -> Arch:
+        """The form of this family ``config`` selects: the first :class:`Variant` whose ``when`` holds
+        applied (its ``variants`` emptied), else ``self``."""
+        for v in self.variants:
+            if v.when(config):
+                return replace(self, variants=(), **dict(v.changes))
+        return self
 
     # -- names -------------------------------------------------------------------------------
 
@@ -647,7 +672,28 @@ def _moe_intermediate(c: Mapping[str, Any]) -> int:
     return c["moe_intermediate_size"]
 
 
-_MLA_ATTN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+_MLA_ATTN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")  # attention_bias
+# DeepSeek-V3's MLA linears after q (both forms): kv_a reads the layer input, beside q_a or q_proj
+_KV_A = Linear("self_attn.kv_a_proj_with_mqa", ("kv_a",), "hidden")
+_MLA_TAIL = (
+    (Linear("self_attn.kv_b_proj", ("kv_b",), "kv_lora"),),
+    (Linear("self_attn.o_proj", ("hidden",), "o_mla"),),
+    (GATE, UP),
+    (DOWN,),
+)
+_DEEPSEEK_MLP_PAIRS = (
+    ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),  # dense layers
+    ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+)
+_DEEPSEEK_DIMS = (
+    ("moe_intermediate", _moe_intermediate),
+    ("shared", lambda c: c["moe_intermediate_size"] * c["n_shared_experts"]),
+    ("kv_lora", lambda c: c["kv_lora_rank"]),
+    ("kv_a", lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"]),
+    ("q_mla", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])),
+    ("kv_b", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"])),
+    ("o_mla", lambda c: c["num_attention_heads"] * c["v_head_dim"]),
+)
 
 _MIXTRAL_EXPERTS = Experts(disk="block_sparse_moe.experts", linears=("w1", "w3", "w2"),
                            num_keys=("num_local_experts",), intermediate="intermediate")
@@ -724,23 +770,15 @@ _MOE_TABLE: tuple[Arch, ...] = (
         # MLA: q_a and kv_a read the layer input (one group), q_b reads the normalised q_a output,
         # kv_b the normalised kv_a latent; forward order q_a, q_b, kv_a, kv_b, o
         groups=(
-            (Linear("self_attn.q_a_proj", ("q_lora",), "hidden"),
-             Linear("self_attn.kv_a_proj_with_mqa", ("kv_a",), "hidden")),
+            (Linear("self_attn.q_a_proj", ("q_lora",), "hidden"), _KV_A),
             (Linear("self_attn.q_b_proj", ("q_mla",), "q_lora"),),
-            (Linear("self_attn.kv_b_proj", ("kv_b",), "kv_lora"),),
-            (Linear("self_attn.o_proj", ("hidden",), "o_mla"),),
-            (GATE, UP),
-            (DOWN,),
-        ),
+        ) + _MLA_TAIL,
         # MLA: only the input norm -> q_a/kv_a pair. q_a_layernorm -> q_b and kv_a_layernorm -> kv_b
         # would fold into norms of other widths (kv_a_layernorm normalises only the first kv_lora of
         # kv_a's outputs), and kv_b's v rows are interleaved per head with the no-rope k rows, so
         # kv_b -> o has no contiguous row block to fold into: those stay unscaled (clip search only).
-        scale_pairs=(
-            ScalePair("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),
-            ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),  # dense layers
-            ScalePair("mlp.up_proj", ("mlp.down_proj",)),
-        ),
+        scale_pairs=(ScalePair("input_layernorm", ("self_attn.q_a_proj", _KV_A.name), "self_attn"),)
+        + _DEEPSEEK_MLP_PAIRS,
         layer_norms=LLAMA_NORMS + ("self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"),
         bias_flags=(("attention_bias", _MLA_ATTN),),
         moe=MoE(
@@ -750,18 +788,24 @@ _MOE_TABLE: tuple[Arch, ...] = (
             first_dense_key="first_k_dense_replace",
             buffers=(("mlp.gate.e_score_correction_bias", "experts"),),
         ),
-        extra_dims=(
-            ("moe_intermediate", _moe_intermediate),
-            ("shared", lambda c: c["moe_intermediate_size"] * c["n_shared_experts"]),
-            ("q_lora", lambda c: c["q_lora_rank"]),
-            ("kv_lora", lambda c: c["kv_lora_rank"]),
-            ("kv_a", lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"]),
-            ("q_mla", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])),
-            ("kv_b", lambda c: c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"])),
-            ("o_mla", lambda c: c["num_attention_heads"] * c["v_head_dim"]),
+        extra_dims=_DEEPSEEK_DIMS[:2] + (("q_lora", lambda c: c["q_lora_rank"]),) + _DEEPSEEK_DIMS[2:],
+        variants=(
+            # ``q_lora_rank: null`` (Moonlight-16B-A3B, DeepSeek-V2-Lite style; a config that omits the key
+            # is transformers' default 1536, the form above): q is one plain q_proj reading the layer input
+            # beside kv_a (no q_a_layernorm); transformers builds it without a bias whatever attention_bias says
+            Variant(
+                when=lambda c: "q_lora_rank" in c and c["q_lora_rank"] is None,
+                changes=(
+                    ("groups", ((Linear("self_attn.q_proj", ("q_mla",), "hidden"), _KV_A),) + _MLA_TAIL),
+                    ("scale_pairs", (ScalePair("input_layernorm", ("self_attn.q_proj", _KV_A.name), "self_attn"),)
+                     + _DEEPSEEK_MLP_PAIRS),
+                    ("layer_norms", LLAMA_NORMS + ("self_attn.kv_a_layernorm",)),
+                    ("bias_flags", (("attention_bias", _MLA_ATTN[1:]),)),
+                    ("extra_dims", _DEEPSEEK_DIMS),
+                ),
+                about="no q_lora_rank: a plain self_attn.q_proj",
+            ),
         ),
-        requires=(("q_lora_rank", "checkpoints without a q_lora_rank (a plain q_proj, DeepSeek-V2-Lite style) "
-                   "are not in the architecture table yet"),),
     ),
 )
 
@@ -862,7 +906,8 @@ def get_arch(config: Mapping[str, Any], source: str = "config.json") -> Arch:
 
     ``architectures[0]`` decides when present (a sequence-classification head is not a causal LM and
     is refused even if ``model_type`` is known); ``model_type`` is the fallback when it is absent.
-    A known class whose ``model_type`` names another family is refused as inconsistent.
+    A known class whose ``model_type`` names another family is refused as inconsistent. A family with
+    :class:`Variant` values resolves to the form ``config`` selects (:meth:`Arch.for_config`).
     """
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
@@ -879,4 +924,4 @@ def get_arch(config: Mapping[str, Any], source: str = "config.json") -> Arch:
             f"{source}: architectures[0]={cls!r} is {arch.name} but model_type={model_type!r}; "
             f"fix model_type to {arch.model_type!r}"
         )
-    return arch
+    return arch.for_config(config)

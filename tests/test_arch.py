@@ -9,6 +9,7 @@ pre_feedforward_layernorm, and phi3's fused row blocks).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -58,9 +59,41 @@ def test_required_families_are_supported():
     assert FAMILIES + MOE_FAMILIES + FUSED_MOE_FAMILIES == A.supported()  # MoE: tests/test_moe.py, test_moe_gpt_oss.py
 
 
+def _forms(family):
+    """The family's entry and each of its config-selected forms (``Variant``), resolved."""
+    arch = A.by_name(family)
+    return [arch] + [dataclasses.replace(arch, variants=(), **dict(v.changes)) for v in arch.variants]
+
+
+VARIANT_FORMS = [(f, k) for f in A.supported() for k in range(1, len(_forms(f)))]
+
+
 @pytest.mark.parametrize("family", A.supported())
 def test_table_entry_is_self_consistent(family):
+    for arch in _forms(family):
+        _check_entry(arch)
     arch = A.by_name(family)
+    assert A.get_arch({"architectures": [arch.architectures[0]], "model_type": arch.model_type}) is arch
+    assert A.get_arch({"model_type": arch.model_type}) is arch  # fallback when architectures is absent
+
+
+@pytest.mark.parametrize("family,k", VARIANT_FORMS)
+def test_variants_change_only_the_layout_and_are_picked_by_their_config(family, k):
+    """A variant keeps the family's identity (name, classes, model_type), changes only layout fields,
+    and ``get_arch`` returns it exactly for the configs its ``when`` accepts."""
+    from quantize.testing.tiny import VARIANTS, tiny_config
+
+    base, form = A.by_name(family), _forms(family)[k]
+    v = base.variants[k - 1]
+    assert not {f for f, _ in v.changes} & {"name", "architectures", "model_type", "variants", "moe"}
+    cfgs = [tiny_config(name).to_dict() for name, (fam, _) in VARIANTS.items() if fam == family]
+    assert cfgs, f"{family}: no tiny model of its variant (quantize/testing/tiny.py VARIANTS)"
+    for cfg in cfgs:
+        assert v.when(cfg) and A.get_arch(cfg) == form and A.get_arch(cfg) != base
+    assert A.get_arch(tiny_config(family).to_dict()) is base  # the family's default tiny model: its own entry
+
+
+def _check_entry(arch):
     names = arch.linear_names()
     assert len(names) == len(set(names)), "a linear appears in two groups"
     for pair in arch.scale_pairs:
@@ -72,8 +105,6 @@ def test_table_entry_is_self_consistent(family):
             assert pair.prev not in pair.linears
         else:
             assert pair.prev_part is None
-    assert A.get_arch({"architectures": [arch.architectures[0]], "model_type": arch.model_type}) is arch
-    assert A.get_arch({"model_type": arch.model_type}) is arch  # fallback when architectures is absent
 
 
 # -- the table against instantiated models ------------------------------------------------------

@@ -5,7 +5,9 @@ read-back (``open_model``) returns exactly the weights the solver chose, expert 
 calibration every expert is solved by GPTQ on its own K-quant grid and Hessian; families llama.cpp
 cannot run are refused with exit 2. DeepSeek-V3 (``deepseek2``): MLA tensors, kv_b split into
 attn_k_b (transposed per head) / attn_v_b as llama.cpp's converter splits it, leading dense layer,
-exp_probs_b, the converter's keys; the read-back re-assembles kv_b. llama.cpp itself:
+exp_probs_b, the converter's keys; the read-back re-assembles kv_b. The DeepSeek tests run on
+DeepSeek-V3 with ``q_lora_rank`` and on the same model without it (``deepseek_v3_noqlora``,
+Moonlight-style: a plain q_proj written as ``attn_q``). llama.cpp itself:
 tests/test_interop_llamacpp_moe.py."""
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from helpers import CPU  # noqa: E402
-from quantize.arch import by_name  # noqa: E402
+from quantize.arch import by_name, get_arch  # noqa: E402
 from quantize.cli import main  # noqa: E402
 from quantize.commands.gguf import quantize_gguf  # noqa: E402
 from quantize.formats import gguf_blocks  # noqa: E402
@@ -31,6 +33,8 @@ from quantize.methods import gguf_layer  # noqa: E402
 
 GGUF_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # stacked-expert families sharing the tests below
 DEEPSEEK = "deepseek_v3"  # llama.cpp's deepseek2: its own tests (MLA, a leading dense layer)
+DEEPSEEK_NOQ = "deepseek_v3_noqlora"  # the same without q_lora_rank (quantize/testing/tiny.py VARIANTS): attn_q
+DEEPSEEKS = (DEEPSEEK, DEEPSEEK_NOQ)
 STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
 
@@ -48,11 +52,15 @@ def moe_kwargs(family: str) -> dict:
     top-2 in n_group=2 groups with topk_group=1: llama.cpp groups experts as transformers does, so
     grouping is representable and exercised); q/kv LoRA ranks 256 (q_b, v_b rows whole super-blocks),
     qk_nope_head_dim 128 as DeepSeek-V3's, so attn_k_b's 128-wide rows take llama.cpp's shape fallback
-    (Q4_K -> Q5_0, Q6_K -> Q8_0); v_head_dim 64 (o_proj input 4 x 64 = 256); rope 64."""
-    if family == DEEPSEEK:
-        return dict(hidden=256, dtype=torch.bfloat16, num_layers=3, intermediate_size=256, moe_intermediate_size=256,
-                    q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=64,
-                    head_dim=64)
+    (Q4_K -> Q5_0, Q6_K -> Q8_0); v_head_dim 64 (o_proj input 4 x 64 = 256); rope 64. DEEPSEEK_NOQ: the
+    same without q_lora_rank (q_proj: 4 x 192 rows of 256)."""
+    if family in DEEPSEEKS:
+        kw = dict(hidden=256, dtype=torch.bfloat16, num_layers=3, intermediate_size=256, moe_intermediate_size=256,
+                  q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=64,
+                  head_dim=64)
+        if family == DEEPSEEK_NOQ:
+            del kw["q_lora_rank"]  # the variant's q_lora_rank=None
+        return kw
     kw = dict(hidden=256, dtype=torch.bfloat16, intermediate_size=256)
     if family != "mixtral":
         kw["moe_intermediate_size"] = 256
@@ -290,6 +298,11 @@ def test_what_llama_cpp_cannot_run_exits_2(family, overrides, needle, tiny_model
 MLA = ("attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output")
 
 
+def _q_stems(family: str) -> tuple[str, ...]:
+    """The GGUF tensors of q: attn_q_a/attn_q_b, or attn_q without q_lora_rank."""
+    return ("attn_q",) if family == DEEPSEEK_NOQ else ("attn_q_a", "attn_q_b")
+
+
 def _ds_expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """GGUF name -> logical (numpy) shape of every layer tensor llama.cpp's deepseek2 loads."""
     H, nope, rope, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
@@ -297,9 +310,13 @@ def _ds_expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     out = {}
     for i in range(c["num_hidden_layers"]):
         b = f"blk.{i}."
-        out.update({b + "attn_norm.weight": (hid,), b + "ffn_norm.weight": (hid,), b + "attn_q_a_norm.weight": (q,),
-                    b + "attn_kv_a_norm.weight": (r,), b + "attn_q_a.weight": (q, hid),
-                    b + "attn_q_b.weight": (H * (nope + rope), q), b + "attn_kv_a_mqa.weight": (r + rope, hid),
+        if q is None:  # a plain q_proj
+            out[b + "attn_q.weight"] = (H * (nope + rope), hid)
+        else:
+            out.update({b + "attn_q_a_norm.weight": (q,), b + "attn_q_a.weight": (q, hid),
+                        b + "attn_q_b.weight": (H * (nope + rope), q)})
+        out.update({b + "attn_norm.weight": (hid,), b + "ffn_norm.weight": (hid,),
+                    b + "attn_kv_a_norm.weight": (r,), b + "attn_kv_a_mqa.weight": (r + rope, hid),
                     b + "attn_k_b.weight": (H, r, nope), b + "attn_v_b.weight": (H, v, r),
                     b + "attn_output.weight": (hid, H * v)})
         if i < c["first_k_dense_replace"]:
@@ -314,8 +331,9 @@ def _ds_expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs):
-    d = runs(DEEPSEEK)
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs, family):
+    d = runs(family)
     c = CheckpointReader(d["src"]).config
     shapes = _ds_expected_shapes(c)
     shape = ModelShape(n_layers=3, n_head=4, n_head_kv=4, tied=False, arch="deepseek2", n_expert=4)
@@ -327,7 +345,8 @@ def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs):
         assert a == "deepseek2"
         want = {"block_count": 3, "embedding_length": 256, "feed_forward_length": 256, "attention.head_count": 4,
                 "attention.head_count_kv": 1, "leading_dense_block_count": 1, "vocab_size": 1024,
-                "attention.q_lora_rank": 256, "attention.kv_lora_rank": 256, "attention.key_length": 256 + 64,
+                # no q_lora_rank: 0, which llama.cpp reads for any layer count (formats/gguf.py)
+                "attention.q_lora_rank": 0 if family == DEEPSEEK_NOQ else 256, "attention.kv_lora_rank": 256, "attention.key_length": 256 + 64,
                 "attention.value_length": 256, "attention.key_length_mla": 128 + 64, "attention.value_length_mla": 64,
                 "expert_feed_forward_length": 256, "expert_count": 4, "expert_used_count": 2, "expert_shared_count": 1,
                 "expert_group_count": 2, "expert_group_used_count": 1, "expert_weights_norm": True,
@@ -344,17 +363,20 @@ def test_deepseek_gguf_py_reads_mla_layout_and_the_converters_keys(runs):
             want_type = "F32" if dense else tensor_type(n, s[-1], variant.split("+")[0], shape)
             assert x.tensor_type.name == want_type == m.metrics["tensor_types"][n], (variant, n)
         # `quantize plan`'s GGUF row is this file's tensor bytes exactly (kv_b as k_b + v_b, exp_probs_b, MLA norms)
-        assert sum(int(x.n_bytes) for x in r.tensors) == gguf_weight_bytes(c, variant.split("+")[0], by_name(DEEPSEEK))["total"]
+        want_bytes = gguf_weight_bytes(c, variant.split("+")[0], get_arch(c))["total"]
+        assert sum(int(x.n_bytes) for x in r.tensors) == want_bytes
         if variant.startswith("Q4_K_M"):  # attn_k_b's 128-wide rows: llama.cpp's fallback from Q4_K
             assert t["blk.1.attn_k_b.weight"].tensor_type.name == "Q5_0"
             assert t["blk.1.attn_v_b.weight"].tensor_type.name == "Q4_K"
             assert t["blk.2.ffn_down_exps.weight"].tensor_type.name == "Q6_K"  # use_more_bits(2, 3)
+            assert {t[f"blk.1.{g}.weight"].tensor_type.name for g in _q_stems(family)} == {"Q4_K"}
 
 
-def test_deepseek_kv_b_is_split_as_llama_cpps_converter_splits_it(runs):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_kv_b_is_split_as_llama_cpps_converter_splits_it(runs, family):
     """attn_k_b[h] = (kv_b's k rows of head h)ᵀ, attn_v_b[h] = kv_b's v rows of head h (F16: exact);
     computed here from the checkpoint, independently of formats/gguf.py's split."""
-    d = runs(DEEPSEEK)
+    d = runs(family)
     src, t = CheckpointReader(d["src"]), _tensors(d["F16"][0])
     H, nope, v = 4, 128, 64
     for i in range(3):
@@ -370,14 +392,16 @@ def test_deepseek_kv_b_is_split_as_llama_cpps_converter_splits_it(runs):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_deepseek_read_back_is_the_solvers_weights(runs, variant):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_read_back_is_the_solvers_weights(runs, family, variant):
     """Every linear: our reader's weight == the solver's W_hat; kv_b re-assembled from k_b and v_b."""
     from quantize.formats.gguf import join_kv_b
 
-    d = runs(DEEPSEEK)
+    d = runs(family)
     out, _, solved = d[variant]
     back = GGUFCheckpoint(out)
-    arch, config = by_name(DEEPSEEK), back.config
+    config = back.config
+    arch = get_arch(config)
     seen = experts = 0
     for i in range(3):
         p = f"model.layers.{i}."
@@ -389,17 +413,19 @@ def test_deepseek_read_back_is_the_solvers_weights(runs, variant):
             assert torch.equal(back.get(p + lin + ".weight"), solved[p + lin].to(torch.float32)), (variant, lin)
             seen += 1
             experts += arch.expert_slot(lin) is not None
-    assert experts == 2 * 4 * 3 and seen == 3 * 4 + 3 + 2 * (4 * 3 + 3)
+    attn = len(_q_stems(family)) + 2  # q_a + q_b (or q), kv_a, o
+    assert experts == 2 * 4 * 3 and seen == 3 * attn + 3 + 2 * (4 * 3 + 3)
     assert back.qtype("model.layers.1.self_attn.kv_b_proj.weight") == {
         "F16": "F16+F16", "Q8_0": "Q8_0+Q8_0"}.get(variant, "Q5_0+Q4_K")
 
 
-def test_deepseek_hf_forward_on_the_f16_read_back_is_the_model(runs):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_hf_forward_on_the_f16_read_back_is_the_model(runs, family):
     from transformers import AutoModelForCausalLM
 
     from quantize.io.quantized import load_dequantized_model
 
-    d = runs(DEEPSEEK)
+    d = runs(family)
     ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fp = AutoModelForCausalLM.from_pretrained(d["src"], dtype=torch.float32).eval()(ids).logits
@@ -407,12 +433,14 @@ def test_deepseek_hf_forward_on_the_f16_read_back_is_the_model(runs):
     assert (fp - ours).abs().max() < 1e-3 * fp.abs().max()
 
 
-def test_deepseek_without_calibration_every_tensor_has_llama_cpps_reference_bytes(runs):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_without_calibration_every_tensor_has_llama_cpps_reference_bytes(runs, family):
     from quantize.formats.gguf import split_kv_b
 
-    d = runs(DEEPSEEK)
+    d = runs(family)
     src, t = CheckpointReader(d["src"]), _tensors(d["Q4_K_M"][0])
-    config, arch = src.config, by_name(DEEPSEEK)
+    config = src.config
+    arch = get_arch(config)
 
     def ref(W, qtype):
         if qtype in ("Q5_0", "Q8_0"):  # the shape fallbacks: gguf-py's (= ggml's) reference rounding
@@ -434,25 +462,27 @@ def test_deepseek_without_calibration_every_tensor_has_llama_cpps_reference_byte
                 x = t[gguf_tensor_name(p + lin + ".weight", config)]
                 assert np.array_equal(np.asarray(x.data).reshape(-1), ref(W, x.tensor_type.name).reshape(-1)), lin
                 checked += 1
-    assert checked == 3 * 6 + 3 + 2 * 3
+    assert checked == 3 * (len(_q_stems(family)) + 4) + 3 + 2 * 3  # q, kv_a, k_b, v_b, o; MLP; shared expert
 
 
-def test_deepseek_calibration_gptq_except_k_b(runs):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_calibration_gptq_except_k_b(runs, family):
     """With calibration: every linear whose GGUF rows are its HF rows is GPTQ-solved (below llama.cpp's
     rounding on its own Hessian), v_b on kv_b's; attn_k_b (transposed: other inputs) keeps llama.cpp's
     reference bytes, as the manifest says; the file's size and types are the uncalibrated ones."""
-    d = runs(DEEPSEEK)
+    d = runs(family)
     (ref_out, _, _), (cal_out, m, _) = d["Q4_K_M"], d["Q4_K_M+cal"]
     assert "attn_k_b" in m.params["reference_rounding"]
     ref, cal = _tensors(ref_out), _tensors(cal_out)
     assert {n: x.tensor_type for n, x in ref.items()} == {n: x.tensor_type for n, x in cal.items()}
     for i in range(3):
         assert np.array_equal(np.asarray(cal[f"blk.{i}.attn_k_b.weight"].data), np.asarray(ref[f"blk.{i}.attn_k_b.weight"].data))
-        for g in ("attn_v_b", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_output"):
+        for g in ("attn_v_b", *_q_stems(family), "attn_kv_a_mqa", "attn_output"):
             assert not np.array_equal(np.asarray(cal[f"blk.{i}.{g}.weight"].data), np.asarray(ref[f"blk.{i}.{g}.weight"].data)), g
     for layer in m.metrics["layers"]:
         errs = layer["rel_error"]
-        assert "self_attn.kv_b_proj" in errs and len(errs) == (5 + 3 if layer["layer"] == 0 else 5 + 4 * 3 + 3)
+        attn = len(_q_stems(family)) + 3  # q_a + q_b (or q), kv_a, kv_b, o
+        assert "self_attn.kv_b_proj" in errs and len(errs) == (attn + 3 if layer["layer"] == 0 else attn + 4 * 3 + 3)
         assert all(e < layer["reference_rel_error"][n] for n, e in errs.items()), layer["layer"]
         assert layer["types"]["self_attn.k_b_proj"] == "Q5_0" and layer["types"]["self_attn.v_b_proj"] == "Q4_K"
     r = {x.name: np.asarray(x.data, dtype=np.float32) for x in gguf.GGUFReader(str(d["imatrix"])).tensors}
@@ -482,16 +512,19 @@ def test_deepseek_yarn_keys_are_the_converters(tmp_path):
         "q_lora_rank": 256, "kv_lora_rank": 256, "v_head_dim": 64, "first_k_dense_replace": 1, "n_group": 2}
 
 
-def test_deepseek_config_from_metadata_is_the_source_config(runs):
+@pytest.mark.parametrize("family", DEEPSEEKS)
+def test_deepseek_config_from_metadata_is_the_source_config(runs, family):
     """Without config.json beside the file, the reader rebuilds DeepSeek-V3's config from deepseek2's
-    keys (num_key_value_heads back to the head count, nope = key_length_mla - rope, ...)."""
+    keys (num_key_value_heads back to the head count, nope = key_length_mla - rope, q_lora_rank 0 back
+    to null, ...)."""
     from quantize.formats.gguf import config_from_metadata
 
-    d = runs(DEEPSEEK)
+    d = runs(family)
     ck = GGUFCheckpoint(d["Q4_K_M"][0])
     src = CheckpointReader(d["src"]).config
     rebuilt = config_from_metadata(ck.metadata, set(ck._tensors))
     for k, v in rebuilt.items():
         if k in src and src[k] is not None:
             assert v == pytest.approx(src[k]), k
-    assert {k for k in rebuilt if k not in src or src[k] is None} <= {"rope_theta"}
+    assert rebuilt["q_lora_rank"] == src["q_lora_rank"]  # None without q_lora_rank
+    assert {k for k in rebuilt if k not in src or src[k] is None} <= {"rope_theta", "q_lora_rank"}

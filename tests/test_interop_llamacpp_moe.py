@@ -39,7 +39,10 @@ of the selection scores); its quantizer writes our Q4_K_M from our BF16 (attn_k_
 its Q5_0 fallback; and for Q8_0, Q4_0, Q6_K, Q5_K_M: Q8_0/Q4_0/Q8_0/Q5_1); and it reads our per-head
 attn_v_b imatrix entry. Its logits are also checked with
 YaRN as DeepSeek-V3 configures it (``deepseek_v3+yarn``: factor 4 over an original context of 64,
-mscale = mscale_all_dim = 1: the converter's yarn keys and ``yarn_log_multiplier``).
+mscale = mscale_all_dim = 1: the converter's yarn keys and ``yarn_log_multiplier``). And all of it on
+the same DeepSeek-V3 without ``q_lora_rank`` (``deepseek_v3_noqlora``, Moonlight-style): a plain
+``attn_q`` and ``attention.q_lora_rank = 0``, which llama.cpp's deepseek2 reads as "no q LoRA" whatever
+the layer count (the converter's file, without the key, loads only at its "lite" layer counts).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="interop tier: needs llama-cpp-python (scripts/setup_llamacpp.sh -> .venv-llamacpp)")
 gguf = pytest.importorskip("gguf")
 
-from test_gguf_moe import DEEPSEEK, DEEPSEEK_YARN, GGUF_MOE, moe_kwargs  # noqa: E402
+from test_gguf_moe import DEEPSEEK, DEEPSEEK_NOQ, DEEPSEEK_YARN, DEEPSEEKS, GGUF_MOE, moe_kwargs  # noqa: E402
 from test_interop_llamacpp import (  # noqa: E402, F401  (_quiet_llama_cpp: the module's autouse fixture)
     _dense, _kl, _llama_quantize, _quiet_llama_cpp, _tensors, build_ggufs, llama_cpp_logits)
 
@@ -68,7 +71,7 @@ from quantize.io.quantized import load_dequantized_model  # noqa: E402
 REL_TOL = 0.02       # max |llama.cpp - ours| / range(ours) at a position without a routing flip
 KL_FRACTION = 0.2    # KL(ours || llama.cpp) / KL(fp || ours), quantized files
 VARIANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_M+cal")
-FAMILIES = GGUF_MOE + (DEEPSEEK,)
+FAMILIES = GGUF_MOE + DEEPSEEKS
 YARN = DEEPSEEK + "+yarn"  # the same tiny DeepSeek-V3 with YaRN (factor 4, mscale = mscale_all_dim = 1)
 
 
@@ -145,6 +148,9 @@ def test_llama_cpp_quantizer_writes_our_bytes(built, family, tmp_path):
     if family == DEEPSEEK:  # MLA: attn_k_b's 128-wide rows take llama.cpp's fallback; the rest the default
         assert ours["blk.1.attn_k_b.weight"][0] == "Q5_0" and ours["blk.1.attn_v_b.weight"][0] == "Q4_K"
         assert {ours[f"blk.1.{g}.weight"][0] for g in ("attn_q_a", "attn_q_b", "attn_kv_a_mqa")} == {"Q4_K"}
+    if family == DEEPSEEK_NOQ:  # no q LoRA: attn_q (llama.cpp's ATTENTION_Q: the default type here)
+        assert ours["blk.1.attn_q.weight"][0] == "Q4_K" and "blk.1.attn_q_a.weight" not in ours
+        assert ours["blk.1.attn_k_b.weight"][0] == "Q5_0"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -163,7 +169,7 @@ def test_llama_cpp_quantizer_reads_our_per_expert_imatrix(built, family, tmp_pat
             for e in range(E)])
         assert np.array_equal(raw, want), (family, n)
         checked += 1
-    assert checked == 2 * 3 + (3 if family == DEEPSEEK else 0)
+    assert checked == 2 * 3 + (3 if family in DEEPSEEKS else 0)
 
 
 # llama_ftype values (llama.h) of the other file types we write

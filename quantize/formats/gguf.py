@@ -20,7 +20,8 @@ mixtral     ``llama``       LlamaModel: as llama, plus ``expert_count``/``expert
 qwen2_moe   ``qwen2moe``    Qwen2MoeModel: + ``expert_feed_forward_length``,
                             ``expert_shared_feed_forward_length``; shared expert ``*_shexp``
 qwen3_moe   ``qwen3moe``    Qwen3MoeModel: qwen2moe's keys without a shared expert; q/k norms
-deepseek_v3 ``deepseek2``   DeepseekV2Model: MLA (``attn_q_a``/``attn_q_a_norm``/``attn_q_b``,
+deepseek_v3 ``deepseek2``   DeepseekV2Model: MLA (``attn_q_a``/``attn_q_a_norm``/``attn_q_b``, or
+                            ``attn_q`` without ``q_lora_rank``,
                             ``attn_kv_a_mqa``/``attn_kv_a_norm``, ``kv_b_proj`` split per head
                             into ``attn_k_b`` (transposed) and ``attn_v_b``), leading dense
                             layers, ``exp_probs_b``, shared expert ``*_shexp``; MLA/expert keys
@@ -47,10 +48,15 @@ config.json has ``scoring_func`` (DeepSeek's own release does; a config saved by
 not), and without it llama.cpp would gate with softmax while transformers' DeepseekV3 always gates with
 sigmoid. Refused (:func:`check_representable`): ``num_key_value_heads != num_attention_heads`` (the
 converter splits ``kv_b`` by it), ``rope_interleave: false`` (llama.cpp's deepseek2 rotary is the
-interleaved one), no ``q_lora_rank`` (the architecture table needs it), YaRN whose attention factor
+interleaved one), YaRN whose attention factor
 ``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)`` is not 1 (llama.cpp takes mscale as
 1 or as mscale_all_dim; DeepSeek-V3's 1.0/1.0 is written). ``n_group``/``topk_group`` are written, not
 refused: this llama.cpp selects the top groups by their two best experts' scores, as transformers does.
+``q_lora_rank: null`` (Moonlight-16B-A3B; the table's variant with a plain ``q_proj``): ``attn_q`` in
+place of ``attn_q_a``/``attn_q_a_norm``/``attn_q_b``, and ``attention.q_lora_rank = 0`` where the
+converter writes no key: llama.cpp's deepseek2 reads the key unless the layer count is one of its
+"lite" models' (26/27, or 48 with a 128256 vocabulary) and refuses a file without it otherwise; 0 is
+the value it takes for those, and it builds ``attn_q`` for any rank 0 (the reader maps 0 back to null).
 
 Layout rules (``ModelBase.prepare_tensors``): 1-D tensors and every ``*_norm.weight`` are F32; a tied
 head has no ``output`` tensor (llama.cpp reuses ``token_embd``); names come from
@@ -248,9 +254,6 @@ def _check_representable(config: Mapping[str, Any], arch: Arch) -> None:
 
 def _check_deepseek(config: Mapping[str, Any]) -> None:
     """What llama.cpp's deepseek2 (and the converter's layout) needs of a DeepSeek-V3 config."""
-    if config.get("q_lora_rank") is None:
-        raise InputError("config.json: q_lora_rank is not set; a DeepSeek-V3 GGUF needs attn_q_a/attn_q_b (the "
-                         "architecture table has no plain q_proj), so this checkpoint is not written as GGUF")
     heads, kv_heads = int(config["num_attention_heads"]), config.get("num_key_value_heads")
     if kv_heads is not None and int(kv_heads) != heads:
         raise InputError(f"config.json: num_key_value_heads={kv_heads} but num_attention_heads={heads}; llama.cpp's "
@@ -423,7 +426,9 @@ def _add_deepseek_metadata(w, config: Mapping[str, Any], arch: Arch, rp: Mapping
     # DeepseekV2Model's own keys
     w.add_leading_dense_block_count(int(config.get("first_k_dense_replace") or 0))
     w.add_vocab_size(int(config["vocab_size"]))
-    w.add_q_lora_rank(int(config["q_lora_rank"]))
+    # no q_lora_rank (a plain q_proj: attn_q): 0, which llama.cpp reads as "attn_q" for any layer count
+    # (the converter omits the key, which llama.cpp accepts only for its "lite" layer counts)
+    w.add_q_lora_rank(int(config.get("q_lora_rank") or 0))
     w.add_kv_lora_rank(kv_lora)
     w.add_key_length(kv_lora + rope)
     w.add_value_length(kv_lora)
@@ -1267,7 +1272,7 @@ def _deepseek_config(key: Callable[..., Any], heads: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "num_key_value_heads": heads,  # the file's 1 is MLA's MQA view; transformers' kv_b is per head
         "head_dim": rope,  # DeepseekV3Config's own value
-        "q_lora_rank": int(key("attention.q_lora_rank")),
+        "q_lora_rank": int(key("attention.q_lora_rank", 0)) or None,  # 0 / absent: a plain q_proj (attn_q)
         "kv_lora_rank": int(key("attention.kv_lora_rank")),
         "qk_rope_head_dim": rope,
         "qk_nope_head_dim": int(key("attention.key_length_mla")) - rope,

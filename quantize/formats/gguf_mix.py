@@ -22,7 +22,8 @@ The policy for the file types we write:
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even that does not fit;
 - norms and other 1-D tensors stay F32, as convert_hf_to_gguf writes them;
 - DeepSeek-V3's MLA tensors (``attn_q_a``, ``attn_q_b``, ``attn_kv_a_mqa``, ``attn_k_b``, ``attn_v_b``) fall in
-  none of llama.cpp's categories (its ``attn_kv_b`` rule would apply only to an unsplit ``kv_b``): the
+  none of llama.cpp's categories (its ``attn_kv_b`` rule would apply only to an unsplit ``kv_b``; without
+  ``q_lora_rank`` the plain ``attn_q`` is its ATTENTION_Q, which changes none of these file types): the
   default type, then the shape fallback on their own row width -- ``attn_k_b``'s rows are
   ``qk_nope_head_dim`` wide (128 in DeepSeek-V3: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
   ``attn_output``, the dense layers' ``ffn_*``, ``ffn_*_exps`` and ``ffn_*_shexp`` follow the rules above.

@@ -19,8 +19,8 @@ latent), so with calibration it is GPTQ-solved on kv_b's Hessian; ``attn_k_b`` h
 *transposed* per head, so its rows' inputs are q_nope's channels, not kv_b's: no Hessian of ours
 applies and it always takes llama.cpp's reference rounding (recorded in the manifest's params,
 ``reference_rounding``). The layer continues with kv_b re-assembled from both dequantized parts. Every
-other DeepSeek linear's GGUF rows are its HF rows (q_a, q_b, kv_a, o, the MLPs, experts, shared expert):
-GPTQ on its own Hessian.
+other DeepSeek linear's GGUF rows are its HF rows (q_a, q_b -- or q_proj without q_lora_rank --, kv_a,
+o, the MLPs, experts, shared expert): GPTQ on its own Hessian.
 
 Types outside the K/legacy set we solve (llama.cpp's shape fallbacks Q5_0/Q5_1) are quantized by
 gguf-py's reference quantizer; F16/BF16 are cast.

@@ -70,16 +70,32 @@ _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Config-selected forms of a family (quantize/arch.py ``Variant``), built as their own tiny models:
+# name -> (family, config fields on top of the family's tiny defaults)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # DeepSeek-V3 without q_lora_rank (Moonlight-16B-A3B style): a plain self_attn.q_proj
+    "deepseek_v3_noqlora": ("deepseek_v3", dict(q_lora_rank=None)),
+}
+
+
+def family_of(name: str) -> str:
+    """The family of a tiny-model name (a family, or a :data:`VARIANTS` name)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
 def tokenizer_dir() -> Path:
     """The bundled tokenizer (vocab 1024; bos 0, eos 1, pad 2)."""
     return Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 
 def tiny_config(family: str, *, num_layers: int = 2, hidden: int = 64, **overrides: Any):
-    """The transformers config of a tiny ``family`` model; ``overrides`` win over every default."""
+    """The transformers config of a tiny ``family`` model (a family or a :data:`VARIANTS` name);
+    ``overrides`` win over every default."""
     classes = _config_classes()
+    variant = VARIANTS.get(family, (family, {}))[1]
+    family = family_of(family)
     if family not in classes:
-        raise ValueError(f"no tiny config for family {family!r}; known: {sorted(classes)}")
+        raise ValueError(f"no tiny config for family {family!r}; known: {sorted(classes) + sorted(VARIANTS)}")
     heads = 4
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
@@ -95,6 +111,7 @@ def tiny_config(family: str, *, num_layers: int = 2, hidden: int = 64, **overrid
         pad_token_id=PAD_ID,
     )
     kwargs.update(_MOE_DEFAULTS.get(family, {}))
+    kwargs.update(variant)
     kwargs.update(overrides)
     return classes[family](**kwargs)
 
@@ -105,7 +122,7 @@ def _perturb(model: torch.nn.Module, family: str, gen: torch.Generator) -> None:
     Trivial norms and zero biases would let a test pass even if scale folding ignored them; the
     perturbed values keep each norm's effective multiplier around 1 (Gemma stores it as 1 + w).
     """
-    offset = arch_table.by_name(family).norm_weight_offset
+    offset = arch_table.by_name(family_of(family)).norm_weight_offset
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 2)[-2]
