@@ -374,23 +374,39 @@ def test_an_mxfp4_release_is_refused_in_one_line(gpt_oss, calib_for, tmp_path, c
 
 
 def test_check_leaves_out_the_engines_that_cannot_load_gpt_oss_experts(outputs):
-    """``quantize check --engine auto``: transformers for compressed-tensors (test above), gptqmodel and
-    vLLM for GPTQ are known not to load GPT-OSS experts; vLLM stays for compressed-tensors."""
+    """``quantize check --engine auto``: transformers for compressed-tensors (test above) and vLLM for
+    GPTQ are known not to load GPT-OSS experts; vLLM stays for compressed-tensors, gptqmodel runs GPTQ
+    (tests/test_interop_moe.py)."""
     from quantize.check.engines import refused_by, select
 
     root, _ = outputs
     assert select("auto", "compressed-tensors", "gpt_oss", root / "ct") == ["vllm"]
-    assert select("auto", "gptq", "gpt_oss", root / "gptq") == []
+    assert select("auto", "gptq", "gpt_oss", root / "gptq") == ["gptqmodel"]
     assert "conversion mapping" in refused_by("transformers", "compressed-tensors", root / "ct")
+    assert "no GPTQ experts" in refused_by("vllm", "gptq", root / "gptq")
 
 
-def test_check_of_a_gptq_output_exits_2_saying_why(outputs, capsys):
-    from quantize.cli import main
+def test_gptq_experts_are_written_in_gptqmodels_layout(gpt_oss, outputs):
+    """GPTQ: each expert's ``gate_proj``/``up_proj`` hold the first/second half of the interleaved gate_up
+    columns (defuser's chunk, what gptqmodel loads) with per-expert biases; our read-back de-interleaves
+    them (its gate is gate_up[e][:, 0::2]ᵀ's quantization, test above)."""
+    from quantize.formats.gptq import dequantize_gptq
 
     root, _ = outputs
-    assert main(["check", str(root / "gptq")]) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("!!")]
-    assert len(err) == 1 and "gptqmodel:" in err[0] and "vllm:" in err[0], err
+    src = CheckpointReader(gpt_oss)
+    q = open_model(root / "gptq")
+    with safe_open(root / "gptq" / "model.safetensors", "pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys() if ".mlp.experts.1." in k and "layers.0." in k}
+    p = "model.layers.0.mlp.experts.1."
+    halves = [dequantize_gptq({s: raw[f"{p}{n}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")}, 4)
+              for n in ("gate_proj", "up_proj")]
+    interleaved = torch.cat(halves)  # rows: gate 0, up 0, gate 1, ...
+    assert torch.equal(interleaved[0::2], q.get(p + "gate_proj.weight"))
+    assert torch.equal(interleaved[1::2], q.get(p + "up_proj.weight"))
+    gub = src.get("model.layers.0.mlp.experts.gate_up_proj_bias")[1]
+    assert torch.equal(torch.cat([raw[p + "gate_proj.bias"], raw[p + "up_proj.bias"]]), gub)
+    assert torch.equal(raw[p + "down_proj.bias"], src.get("model.layers.0.mlp.experts.down_proj_bias")[1])
+    assert not any(n.endswith(".bias") and ".experts." in n and n.split(".")[-3].isdigit() for n in q.names())
 
 
 _VLLM_NAMES = r"""

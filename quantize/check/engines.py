@@ -46,19 +46,13 @@ NO_TRANSFORMERS_GGUF = {"gemma"}  # model_type values transformers 5's GGUF load
 # gptqmodel's own loader (GPTQModel.load, with defuser) loads them
 MOE_MODEL_TYPES = {by_name(f).model_type for f in moe_families()}
 # GPT-OSS (experts 3D on disk): transformers 5.24 has no conversion mapping for them, so it loads no
-# per-expert compressed experts; gptqmodel 7.6 (defuser 0.0.28) loads per-expert GPTQ experts under
-# our names but takes ``experts.{e}.gate_proj``/``up_proj`` as the first/second half of the
-# interleaved gate_up columns (its forward re-interleaves them) and the biases per expert
-# (``experts.{e}.*_proj.bias``), where we write the de-interleaved gate and up and the 3D biases: it
-# computes another model (KL 0.026 vs our read-back; tests/test_interop_moe.py); and vLLM's GPT-OSS
-# loader maps no GPTQ experts at all (only the compressed-tensors names ``experts.{e}.w13_weight_packed``
-# we write). (Llama-4 text: transformers loads our per-expert compressed-tensors experts,
-# tests/test_moe_llama4.py.)
+# per-expert compressed experts; vLLM's GPT-OSS loader maps no GPTQ experts at all (only the
+# compressed-tensors names ``experts.{e}.w13_weight_packed`` we write). gptqmodel 7.6 (defuser 0.0.28)
+# loads our GPTQ experts: we write its layout (``experts.{e}.gate_proj``/``up_proj`` = the halves of
+# the interleaved gate_up, biases per expert: formats/gptq_checkpoint.py; tests/test_interop_moe.py).
+# (Llama-4 text: transformers loads our per-expert compressed-tensors experts, tests/test_moe_llama4.py.)
 _MODEL_REFUSALS = {
     ("gpt_oss", "transformers", "compressed-tensors"): "transformers has no conversion mapping for gpt_oss's 3D experts",
-    ("gpt_oss", "gptqmodel", "gptq"): ("gptqmodel takes gpt_oss's experts.{e}.gate_proj/up_proj as the halves of the "
-                                       "interleaved gate_up and per-expert biases; we write the de-interleaved gate/up "
-                                       "and 3D biases"),
     ("gpt_oss", "vllm", "gptq"): "vLLM's gpt_oss loader maps no GPTQ experts (compressed-tensors only)",
 }
 

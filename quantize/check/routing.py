@@ -33,7 +33,9 @@ MAX_DIVERGED = 0.25  # share of positions allowed beyond the tolerance (a flip, 
 
 
 def _margin(router: torch.nn.Module, x: torch.Tensor, k: int, config) -> torch.Tensor:
-    logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), router.weight.float())
+    b = getattr(router, "bias", None)  # GPT-OSS's router is biased
+    logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), router.weight.float(),
+                                        b.float() if isinstance(b, torch.Tensor) else None)
     bias = getattr(router, "e_score_correction_bias", None)
     if bias is None:
         top = logits.sort(-1, descending=True).values
@@ -56,6 +58,8 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     for layer in model.model.layers:
         mlp = getattr(layer, "mlp", None)
         gate = getattr(mlp, "gate", None)
+        if gate is None:
+            gate = getattr(mlp, "router", None)  # GPT-OSS: mlp.router
         if isinstance(gate, torch.nn.Module) and hasattr(mlp, "experts") and hasattr(gate, "weight"):
             out.append(gate)
     return out

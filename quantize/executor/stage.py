@@ -283,12 +283,15 @@ def _layer_tensors(reader, arch, i: int, names: list[str], results: dict[str, An
     # its experts' linears (per expert, one group sharing an input: gate+up, then down)
     stacked = _stacked_experts(arch, reader.config, i) if quantized else {}
     written: set[str] = set()  # the quantized weights written in place of a 3D parameter
+    ex = arch.moe.experts if stacked else None
+    biases = ({prefix + ex.disk + "." + b: reader.get(prefix + ex.disk + "." + b) for b in ex.biases}
+              if ex is not None and ex.biases and getattr(fmt, "pack_served_expert", None) is not None else None)
     for name in names:
         if name in stacked:
             for lins in stacked[name]:
                 if not all(lin in results for lin in lins):
                     raise RuntimeFault(f"layer {i}: {name} holds {lins}, which were not all quantized")
-                out.update(_pack_experts(fmt, arch, prefix, lins, results))
+                out.update(_pack_experts(fmt, arch, prefix, lins, results, biases))
                 written.update(prefix + lin + ".weight" for lin in lins)
         elif name in quantized:
             for suffix, t in fmt.pack(results[quantized[name]]).items():
@@ -316,13 +319,20 @@ def _stacked_experts(arch, config, i: int) -> dict[str, list[list[str]]]:
             f"{arch.layer_prefix(i)}{ex.disk}.{ex.fused[1]}": [[arch.expert_linear(e, 2)] for e in range(E)]}
 
 
-def _pack_experts(fmt: Format, arch, prefix: str, lins: list[str], results: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _pack_experts(fmt: Format, arch, prefix: str, lins: list[str], results: dict[str, Any],
+                  biases: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One expert's linears ``lins`` (sharing an input) as the format stores them: under the names
-    the format serves experts by (``pack_served_expert``: compressed-tensors for GPT-OSS, the names
-    vLLM's loader maps), else as 2D linears ``<linear>.<suffix>``."""
+    the format serves experts by (``pack_served_expert``: for GPT-OSS, compressed-tensors under the
+    names vLLM's loader maps, GPTQ in gptqmodel's layout with the expert's ``biases`` slice), else
+    as 2D linears ``<linear>.<suffix>``."""
     serve = getattr(fmt, "pack_served_expert", None)
     if serve is not None and arch.moe.experts.served:
-        return {prefix + k: t.contiguous() for k, t in serve(arch, lins, [results[lin] for lin in lins]).items()}
+        ex = arch.moe.experts
+        mine = None
+        if biases is not None:
+            e, j = arch.expert_slot(lins[0])
+            mine = [biases[prefix + ex.disk + "." + ex.biases[0 if j < 2 else 1]][e]]
+        return {prefix + k: t.contiguous() for k, t in serve(arch, lins, [results[lin] for lin in lins], mine).items()}
     return {f"{prefix}{lin}.{suffix}": t.contiguous() for lin in lins for suffix, t in fmt.pack(results[lin]).items()}
 
 

@@ -325,11 +325,13 @@ class CompressedTensorsIntFormat:
                 raise InputError(f"{arch.layer_prefix(0)}{name}: in_features={K} is not a multiple of {per_word}; "
                                  f"vLLM cannot load it as {self.spec.bits}-bit compressed-tensors, use --format gptq")
 
-    def pack_served_expert(self, arch, lins: list[str], results: list[QuantResult]) -> dict[str, Tensor]:
+    def pack_served_expert(self, arch, lins: list[str], results: list[QuantResult],
+                           biases: list[Tensor] | None = None) -> dict[str, Tensor]:
         """One expert's gate+up (or down) under the names vLLM's loader streams for the family
         (``Experts.served``, GPT-OSS): ``{disk}.{e}.w13_weight_packed`` / ``w13_weight_scale`` with
         gate and up as one ``[2I, ·]`` tensor in the experts' gate_up order (interleaved rows for
-        GPT-OSS), ``w2_*`` for down; no ``weight_shape`` (that loader has no slot for it)."""
+        GPT-OSS), ``w2_*`` for down; no ``weight_shape`` (that loader has no slot for it). The
+        expert's ``biases`` are not written here: vLLM maps the 3D bias tensors, written as on disk."""
         packed = [self.pack(r) for r in results]
         return {served_name(arch, lins[0], suffix): _rows_of(arch.moe.experts, [p[suffix] for p in packed])
                 for suffix in SERVED_SUFFIXES}

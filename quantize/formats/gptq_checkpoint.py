@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..methods.grid import QuantResult, QuantSpec
 from . import gptq as _gptq
 
@@ -43,3 +44,78 @@ class GPTQFormat:
 
     def extra_files(self) -> dict[str, bytes]:
         return {"quantize_config.json": _gptq.quantize_config_json(self.spec, checkpoint_format=self.checkpoint_format).encode()}
+
+    # -- GPT-OSS experts in gptqmodel's layout (``Experts.served``; interleaved gate_up) ------------
+    # defuser (gptqmodel's loader) splits GptOssExperts per expert by chunking the gate_up output
+    # columns: ``{disk}.{e}.gate_proj`` holds the first I of the interleaved columns (gate 0, up 0,
+    # gate 1, ...), ``up_proj`` the last I, and the biases per expert (``.bias``: halves of
+    # gate_up_proj_bias[e], down_proj_bias[e]); its forward re-interleaves gate and up outputs.
+
+    def pack_served_expert(self, arch, lins: list[str], results: list[QuantResult],
+                           biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        packed = [self.pack(r) for r in results]
+        out: dict[str, torch.Tensor] = {}
+        if len(lins) == 2:
+            g, u = packed
+            if not torch.equal(g["g_idx"], u["g_idx"]):
+                raise InputError(f"{lins[0]}/{lins[1]}: gate and up have different g_idx; gptqmodel's GPT-OSS layout "
+                                 "needs one column order for both")
+            halves = {}
+            for s in ("qweight", "scales", "qzeros"):
+                a, b = g[s], u[s]
+                if s == "qzeros":
+                    a, b = _gptq.unpack_lsb_bitstream(a, self.spec.bits), _gptq.unpack_lsb_bitstream(b, self.spec.bits)
+                both = torch.stack([a, b], dim=-1).reshape(a.shape[0], -1)
+                h = both.chunk(2, dim=1)
+                if s == "qzeros":
+                    h = tuple(_gptq.pack_lsb_bitstream(x, self.spec.bits, what=f"{lins[0]} qzeros") for x in h)
+                halves[s] = h
+            for j, lin in enumerate(lins):
+                for s in self.suffixes:
+                    out[f"{lin}.{s}"] = halves[s][j] if s in halves else packed[j][s]
+            if biases is not None:
+                for lin, b in zip(lins, biases[0].chunk(2)):
+                    out[f"{lin}.bias"] = b.clone()
+        else:
+            out.update({f"{lins[0]}.{s}": t for s, t in packed[0].items()})
+            if biases is not None:
+                out[f"{lins[0]}.bias"] = biases[0].clone()
+        return {k: t.contiguous() for k, t in out.items()}
+
+    def served_experts(self, arch, names) -> dict[str, tuple[str, int]]:
+        """Dense gate/up weight name -> (``{prefix}{disk}.{e}``, j) for GPT-OSS outputs in gptqmodel's
+        layout (marked by the per-expert gate bias); down and older outputs read as plain linears."""
+        if arch is None or arch.moe is None or not arch.moe.experts.interleaved:
+            return {}
+        ex = arch.moe.experts
+        names = set(names)
+        out = {}
+        for n in names:
+            if not n.endswith(f".{ex.linears[0]}.bias"):
+                continue
+            stem = n[: -len(f".{ex.linears[0]}.bias")]
+            if f"{stem}.{ex.linears[1]}.bias" in names and f"{stem}.{ex.linears[0]}.qweight" in names:
+                for j in (0, 1):
+                    out[f"{stem}.{ex.linears[j]}.weight"] = (stem, j)
+        return out
+
+    def served_hidden(self, arch, stem: str) -> list[str]:
+        ex = arch.moe.experts
+        return [f"{stem}.{lin}.{s}" for lin in ex.linears for s in (*self.suffixes, "bias")]
+
+    def served_tensors(self, arch, get, stem: str, j: int) -> dict[str, torch.Tensor]:
+        ex = arch.moe.experts
+        g = {s: get(f"{stem}.{ex.linears[0]}.{s}") for s in self.suffixes}
+        u = {s: get(f"{stem}.{ex.linears[1]}.{s}") for s in self.suffixes}
+        out = {"g_idx": g["g_idx"]}
+        for s in ("qweight", "scales", "qzeros"):
+            a, b = g[s], u[s]
+            if s == "qzeros":
+                a, b = _gptq.unpack_lsb_bitstream(a, self.spec.bits), _gptq.unpack_lsb_bitstream(b, self.spec.bits)
+            t = torch.cat([a, b], dim=1)[:, j::2]
+            out[s] = _gptq.pack_lsb_bitstream(t, self.spec.bits) if s == "qzeros" else t.contiguous()
+        return out
+
+    def served_shape(self, arch, shape, stem: str, j: int) -> tuple[int, int]:
+        ex = arch.moe.experts
+        return self.weight_shape({"qweight": tuple(shape(f"{stem}.{ex.linears[j]}.qweight"))})
