@@ -7,9 +7,9 @@ transformers' ``from_pretrained`` with gptqmodel 7.6 does not: it keeps the fuse
 the per-expert GPTQ/AWQ tensors unloaded (randomly initialised experts), so `quantize check` runs
 only gptqmodel on MoE GPTQ/AWQ outputs and reports transformers as unsupported there (asserted below).
 
-GPT-OSS (experts 3D on disk, not in MOE_FAMILIES): gptqmodel loads our GPTQ expert names but reads
-gate_proj/up_proj and the biases in another layout, so it computes another model; the evidence is a
-test, the check a strict xfail (bottom of the file).
+GPT-OSS (experts 3D on disk, not in MOE_FAMILIES): we write gptqmodel's layout (gate_proj/up_proj
+the halves of the interleaved gate_up, biases per expert); it loads it and `quantize check` passes,
+and the de-interleaved layout we wrote before computes another model (bottom of the file).
 
 Runs in the interop environment (``make interop``: .venv-interop); skipped elsewhere.
 """
