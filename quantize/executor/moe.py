@@ -97,7 +97,7 @@ class Routing:
 
     @classmethod
     def of(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], num_experts: int, opts: MoEOptions) -> "Routing":
-        T = sum(x.shape[0] for x, _ in parts)
+        T = sum(x.shape[-2] for x, _ in parts)  # x [T, H], or [E, T, H] (``Experts.score_on_input``)
         counts = sum(expert_counts(i, num_experts) for _, i in parts) if parts else torch.zeros(num_experts, dtype=torch.long)
         need = max(1, math.ceil(opts.min_tokens * T))
         how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback)
@@ -106,11 +106,12 @@ class Routing:
         return cls(parts, counts, T, need, how, opts)
 
     def all_tokens(self) -> torch.Tensor:
-        return torch.cat([x for x, _ in self.parts])
+        """Every token (``score_on_input``: each as scaled for the experts it was routed to)."""
+        return torch.cat([_all_rows(x, i) for x, i in self.parts])
 
     def routed(self, e: int) -> torch.Tensor:
-        """The tokens routed to expert ``e`` (batch order)."""
-        return torch.cat([x[(i == e).any(-1)] for x, i in self.parts])
+        """The tokens routed to expert ``e`` (batch order), as that expert receives them."""
+        return torch.cat([_routed_rows(x, i, e) for x, i in self.parts])
 
     def rows(self, e: int) -> torch.Tensor:
         """The tokens expert ``e``'s statistics come from (``rtn``: its routed ones, for reporting)."""
@@ -195,20 +196,11 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     gate_up, b_gu = getattr(module, ex.fused[0]), _bias(module, ex, 0)
     # per batch, never concatenated: an expert's rows are gathered from each batch in turn (the
     # rows, and their order, of one concatenation: the same Hessians)
-    parts = [(x, i) for x, i in inputs]
+    rt = Routing.of([(x, i) for x, i in inputs], E, opts)
     inputs.clear()
-    T = sum(x.shape[-2] for x, _ in parts)
-    counts = (sum(expert_counts(i, E) for _, i in parts) if parts else torch.zeros(E, dtype=torch.long))
-    need = max(1, math.ceil(opts.min_tokens * T))
-    how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback) for e in range(E)]
-    how = ["rtn" if h == "all" and T == 0 else h for h in how]
-    below = [e for e in range(E) if int(counts[e]) < need]
-    H_all = hessian_of(torch.cat([_all_rows(x, i) for x, i in parts])) if "all" in how else None  # shared by every such expert
-
-    def tokens(e: int) -> torch.Tensor:
-        if how[e] == "all":
-            return torch.cat([_all_rows(x, i) for x, i in parts])
-        return torch.cat([_routed_rows(x, i, e) for x, i in parts])
+    how = rt.how
+    H_all = hessian_of(rt.all_tokens()) if "all" in how else None  # shared by every such expert
+    tokens = rt.rows
 
     step = experts_per_solve(max(arch.linear_shape(arch.expert_linear(0, j), cfg)[1] for j in (0, 2)), E)
     for e0 in range(0, E, step):
@@ -231,19 +223,7 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
             jobs.append(([arch.expert_linear(e, 2)], acc.H))
         solve(jobs)
         del jobs
-    solved = {k: how.count(k) for k in ("routed", "all", "rtn")}
-    return {
-        "experts": E,
-        "top_k": top_k,
-        "tokens": T,
-        "mode": opts.mode,
-        "min_tokens": need,
-        "fallback": opts.fallback,
-        "seen": [int(c) for c in counts],
-        "solved": solved,
-        "below_min": below,
-        "fallback_experts": below if opts.mode == "routed" else [],  # "all": nobody falls back
-    }
+    return rt.record(top_k)
 
 
 def chunked_experts_forward(module, ex, chunk: int, device: str,
