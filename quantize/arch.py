@@ -195,9 +195,8 @@ class Arch:
     bias_defaults: tuple[tuple[str, bool], ...] = ()  # a bias_flags key's value when config.json omits it
     moe: MoE | None = None  # Mixture-of-Experts layout; None: a dense family
     layer_params: tuple[tuple[str, Dim], ...] = ()  # other per-layer parameters and widths, never quantized (GPT-OSS's sinks)
-    # family-specific widths: (name, function of config.json) -> int; "requires" keys must be non-null
+    # family-specific widths: (name, function of config.json) -> int
     extra_dims: tuple[tuple[str, Callable[[Mapping[str, Any]], int]], ...] = ()
-    requires: tuple[tuple[str, str], ...] = ()  # (config key, why) that must be set for the table to hold
     variants: tuple[Variant, ...] = ()  # config-selected forms (:meth:`for_config`); () in a resolved form
     layers_path: str = "model.layers"
     num_layers_key: str = "num_hidden_layers"
@@ -447,9 +446,6 @@ class Arch:
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = config.get("head_dim") or self.head_dim_default or hidden // heads
         head_dim = int(head_dim)
-        for key, why in self.requires:
-            if config.get(key) is None:
-                raise InputError(f"config.json: {key} is not set; {self.name} {why}")
         out = {
             "hidden": hidden,
             "q": heads * head_dim,
