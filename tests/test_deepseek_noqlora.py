@@ -365,3 +365,9 @@ def test_exl2_refuses_with_exit_2(noq, calib_for, tmp_path, capsys):
     line = refused_in_one_line(["exl2", "--calibration", str(calib_for(noq)), "--bpw", "4", "--model", str(noq),
                                 "--out", str(out)], out, capsys)
     assert "deepseek_v3" in line and "exllamav2" in line, line
+
+
+def test_merge_lora_on_q_proj_and_fused_experts_is_exact(noq, tmp_path):
+    """PEFT LoRA on the plain q_proj and o_proj, and on the fused experts (target_parameters), merges
+    exactly (test_moe's merge check: the merged model computes what the PeftModel computes)."""
+    test_moe.test_merge_lora_on_attention_and_fused_experts_is_exact(NOQ, _dirs(noq), tmp_path)

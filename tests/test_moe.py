@@ -433,7 +433,8 @@ def _moe_adapter(base, out, seed=0):
     import peft
 
     model = hf_model(base)
-    attn = ["q_a_proj", "o_proj"] if "deepseek" in str(base) else ["q_proj", "v_proj"]
+    have = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}  # DeepSeek: MLA, with or without q_lora
+    attn = ["q_a_proj", "o_proj"] if "q_a_proj" in have else ["q_proj", "v_proj"] if "v_proj" in have else ["q_proj", "o_proj"]
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=attn,
                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     p = peft.get_peft_model(model, cfg)
