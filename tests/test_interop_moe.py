@@ -10,6 +10,7 @@ only gptqmodel on MoE GPTQ/AWQ outputs and reports transformers as unsupported t
 GPT-OSS (experts 3D on disk, not in MOE_FAMILIES): we write gptqmodel's layout (gate_proj/up_proj
 the halves of the interleaved gate_up, biases per expert); it loads it and `quantize check` passes,
 and the de-interleaved layout we wrote before computes another model (bottom of the file).
+Llama-4 text: loads and passes where every layer is sparse; not with dense layers between.
 
 Runs in the interop environment (``make interop``: .venv-interop); skipped elsewhere.
 """
@@ -60,6 +61,32 @@ def test_gptqmodel_loads_our_moe_output_and_check_passes(method, family, tiny_mo
     assert rec.figures.top1 >= 0.9 and rec.figures.rel < 0.02, rec.figures
     status, reason, _ = run_transformers(out, [[5, 17, 300]])
     assert status == "unsupported" and "gptqmodel" in reason
+
+
+@pytest.mark.parametrize("step", [1, 2], ids=["every-layer-sparse", "dense-layers-between"])
+def test_gptqmodel_loads_our_llama4_text_gptq_output(step, tiny_model_dir, calib_for, tmp_path):
+    """Llama-4 text (experts 3D on disk, gate/up concatenated, the score on the input): defuser splits
+    its experts per expert into gate_proj/up_proj/down_proj, the names we write, and `quantize check`
+    passes where every layer is sparse (Scout). With dense layers between (``interleave_moe_layer_step``
+    2, Maverick) gptqmodel 7.6's llama4 module tree has no quantized dense feed_forward: it runs them
+    uninitialised (non-finite logits), which `auto` knows and leaves out. Expert width 64: defuser tells
+    the 3D layout from the shapes (transposed where hidden < 2 x intermediate, as in every release),
+    which the default tiny width (2 x 32 = hidden) leaves ambiguous."""
+    from quantize.check.engines import refused_by, select
+
+    model = tiny_model_dir("llama4_text", dtype=torch.bfloat16, intermediate_size=64, interleave_moe_layer_step=step)
+    out = tmp_path / "q"
+    run_gptq(model, calib_for(model), out, static_groups=True)
+    if step == 2:
+        assert "gptqmodel" not in select("auto", "gptq", "llama4_text", out) and "dense" in refused_by("gptqmodel", "gptq", out)
+    fmt, engines, records = check_output(out, "gptqmodel")
+    (rec,) = records
+    if step == 2:
+        assert rec.verdict == "fail" and rec.figures is not None and not rec.figures.kl < float("inf"), rec
+        return
+    assert (fmt, engines) == ("gptq", ["gptqmodel"])
+    assert rec.verdict == "pass", rec
+    assert rec.figures.top1 >= 0.9 and rec.figures.rel < 0.02, rec.figures
 
 
 # -- GPT-OSS (experts 3D on disk, gate/up interleaved, biased) ---------------------------------------

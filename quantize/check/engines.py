@@ -109,11 +109,27 @@ def engines_for(fmt: str, mtype: str = "") -> list[str]:
 VLLM_GPTQ_TYPES = {(4, True), (8, True)}
 
 
+def _dense_llama4_layers(directory: Path) -> bool:
+    """A Llama-4 text checkpoint with dense layers between the sparse ones (``moe_layers``, Maverick)."""
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    moe_layers = cfg.get("moe_layers")
+    return cfg.get("model_type") == "llama4_text" and moe_layers is not None \
+        and len(set(moe_layers)) < int(cfg.get("num_hidden_layers", 0))
+
+
 def refused_by(engine: str, fmt: str, directory: Path | None) -> str | None:
     """Why ``engine`` is known to refuse this checkpoint's configuration (so ``auto`` leaves it out;
     ``all`` or naming it still runs it, and its refusal is recorded), or None."""
     if directory is not None and (model_type(directory), engine, fmt) in _MODEL_REFUSALS:
         return _MODEL_REFUSALS[(model_type(directory), engine, fmt)]
+    if (engine, fmt) in (("gptqmodel", "gptq"), ("gptqmodel", "awq")) and directory is not None \
+            and _dense_llama4_layers(directory):
+        # gptqmodel 7.6's llama4 module tree lists the MoE block only: a dense layer's quantized
+        # feed_forward is loaded into plain Linears left uninitialised (non-finite logits)
+        return "gptqmodel's llama4 model has no quantized dense feed_forward (moe_layers leaves some layers dense)"
     if (engine, fmt) == ("transformers", "compressed-tensors") and directory is not None \
             and model_type(directory) in MOE_MODEL_TYPES and float_weights(directory):
         # transformers 5 + compressed-tensors 0.20 run FP8 experts dequantized (tests/test_fp8_moe.py)
