@@ -7,7 +7,7 @@ Importable as ``from helpers import ...``: ``tests/`` has no ``__init__.py``, so
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,46 @@ def hf_model(path: Path, dtype: torch.dtype = torch.float32, **kw: Any):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+
+
+def tiny_model_edited(family: str, out_dir: Path, edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+                      **kwargs: Any) -> Path:
+    """``build_tiny_model(family, out_dir, **kwargs)`` with every tensor whose name ends with a key of
+    ``edits`` replaced by ``edits[key](tensor)`` (a starved router, scaled experts, a router bias);
+    each key must match a tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from quantize.testing import build_tiny_model
+
+    d = build_tiny_model(family, out_dir, **kwargs)
+    sd = load_file(d / "model.safetensors")
+    for key, fn in edits.items():
+        hits = [k for k in sd if k.endswith(key)]
+        assert hits, f"no tensor of the tiny {family} ends with {key!r}"
+        for k in hits:
+            sd[k] = fn(sd[k])
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def layer_context(model: Path, cal: Path, layer: int, samples: int = 4):
+    """The layer loop's context for ``layer`` of ``model`` as a CPU run reaches it: the first ``samples``
+    calibration sequences captured and propagated through the layers before, ``layer`` loaded."""
+    from quantize.arch import get_arch
+    from quantize.calibration import load_calibration
+    from quantize.executor.context import LayerContext
+    from quantize.executor.loop import LayerStreamer
+    from quantize.io.reader import CheckpointReader
+
+    ids, _ = load_calibration(cal)
+    reader = CheckpointReader(model)
+    s = LayerStreamer(model, reader, get_arch(reader.config), CPU)
+    s.capture(ids[:samples])
+    for j in range(layer):
+        s.load_layer(j)
+        s.run_layer(j, propagate=True)
+        s.release_layer(j)
+    return LayerContext(s, layer, s.load_layer(layer))
 
 
 def sha256_file(path: Path) -> str:

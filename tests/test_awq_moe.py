@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from quantize.arch import EXPERT, get_arch
 from quantize.cli import main
@@ -27,9 +26,10 @@ from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
 from quantize.methods import awq as A
 from quantize.methods.awq_layer import AWQMethod, fold_pair
-from quantize.testing import MOE_FAMILIES, build_tiny_model
+from quantize.testing import MOE_FAMILIES
 
 from helpers import CPU, hf_model, keeping_outputs, refused_in_one_line, replaced, run_gptq
+from helpers import tiny_model_edited
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,11 +279,8 @@ def test_awq_beats_rtn_on_every_expert_that_saw_tokens(tiny_model_dir, calib_for
 @pytest.fixture(scope="module")
 def starved(tmp_path_factory):
     """A Qwen3-MoE whose layer-1 router is all zeros: two experts get every token, two none."""
-    d = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("starved"))
-    sd = load_file(d / "model.safetensors")
-    sd["model.layers.1.mlp.gate.weight"].zero_()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited("qwen3_moe", tmp_path_factory.mktemp("starved"),
+                             {"model.layers.1.mlp.gate.weight": torch.zeros_like})
 
 
 @pytest.mark.parametrize("fallback", ["all", "rtn"])

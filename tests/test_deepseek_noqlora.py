@@ -29,15 +29,14 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import test_moe  # its checks run here on the variant (a module import: its tests are not collected twice)
 from helpers import CPU, assert_reads_back_close, hf_model, keeping_outputs, refused_in_one_line, replaced, run_gptq
+from helpers import layer_context, tiny_model_edited
 from quantize.arch import by_name, get_arch
 from quantize.cli import main
 from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
-from quantize.testing import build_tiny_model
 from quantize.testing.tiny import VARIANTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,13 +49,7 @@ Q_LINEARS = ("self_attn.q_a_proj", "self_attn.q_b_proj")  # what the variant has
 @pytest.fixture(scope="module")
 def noq(tmp_path_factory):
     """The tiny no-q-lora DeepSeek-V3 with a non-zero router correction bias (a buffer on disk)."""
-    d = build_tiny_model(NOQ, tmp_path_factory.mktemp("noq"))
-    sd = load_file(d / "model.safetensors")
-    for k in sd:
-        if k.endswith("e_score_correction_bias"):
-            sd[k] = torch.tensor([0.3, -0.2, 0.1, 0.05])
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited(NOQ, tmp_path_factory.mktemp("noq"), test_moe.ROUTER_BIAS)
 
 
 def _dirs(model):
@@ -131,21 +124,12 @@ def test_attention_and_mlp_hessians_equal_brute_force(noq, calib_for, layer):
     """Every group but the routed experts (q_proj + kv_a, kv_b, o, the dense MLP / the shared expert),
     as the layer loop collects it: 2/n XᵀX of the input transformers feeds each of the group's modules."""
     from quantize.calibration import load_calibration
-    from quantize.executor.context import LayerContext
-    from quantize.executor.loop import LayerStreamer
     from quantize.executor.moe import MoEOptions
 
-    ids, _ = load_calibration(calib_for(noq))
-    ids = ids[:4]
+    ids = load_calibration(calib_for(noq))[0][:4]
     reader = CheckpointReader(noq)
     arch = get_arch(reader.config)
-    s = LayerStreamer(noq, reader, arch, CPU)
-    s.capture(ids)
-    for j in range(layer):
-        s.load_layer(j)
-        s.run_layer(j, propagate=True)
-        s.release_layer(j)
-    ctx = LayerContext(s, layer, s.load_layer(layer))
+    ctx = layer_context(noq, calib_for(noq), layer, samples=4)
     xs: dict[str, list[torch.Tensor]] = {}
     names = [g[0] for g in ctx.groups]
     ctx.sequential(names, lambda n, x: xs.setdefault(n, []).append(x.detach().double()), lambda _n: None,

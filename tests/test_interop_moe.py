@@ -33,7 +33,7 @@ from quantize.check.runner import run_transformers  # noqa: E402
 from quantize.commands.awq import quantize_awq  # noqa: E402
 from quantize.testing import MOE_FAMILIES  # noqa: E402
 
-from helpers import CPU, run_gptq  # noqa: E402
+from helpers import CPU, run_gptq, tiny_model_edited  # noqa: E402
 
 
 # Mixtral: we write the original release's names (block_sparse_moe.experts.{e}.w1/w3/w2: what vLLM's
@@ -105,16 +105,8 @@ GATE_UP_GAIN = 30.0  # as tests/test_moe_gpt_oss.py: the calibration tokens reac
 @pytest.fixture(scope="module")
 def gpt_oss_gptq(tmp_path_factory, calib_for):
     """The tiny GPT-OSS of tests/test_moe_gpt_oss.py (gate_up x30), GPTQ 4-bit g32 static groups."""
-    from safetensors.torch import load_file, save_file
-
-    from quantize.testing import build_tiny_model
-
-    d = build_tiny_model("gpt_oss", tmp_path_factory.mktemp("gpt-oss"))
-    sd = load_file(d / "model.safetensors")
-    for k in sd:
-        if k.endswith("experts.gate_up_proj"):
-            sd[k] = sd[k] * GATE_UP_GAIN
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    d = tiny_model_edited("gpt_oss", tmp_path_factory.mktemp("gpt-oss"),
+                          {"experts.gate_up_proj": lambda t: t * GATE_UP_GAIN})
     out = tmp_path_factory.mktemp("gpt-oss-gptq") / "q"
     run_gptq(d, calib_for(d), out, static_groups=True)
     return out

@@ -14,7 +14,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from quantize.arch import by_name, get_arch
 from quantize.cli import cli, main
@@ -25,9 +24,10 @@ from quantize.io.reader import CheckpointReader
 from quantize.methods.grid import QuantSpec
 from quantize.methods.rtn import rtn_quantize
 from quantize.plan import parameter_counts, plan
-from quantize.testing import MOE_FAMILIES, build_tiny_model
+from quantize.testing import MOE_FAMILIES
 
 from helpers import CPU, assert_same_files, hf_model, output_files, refused_in_one_line, run_gptq
+from helpers import layer_context, tiny_model_edited
 from helpers import replaced as helpers_replaced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,16 +38,13 @@ IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 512, 3, 64, 128, 900, 11]])
 
 
 
+ROUTER_BIAS = {"e_score_correction_bias": lambda t: torch.tensor([0.3, -0.2, 0.1, 0.05])}  # 4 experts
+
+
 @pytest.fixture(scope="module")
 def deepseek_with_bias(tmp_path_factory):
     """A tiny DeepSeek-V3 whose router correction bias (a buffer on disk) is not zero."""
-    d = build_tiny_model("deepseek_v3", tmp_path_factory.mktemp("ds"))
-    sd = load_file(d / "model.safetensors")
-    for k in sd:
-        if k.endswith("e_score_correction_bias"):
-            sd[k] = torch.tensor([0.3, -0.2, 0.1, 0.05])
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited("deepseek_v3", tmp_path_factory.mktemp("ds"), ROUTER_BIAS)
 
 
 def _model(family, tiny_model_dir, deepseek_with_bias):
@@ -126,7 +123,7 @@ def test_gptq_experts_into_both_formats(family, tiny_model_dir, deepseek_with_bi
     cal = calib_for(model)
     arch = get_arch(CheckpointReader(model).config)
     gp = run_gptq(model, cal, tmp_path / "gptq", static_groups=True)
-    ct = run_gptq(model, cal, tmp_path / "ct", static_groups=True, format="compressed-tensors")
+    run_gptq(model, cal, tmp_path / "ct", static_groups=True, format="compressed-tensors")
     # the same solve, two formats: identical dequantized weights; every expert linear quantized
     a, b = open_model(tmp_path / "gptq"), open_model(tmp_path / "ct")
     cfg = a.config
@@ -208,11 +205,8 @@ def test_expert_chunks_give_the_same_bytes(family, tiny_model_dir, calib_for, tm
 def starved(tmp_path_factory):
     """A Qwen3-MoE whose layer-1 router is all zeros: every token ties, top-k keeps the same two
     experts, and the other two are never routed to."""
-    d = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("starved"))
-    sd = load_file(d / "model.safetensors")
-    sd["model.layers.1.mlp.gate.weight"].zero_()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited("qwen3_moe", tmp_path_factory.mktemp("starved"),
+                             {"model.layers.1.mlp.gate.weight": torch.zeros_like})
 
 
 def test_unrouted_experts_fall_back_and_are_listed(starved, calib_for, tmp_path):
@@ -526,24 +520,14 @@ def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(family, ti
     from torch.nn import functional as F
 
     from quantize.calibration import load_calibration
-    from quantize.executor.context import LayerContext
-    from quantize.executor.loop import LayerStreamer
 
     model = tiny_model_dir(family)
-    ids, _ = load_calibration(calib_for(model))
-    ids = ids[:4]
+    ids = load_calibration(calib_for(model))[0][:4]
     reader = CheckpointReader(model)
     arch = get_arch(reader.config)
     sparse = next(i for i in range(arch.num_layers(reader.config)) if arch.is_sparse_layer(reader.config, i))
     # ours: the layer loop up to the first sparse layer, then its experts' statistics, weights untouched
-    s = LayerStreamer(model, reader, arch, CPU)
-    s.capture(ids)
-    for j in range(sparse):
-        s.load_layer(j)
-        s.run_layer(j, propagate=True)
-        s.release_layer(j)
-    layer = s.load_layer(sparse)
-    ctx = LayerContext(s, sparse, layer)
+    ctx = layer_context(model, calib_for(model), sparse, samples=4)
     ours: dict[tuple[str, ...], torch.Tensor] = {}
     names = [g[0] for g in ctx.groups]
     ctx.sequential(names, lambda *_: None, lambda _n: None,

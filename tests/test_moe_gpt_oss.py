@@ -16,7 +16,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from quantize.arch import get_arch
 from quantize.cli import cli
@@ -24,9 +23,10 @@ from quantize.executor import skeleton
 from quantize.executor.moe import MoEOptions, expert_view
 from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
-from quantize.testing import FUSED_MOE_FAMILIES, build_tiny_model
+from quantize.testing import FUSED_MOE_FAMILIES
 
 from helpers import CPU, hf_model, refused_in_one_line, replaced, rtn_ct_and_gptq_outputs, run_gptq
+from helpers import layer_context, tiny_model_edited
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,25 +39,17 @@ GATE_UP_GAIN = 30.0  # gate_up weights x30: |gate_up| reaches past the clamp lim
 
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
-    d = build_tiny_model("gpt_oss", tmp_path_factory.mktemp("gpt-oss"))
-    sd = load_file(d / "model.safetensors")
-    for k in sd:
-        if k.endswith("experts.gate_up_proj"):
-            sd[k] = sd[k] * GATE_UP_GAIN
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited("gpt_oss", tmp_path_factory.mktemp("gpt-oss"),
+                             {"experts.gate_up_proj": lambda t: t * GATE_UP_GAIN})
 
 
 @pytest.fixture(scope="module")
 def starved(tmp_path_factory):
     """Layer 1's router all zeros (weight and bias): every token ties, top-k keeps the same two
     experts, the other two are never routed to."""
-    d = build_tiny_model("gpt_oss", tmp_path_factory.mktemp("gpt-oss-starved"))
-    sd = load_file(d / "model.safetensors")
-    sd["model.layers.1.mlp.router.weight"].zero_()
-    sd["model.layers.1.mlp.router.bias"].zero_()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model_edited("gpt_oss", tmp_path_factory.mktemp("gpt-oss-starved"),
+                             {"model.layers.1.mlp.router.weight": torch.zeros_like,
+                              "model.layers.1.mlp.router.bias": torch.zeros_like})
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +118,9 @@ def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(sparse, gp
     inputs transformers' eager expert loop multiplies that expert's matrices by (``x @ W``
     intercepted): the down input is the clamped SwiGLU of the biased gate_up output."""
     from quantize.calibration import load_calibration
-    from quantize.executor.context import LayerContext
-    from quantize.executor.loop import LayerStreamer
 
-    ids, _ = load_calibration(calib_for(gpt_oss))
-    ids = ids[:4]
-    reader = CheckpointReader(gpt_oss)
-    arch = get_arch(reader.config)
-    s = LayerStreamer(gpt_oss, reader, arch, CPU)
-    s.capture(ids)
-    for j in range(sparse):
-        s.load_layer(j)
-        s.run_layer(j, propagate=True)
-        s.release_layer(j)
-    ctx = LayerContext(s, sparse, s.load_layer(sparse))
+    ids = load_calibration(calib_for(gpt_oss))[0][:4]
+    ctx = layer_context(gpt_oss, calib_for(gpt_oss), sparse, samples=4)
     ours: dict[tuple[str, ...], torch.Tensor] = {}
     ctx.sequential([g[0] for g in ctx.groups], lambda *_: None, lambda _n: None,
                    experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs),
@@ -194,7 +175,6 @@ def test_gptq_experts_into_both_formats_read_back(gpt_oss, outputs):
 
     root, _ = outputs
     src = CheckpointReader(gpt_oss)
-    arch = get_arch(src.config)
     a, b = open_model(root / "gptq"), open_model(root / "ct")
     with safe_open(root / "gptq" / "model.safetensors", "pt") as f:
         gk = set(f.keys())

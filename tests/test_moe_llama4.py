@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from quantize.arch import get_arch
 from quantize.cli import cli
@@ -29,6 +28,7 @@ from quantize.testing import FUSED_MOE_FAMILIES, build_tiny_model
 
 from helpers import (
     CPU, assert_same_files, hf_model, output_files, refused_in_one_line, replaced, rtn_ct_and_gptq_outputs, run_gptq,
+    layer_context, tiny_model_edited,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,19 +103,9 @@ def test_expert_hessians_equal_brute_force_from_the_batched_expert_matmuls(llama
     matmuls (``torch.bmm`` over every expert's copy of the tokens) give that expert for the tokens
     its router picked: the inputs already scaled by the routing score."""
     from quantize.calibration import load_calibration
-    from quantize.executor.context import LayerContext
-    from quantize.executor.loop import LayerStreamer
 
-    ids, _ = load_calibration(calib_for(llama4))
-    ids = ids[:4]
-    reader = CheckpointReader(llama4)
-    arch = get_arch(reader.config)
-    s = LayerStreamer(llama4, reader, arch, CPU)
-    s.capture(ids)
-    s.load_layer(0)
-    s.run_layer(0, propagate=True)
-    s.release_layer(0)
-    ctx = LayerContext(s, SPARSE, s.load_layer(SPARSE))
+    ids = load_calibration(calib_for(llama4))[0][:4]
+    ctx = layer_context(llama4, calib_for(llama4), SPARSE, samples=4)
     ours: dict[tuple[str, ...], torch.Tensor] = {}
     ctx.sequential([g[0] for g in ctx.groups], lambda *_: None, lambda _n: None,
                    experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs),
@@ -259,10 +249,8 @@ def test_transformers_loads_our_compressed_tensors_output(llama4, outputs):
 
 def test_unrouted_experts_fall_back_listed_in_the_manifest_and_inspect(calib_for, tmp_path_factory, tmp_path):
     """The sparse layer's router all zeros: every token ties, top-1 keeps the same expert."""
-    d = build_tiny_model("llama4_text", tmp_path_factory.mktemp("llama4-starved"))
-    sd = load_file(d / "model.safetensors")
-    sd[f"model.layers.{SPARSE}.feed_forward.router.weight"].zero_()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    d = tiny_model_edited("llama4_text", tmp_path_factory.mktemp("llama4-starved"),
+                          {f"model.layers.{SPARSE}.feed_forward.router.weight": torch.zeros_like})
     out = run_gptq(d, calib_for(d), tmp_path / "q", static_groups=True, format="compressed-tensors")
     moe = out.metrics["layers"][SPARSE]["moe"]
     idle = [e for e, c in enumerate(moe["seen"]) if c == 0]
