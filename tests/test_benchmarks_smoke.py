@@ -31,3 +31,15 @@ def test_layer70b_on_a_missing_gpu_says_so_and_exits_0():
         assert r.returncode == 0, r.stderr[-3000:]
     else:
         assert r.returncode == 0 and "no CUDA device here" in r.stdout + r.stderr
+
+
+def test_moe_device_compares_chunked_and_resident_bytes():
+    """benchmarks/moe_device.py (the GPU session's MoE check, scripts/gpu_session.sh) on the CPU, shrunk:
+    both methods' chunked outputs equal the resident ones, and the table says so."""
+    r = subprocess.run([sys.executable, str(BENCH / "moe_device.py"), "--device", "cpu", "--layers", "1", "--hidden", "128",
+                        "--experts", "4", "--width", "128", "--chunk", "2", "--samples", "4", "--seq-len", "64"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gptq: chunked bytes identical to the resident run" in r.stdout
+    assert "awq: chunked bytes identical to the resident run" in r.stdout
+    assert "--expert-chunk 2" in r.stdout and "peak RSS MB" in r.stdout
