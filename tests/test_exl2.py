@@ -372,3 +372,19 @@ def test_slot_tables_cover_every_supported_family():
     for fam in dense_families():  # MoE families: tests/test_exl2_moe.py
         slots = slot_linears(by_name(fam))
         assert set(slots) == {"self_attn", "mlp"} and set(slots) < set(SLOT_OPTIONS), fam
+
+
+def test_an_unreached_input_is_measured_as_it_is_quantized():
+    """No calibration signal (an all-zero Hessian, e.g. an expert no token reached): the measurement
+    prepares the identity (exl2_layer._hessian_or_eye) and the quantization pass rounds by exl2_rtn in
+    the inputs' own order. The identity's act-order is that order and its factor feeds no error
+    forward, so the option the measurement scored is exactly what gets written."""
+    from quantize.methods.exl2 import QParams, exl2_quantize, exl2_rtn, prepare_exl2_hessian
+
+    K, N = 256, 64
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
+    qp = QParams(bits=(6, 4, 3), bits_prop=(0.1, 0.4, 0.5), group_size=(32, 32, 32))
+    measured = exl2_quantize(W, qp, prepared=prepare_exl2_hessian(torch.eye(K)))
+    written = exl2_rtn(W, qp)
+    assert torch.equal(measured.perm, written.perm) and torch.equal(measured.codes, written.codes)
+    assert torch.equal(measured.W_hat, written.W_hat)
