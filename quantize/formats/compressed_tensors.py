@@ -341,6 +341,17 @@ class CompressedTensorsIntFormat:
         linear's dense weight name -> (served stem, linear index: 0 gate, 1 up, 2 down)."""
         return served_experts(arch, names)
 
+    def served_hidden(self, arch, stem: str) -> list[str]:
+        """The tensor names of a served expert group ``stem``, which the read-back shows as linears."""
+        return [f"{stem}_{s}" for s in self.suffixes]
+
+    def served_shape(self, arch, inner, stem: str, j: int) -> tuple[int, int]:
+        """Linear ``j``'s ``[N, K]`` in a served expert group ``stem`` of checkpoint ``inner`` (gate and
+        up share their stem's rows)."""
+        per = 1 if j == 2 else 2
+        shapes = {s: tuple(inner.shape(f"{stem}_{s}")) for s in self.suffixes if f"{stem}_{s}" in inner}
+        return self.weight_shape({s: (v[0] // per, *v[1:]) for s, v in shapes.items()})
+
     def served_tensors(self, arch, get, stem: str, j: int) -> dict[str, Tensor]:
         """Linear ``j``'s own rows of a served expert tensor group ``stem`` (``get``: name -> tensor)."""
         ex = arch.moe.experts

@@ -51,6 +51,14 @@ class GPTQFormat:
     # gate 1, ...), ``up_proj`` the last I, and the biases per expert (``.bias``: halves of
     # gate_up_proj_bias[e], down_proj_bias[e]); its forward re-interleaves gate and up outputs.
 
+    def _columns(self, suffix: str, t: torch.Tensor) -> torch.Tensor:
+        """A packed tensor with one column per output row (qzeros unpacked; qweight and scales are so)."""
+        return _gptq.unpack_lsb_bitstream(t, self.spec.bits) if suffix == "qzeros" else t
+
+    def _stored(self, suffix: str, t: torch.Tensor, what: str) -> torch.Tensor:
+        """The inverse of :meth:`_columns`."""
+        return _gptq.pack_lsb_bitstream(t, self.spec.bits, what=what) if suffix == "qzeros" else t.contiguous()
+
     def pack_served_expert(self, arch, lins: list[str], results: list[QuantResult],
                            biases: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         packed = [self.pack(r) for r in results]
@@ -60,19 +68,13 @@ class GPTQFormat:
             if not torch.equal(g["g_idx"], u["g_idx"]):
                 raise InputError(f"{lins[0]}/{lins[1]}: gate and up have different g_idx; gptqmodel's GPT-OSS layout "
                                  "needs one column order for both")
-            halves = {}
-            for s in ("qweight", "scales", "qzeros"):
-                a, b = g[s], u[s]
-                if s == "qzeros":
-                    a, b = _gptq.unpack_lsb_bitstream(a, self.spec.bits), _gptq.unpack_lsb_bitstream(b, self.spec.bits)
-                both = torch.stack([a, b], dim=-1).reshape(a.shape[0], -1)
-                h = both.chunk(2, dim=1)
-                if s == "qzeros":
-                    h = tuple(_gptq.pack_lsb_bitstream(x, self.spec.bits, what=f"{lins[0]} qzeros") for x in h)
-                halves[s] = h
-            for j, lin in enumerate(lins):
-                for s in self.suffixes:
-                    out[f"{lin}.{s}"] = halves[s][j] if s in halves else packed[j][s]
+            for s in ("qweight", "scales", "qzeros"):  # columns re-interleaved (gate 0, up 0, ...), cut in halves
+                a, b = self._columns(s, g[s]), self._columns(s, u[s])
+                halves = torch.stack([a, b], dim=-1).reshape(a.shape[0], -1).chunk(2, dim=1)
+                for lin, h in zip(lins, halves):
+                    out[f"{lin}.{s}"] = self._stored(s, h, f"{lin} {s}")
+            for lin, p in zip(lins, packed):
+                out[f"{lin}.g_idx"] = p["g_idx"]
             if biases is not None:
                 for lin, b in zip(lins, biases[0].chunk(2)):
                     out[f"{lin}.bias"] = b.clone()
@@ -104,18 +106,14 @@ class GPTQFormat:
         return [f"{stem}.{lin}.{s}" for lin in ex.linears for s in (*self.suffixes, "bias")]
 
     def served_tensors(self, arch, get, stem: str, j: int) -> dict[str, torch.Tensor]:
+        """Gate's (j 0) or up's (j 1) own columns: the halves put back together, every other column."""
         ex = arch.moe.experts
-        g = {s: get(f"{stem}.{ex.linears[0]}.{s}") for s in self.suffixes}
-        u = {s: get(f"{stem}.{ex.linears[1]}.{s}") for s in self.suffixes}
-        out = {"g_idx": g["g_idx"]}
+        out = {"g_idx": get(f"{stem}.{ex.linears[0]}.g_idx")}
         for s in ("qweight", "scales", "qzeros"):
-            a, b = g[s], u[s]
-            if s == "qzeros":
-                a, b = _gptq.unpack_lsb_bitstream(a, self.spec.bits), _gptq.unpack_lsb_bitstream(b, self.spec.bits)
-            t = torch.cat([a, b], dim=1)[:, j::2]
-            out[s] = _gptq.pack_lsb_bitstream(t, self.spec.bits) if s == "qzeros" else t.contiguous()
+            both = torch.cat([self._columns(s, get(f"{stem}.{lin}.{s}")) for lin in ex.linears[:2]], dim=1)
+            out[s] = self._stored(s, both[:, j::2], f"{stem} {s}")
         return out
 
-    def served_shape(self, arch, shape, stem: str, j: int) -> tuple[int, int]:
+    def served_shape(self, arch, inner, stem: str, j: int) -> tuple[int, int]:
         ex = arch.moe.experts
-        return self.weight_shape({"qweight": tuple(shape(f"{stem}.{ex.linears[j]}.qweight"))})
+        return self.weight_shape({"qweight": tuple(inner.shape(f"{stem}.{ex.linears[j]}.qweight"))})

@@ -46,10 +46,8 @@ class DequantReader:
             except InputError:  # not a family of the table: no experts to serve
                 self.arch = None
             self._served = fmt.served_experts(self.arch, reader.names())
-            served_hidden = getattr(fmt, "served_hidden", None)  # GPTQ (gptqmodel's GPT-OSS layout)
             for stem, _ in self._served.values():
-                cands = served_hidden(self.arch, stem) if served_hidden else [f"{stem}_{s}" for s in fmt.suffixes]
-                hidden.update(n for n in cands if n in reader)
+                hidden.update(n for n in fmt.served_hidden(self.arch, stem) if n in reader)
             for name in self._served:
                 self._packed.pop(name, None)
         self._names = sorted([n for n in reader.names() if n not in hidden] + list(self._packed) + list(self._served))
@@ -89,14 +87,8 @@ class DequantReader:
         return {s: self.inner.get(f"{prefix}.{s}") for s in self.fmt.suffixes if f"{prefix}.{s}" in self.inner}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name in self._served and hasattr(self.fmt, "served_shape"):
-            return tuple(self.fmt.served_shape(self.arch, self.inner.shape, *self._served[name]))
         if name in self._served:
-            stem, j = self._served[name]
-            per = 1 if j == 2 else 2  # gate and up share their stem's rows
-            shapes = {s: tuple(self.inner.shape(f"{stem}_{s}")) for s in self.fmt.suffixes if f"{stem}_{s}" in self.inner}
-            shapes = {s: (v[0] // per, *v[1:]) for s, v in shapes.items()}
-            return tuple(self.fmt.weight_shape(shapes))
+            return tuple(self.fmt.served_shape(self.arch, self.inner, *self._served[name]))
         if name in self._packed:
             prefix = self._packed[name]
             shapes = {s: tuple(self.inner.shape(f"{prefix}.{s}")) for s in self.fmt.suffixes if f"{prefix}.{s}" in self.inner}
