@@ -102,14 +102,17 @@ class GroupGram:
         return self.sum / self.n
 
 
-def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
-    """``w_mean [K]``: mean over the rows of all ``weights`` of |W| normalised by its group's max |W|."""
-    W = torch.cat([w.float() for w in weights], dim=0)
+def _group_normalised(W: Tensor, group_size: int) -> Tensor:
+    """``|W| [N, K]`` divided by each group's max ``|W|`` (AWQ's duo-scaling weight statistic, per row)."""
     N, K = W.shape
     g = K if group_size == -1 else group_size
     a = W.abs().view(N, K // g, g)
-    a = a / (a.amax(dim=-1, keepdim=True) + _W_EPS)
-    return a.view(N, K).mean(0)
+    return (a / (a.amax(dim=-1, keepdim=True) + _W_EPS)).view(N, K)
+
+
+def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
+    """``w_mean [K]``: mean over the rows of all ``weights`` of |W| normalised by its group's max |W|."""
+    return _group_normalised(torch.cat([w.float() for w in weights], dim=0), group_size).mean(0)
 
 
 def streamed_weight_mean(weights: Iterable[Tensor], group_size: int) -> Tensor:
@@ -120,14 +123,10 @@ def streamed_weight_mean(weights: Iterable[Tensor], group_size: int) -> Tensor:
     total: Tensor | None = None
     rows = 0
     for W in weights:
-        W = W.float()
-        N, K = W.shape
-        g = K if group_size == -1 else group_size
-        a = W.abs().view(N, K // g, g)
-        s = (a / (a.amax(dim=-1, keepdim=True) + _W_EPS)).view(N, K).double().sum(0)
+        s = _group_normalised(W.float(), group_size).double().sum(0)
         total = s if total is None else total + s
-        rows += N
-        del W, a, s  # not alive while the next weight is produced
+        rows += W.shape[0]
+        del W, s  # not alive while the next weight is produced
     if total is None or rows == 0:
         raise ValueError("no weights")
     return (total / rows).float()
