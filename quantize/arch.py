@@ -173,7 +173,6 @@ class Variant:
 
     when: Callable[[Mapping[str, Any]], bool]
     changes: tuple[tuple[str, Any], ...]
-    about: str = ""  # what the variant is, for messages and docs
 
 
 @dataclass(frozen=True)
@@ -799,7 +798,6 @@ _MOE_TABLE: tuple[Arch, ...] = (
                     ("bias_flags", (("attention_bias", _MLA_ATTN[1:]),)),
                     ("extra_dims", _DEEPSEEK_DIMS),
                 ),
-                about="no q_lora_rank: a plain self_attn.q_proj",
             ),
         ),
     ),
