@@ -115,9 +115,10 @@ def _dense_llama4_layers(directory: Path) -> bool:
         cfg = json.loads((Path(directory) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    moe_layers = cfg.get("moe_layers")
-    return cfg.get("model_type") == "llama4_text" and moe_layers is not None \
-        and len(set(moe_layers)) < int(cfg.get("num_hidden_layers", 0))
+    if cfg.get("model_type") != "llama4_text" or cfg.get("moe_layers") is None:
+        return False
+    arch = by_name("llama4_text")  # the table's rule for which layers are sparse
+    return not all(arch.is_sparse_layer(cfg, i) for i in range(arch.num_layers(cfg)))
 
 
 def refused_by(engine: str, fmt: str, directory: Path | None) -> str | None:
