@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 import tempfile
 import time
@@ -26,10 +25,10 @@ import common as c  # noqa: E402
 
 
 def digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    """One fingerprint of the output's shards (each hashed as the manifest hashes files: streamed)."""
+    from quantize.manifest import sha256_bytes, sha256_file
+
+    return sha256_bytes("".join(sha256_file(f) for f in sorted(out.glob("*.safetensors"))).encode())
 
 
 def main() -> int:
