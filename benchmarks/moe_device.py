@@ -14,7 +14,6 @@ solve). Exits 1 if any pair differs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
