@@ -177,8 +177,9 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
     """What one quantization run holds per layer (besides activations): the largest decoder layer
     in the compute dtype on the device (one layer resident; the next one prefetched on the host), of
     which only ``expert_chunk`` experts at a time with ``--expert-chunk`` (the rest in host memory),
-    and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer those of
-    the experts solved together, ``executor/moe.experts_per_solve``, plus the all-token one), and
+    and the largest set of Hessians alive at once (fp32: one group's, and in a sparse layer the
+    solve workspace of the experts solved together, ``executor/moe.experts_per_solve``, plus the
+    all-token Hessian), and
     the layer's results until it is written: a code byte per weight (``QuantResult.codes``, uint8)
     and fp32 scales and int32 zeros per group of 128 (the dequantized weights are the layer's own
     storage: ``LayerContext.place``)."""
@@ -196,12 +197,13 @@ def run_memory(config: Mapping[str, Any], arch: Arch | None = None, compute_byte
         device_max = max(device_max, resident * compute_bytes)
         for group in arch.layer_groups(config, i):
             if arch.moe is not None and group == [arch.moe.experts.module]:
-                from .executor.moe import experts_per_solve
+                from .executor.moe import expert_solve_shapes, experts_per_solve, solve_bytes
 
-                _, K = arch.linear_shape(arch.expert_linear(0, 0), config)
-                _, I = arch.linear_shape(arch.expert_linear(0, 2), config)
-                # a batch of experts' gate/up Hessians, then their down ones; the all-token one beside
-                hess_max = max(hess_max, 4 * (experts_per_solve(max(K, I), E) * max(K * K, I * I) + K * K))
+                shapes = expert_solve_shapes(arch, config)
+                K = shapes[0][1]
+                # a batch of experts' solves (Hessians, factors, weights), gate/up then down; the
+                # all-token Hessian beside
+                hess_max = max(hess_max, experts_per_solve(shapes, E) * solve_bytes(shapes) + 4 * K * K)
             else:
                 K = arch.linear_shape(group[0], config)[1]
                 hess_max = max(hess_max, 4 * K * K)

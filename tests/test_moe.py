@@ -245,14 +245,14 @@ def test_unrouted_experts_fall_back_and_are_listed(starved, calib_for, tmp_path)
 def test_batched_expert_solves_give_the_bytes_of_one_expert_at_a_time(mode, fallback, starved, calib_for, tmp_path,
                                                                      monkeypatch):
     """The experts of a layer solved in one batch give the same bytes and manifest metrics as one
-    expert per solve (``BATCH_HESSIAN_BYTES`` below one Hessian), starved experts and their
+    expert per solve (``BATCH_SOLVE_BYTES`` below one expert's), starved experts and their
     fallback included."""
     from quantize.executor import moe
 
     cal = calib_for(starved)
     kw = dict(group_size=32, moe_calibration=mode, moe_fallback=fallback)
     batched = run_gptq(starved, cal, tmp_path / "batched", **kw)
-    monkeypatch.setattr(moe, "BATCH_HESSIAN_BYTES", 1)
+    monkeypatch.setattr(moe, "BATCH_SOLVE_BYTES", 1)
     one = run_gptq(starved, cal, tmp_path / "one", **kw)
     assert_same_files(tmp_path / "batched", tmp_path / "one", output_files(tmp_path / "batched"))
     for a, b in zip(batched.metrics["layers"], one.metrics["layers"], strict=True):
@@ -559,3 +559,48 @@ def test_expert_hessians_equal_brute_force_from_the_eager_expert_loop(family, ti
             brute = 2.0 / X.shape[0] * X.T @ X
             key = tuple(arch.expert_linear(e, k) for k in ((0, 1) if j == 0 else (2,)))
             torch.testing.assert_close(ours[key], brute, rtol=1e-4, atol=1e-6)
+
+
+def test_fallback_down_statistic_is_an_even_sample_of_every_token(starved, calib_for, monkeypatch):
+    """An expert under ``--moe-min-tokens`` solved by the all-token fallback: gate/up from the layer's
+    all-token Hessian, down from ``max(FALLBACK_ROWS, 4 x width)`` evenly spaced tokens through its
+    gate/up (brute force from the experts module's input in transformers' eager forward), and the
+    record says how many; a routed expert's statistics are untouched."""
+    from torch.nn import functional as F
+
+    from quantize.calibration import load_calibration
+    from quantize.executor import moe
+
+    monkeypatch.setattr(moe, "FALLBACK_ROWS", 1)  # the floor: 4 x the down width (32) = 128 of 256 tokens
+    cal = calib_for(starved)
+    ctx = layer_context(starved, cal, 1, samples=4)
+    ours: dict[tuple[str, ...], torch.Tensor] = {}
+    names = [g[0] for g in ctx.groups]
+    ctx.sequential(names, lambda *_: None, lambda _n: None,
+                   experts=lambda jobs: ours.update((tuple(lins), H.double()) for lins, H in jobs), moe=MoEOptions())
+    rec = ctx.extra_metrics["moe"]
+    idle = rec["fallback_experts"]
+    assert len(idle) == 2 and rec["tokens"] == 256 and rec["fallback_down_tokens"] == 128
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(starved, dtype=torch.float32, experts_implementation="eager").eval()
+    experts = hf.model.layers[1].mlp.experts
+    seen: list[torch.Tensor] = []
+    experts.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        hf(load_calibration(cal)[0][:4].long())
+    X = torch.cat(seen).double()
+    assert X.shape[0] == 256
+    sample = X[torch.linspace(0, 255, 128).round().long()]
+    arch = ctx.arch
+    for e in idle:
+        g, u = F.linear(sample, experts.gate_up_proj[e].double()).chunk(2, dim=-1)
+        h = F.silu(g) * u
+        down = ours[(arch.expert_linear(e, 2),)]
+        torch.testing.assert_close(down, 2.0 / 128 * h.T @ h, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours[(arch.expert_linear(e, 0), arch.expert_linear(e, 1))], 2.0 / 256 * X.T @ X,
+                                   rtol=1e-4, atol=1e-6)
+        g_all, u_all = F.linear(X, experts.gate_up_proj[e].double()).chunk(2, dim=-1)
+        h_all = F.silu(g_all) * u_all
+        assert not torch.allclose(down, 2.0 / 256 * h_all.T @ h_all, rtol=1e-3)  # a sample, not every token

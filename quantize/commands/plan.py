@@ -90,7 +90,7 @@ def plan_command(target, bits, group_size, bpw, head_bits, context, batch, kv_dt
     n, r = p["parameters"], p["run"]
     click.echo(f"parameters: {n['total'] / 1e9:.2f} B total, {n['active'] / 1e9:.2f} B active per token; a run holds "
                f"one layer ({_gib(r['layer_bytes_max']).strip()} GiB in bf16) and at most "
-               f"{_gib(r['hessian_bytes_max']).strip()} GiB of Hessians at once, and its results until written "
+               f"{_gib(r['hessian_bytes_max']).strip()} GiB of Hessians and solve workspace at once, and its results until written "
                f"({_gib(r['results_bytes_max']).strip()} GiB: a byte a weight)"
                + (f"; with --expert-chunk {expert_chunk} the device holds {_gib(r['device_layer_bytes_max']).strip()} GiB "
                   "of the layer" if expert_chunk else ""))

@@ -3,7 +3,7 @@
 The experts module of a sparse layer has no ``nn.Linear`` children; its forward receives the
 layer's tokens and their routing (``hidden [T, H]``, ``top_k_index [T, k]``), which the layer
 context keeps (``LayerContext._feeding``) while the calibration batches reach it. Here, a batch of
-experts at a time (``experts_per_solve``: their Hessians within ``BATCH_HESSIAN_BYTES``; the method
+experts at a time (``experts_per_solve``: their solve's workspace within ``BATCH_SOLVE_BYTES``; the method
 solves a batch's gate/up, then its down, as one batched GPTQ solve each, ``methods/gptq.py``):
 
 * ``routed`` (the default): gate/up's Hessian from exactly the tokens routed to the expert; the
@@ -22,7 +22,7 @@ inputs come from the model's own routing through the quantized experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,9 +35,17 @@ MODES = ("routed", "all")
 FALLBACKS = ("all", "rtn")
 # Token rows per Hessian update: bounds the fp32 copy of an expert's inputs.
 CHUNK = 8192
-# Hessians of the experts solved together (``experts_per_solve``): 64 MiB is 16 experts of a
-# 1024-wide model, 4 of Qwen3-30B-A3B's (2048), one of Mixtral's (14336-wide down projection).
-BATCH_HESSIAN_BYTES = 64 << 20
+# The down projection of an expert solved by the all-token fallback takes its statistic from at most
+# max(FALLBACK_ROWS, 4 x its input width) of the layer's tokens, evenly spaced: its input depends on
+# the expert's own quantized gate/up, so every such expert would otherwise run all T tokens through
+# them (with a third of a trained model's experts under --moe-min-tokens, most of a layer's work).
+FALLBACK_ROWS = 8192
+# What the experts solved together may hold (``experts_per_solve``): per expert and linear kind,
+# fp32 Hessian, its factor and their stacked copy (3 K^2) and the weights in four forms (stacked,
+# processing order, codes being written, dequantized result: 4 N K). 64 MiB is 35 experts of a
+# 256-wide model with 128 experts of width 128, 2 of a 1024-wide one with width 512, one of
+# Qwen3-30B-A3B's or Mixtral's.
+BATCH_SOLVE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -66,18 +74,43 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return acc.H
 
 
-def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert ([E] int64) from ``top_k_index [T, k]`` (a token counts once)."""
+def _hits(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, E]`` bool: token t is routed to expert e (``top_k_index [T, k]``; a token counts once)."""
     hit = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.bool, device=index.device)
     hit.scatter_(1, index.long().clamp(0, num_experts), True)  # out-of-range ids (padding) go to E
-    return hit[:, :num_experts].sum(0).cpu()
+    return hit[:, :num_experts]
 
 
-def experts_per_solve(width: int, num_experts: int) -> int:
-    """Experts solved together (one batched GPTQ solve per linear kind, ``methods/gptq.py``):
-    as many as keep their fp32 ``[width, width]`` Hessians within ``BATCH_HESSIAN_BYTES``
-    (``width``: the widest input of an expert's linears), at least one."""
-    return max(1, min(num_experts, BATCH_HESSIAN_BYTES // (4 * width * width)))
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert ([E] int64) from ``top_k_index [T, k]`` (a token counts once)."""
+    return _hits(index, num_experts).sum(0).cpu()
+
+
+def expert_rows(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """For each expert, the (ascending) positions of the tokens routed to it, from one pass over
+    ``top_k_index [T, k]``: the rows ``x[(index == e).any(-1)]`` selects, without a mask per expert."""
+    hit = _hits(index, num_experts)
+    rows = hit.T.nonzero()[:, 1]  # by expert, then by token
+    return rows.split(hit.sum(0).tolist())
+
+
+def solve_bytes(shapes) -> int:
+    """The workspace one expert adds to a batched solve (see ``BATCH_SOLVE_BYTES``): the largest
+    over its solves, ``shapes`` ``(N, K)``: rows solved together (gate+up's 2I, down's H), input width."""
+    return max(4 * (3 * K * K + 4 * N * K) for N, K in shapes)
+
+
+def experts_per_solve(shapes, num_experts: int) -> int:
+    """Experts solved together (one batched GPTQ solve per linear kind, ``methods/gptq.py``): as
+    many as keep their workspace (:func:`solve_bytes` of ``shapes``) within ``BATCH_SOLVE_BYTES``,
+    at least one."""
+    return max(1, min(num_experts, BATCH_SOLVE_BYTES // solve_bytes(shapes)))
+
+
+def expert_solve_shapes(arch, config) -> list[tuple[int, int]]:
+    """``(rows, input width)`` of an expert's two solves: gate+up together, then down."""
+    (n_g, k_g), (n_u, _), (n_d, k_d) = (arch.linear_shape(arch.expert_linear(0, j), config) for j in range(3))
+    return [(n_g + n_u, k_g), (n_d, k_d)]
 
 
 @dataclass
@@ -89,21 +122,24 @@ class Routing:
     that gather their own per-expert statistics (AWQ) from ``ctx.expert_inputs()``."""
 
     parts: list[tuple[torch.Tensor, torch.Tensor]]
+    index: list[tuple[torch.Tensor, ...]]  # per part, per expert: the positions of its tokens
     counts: torch.Tensor  # [E] tokens routed to each expert
     tokens: int  # T, the layer's tokens
     need: int  # tokens an expert must see for statistics of its own
     how: list[str]
     opts: MoEOptions
+    _sampled: tuple[int, torch.Tensor] | None = field(default=None, repr=False)  # (n, :meth:`sampled`)
 
     @classmethod
     def of(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], num_experts: int, opts: MoEOptions) -> "Routing":
         T = sum(x.shape[-2] for x, _ in parts)  # x [T, H], or [E, T, H] (``Experts.score_on_input``)
-        counts = sum(expert_counts(i, num_experts) for _, i in parts) if parts else torch.zeros(num_experts, dtype=torch.long)
+        index = [expert_rows(i, num_experts) for _, i in parts]
+        counts = torch.tensor([sum(int(rows[e].numel()) for rows in index) for e in range(num_experts)], dtype=torch.long)
         need = max(1, math.ceil(opts.min_tokens * T))
         how = ["all" if opts.mode == "all" else ("routed" if int(counts[e]) >= need else opts.fallback)
                for e in range(num_experts)]
         how = ["rtn" if h == "all" and T == 0 else h for h in how]
-        return cls(parts, counts, T, need, how, opts)
+        return cls(parts, index, counts, T, need, how, opts)
 
     def all_tokens(self) -> torch.Tensor:
         """Every token (``score_on_input``: each as scaled for the experts it was routed to)."""
@@ -111,7 +147,17 @@ class Routing:
 
     def routed(self, e: int) -> torch.Tensor:
         """The tokens routed to expert ``e`` (batch order), as that expert receives them."""
-        return torch.cat([_routed_rows(x, i, e) for x, i in self.parts])
+        return torch.cat([(x[e] if x.ndim == 3 else x)[rows[e]] for (x, _), rows in zip(self.parts, self.index)])
+
+    def sampled(self, n: int) -> torch.Tensor:
+        """At most ``n`` of :meth:`all_tokens`, evenly spaced (all of them when there are no more);
+        one copy per layer, kept for every expert that asks."""
+        if self._sampled is None or self._sampled[0] != n:
+            x = self.all_tokens()
+            if x.shape[0] > n:
+                x = x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
+            self._sampled = (n, x)
+        return self._sampled[1]
 
     def rows(self, e: int) -> torch.Tensor:
         """The tokens expert ``e``'s statistics come from (``rtn``: its routed ones, for reporting)."""
@@ -124,6 +170,8 @@ class Routing:
         return {
             "experts": E, "top_k": top_k, "tokens": self.tokens, "mode": self.opts.mode, "min_tokens": self.need,
             "fallback": self.opts.fallback, "seen": [int(c) for c in self.counts],
+        # the all-token fallback's down statistic: from at most this many tokens (FALLBACK_ROWS)
+        **({"fallback_down_tokens": self._sampled[0]} if self._sampled else {}),
             "solved": {k: self.how.count(k) for k in ("routed", "all", "rtn")}, "below_min": below,
             "fallback_experts": below if self.opts.mode == "routed" else [],
         }
@@ -163,12 +211,6 @@ def expert_hidden(module, ex, x: torch.Tensor, W_gu: torch.Tensor, b_gu: torch.T
     return module.act_fn(g) * u
 
 
-def _routed_rows(x: torch.Tensor, i: torch.Tensor, e: int) -> torch.Tensor:
-    """Expert ``e``'s input rows of one batch: its routed tokens (``x`` [T, H]), or its own scaled
-    copies of them (``x`` [E, T, H]: ``Experts.score_on_input``)."""
-    return (x[e] if x.ndim == 3 else x)[(i == e).any(-1)]
-
-
 def _all_rows(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """Every token of one batch (``score_on_input``: each as scaled for the experts it was routed to)."""
     if x.ndim == 2:
@@ -202,7 +244,13 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     H_all = hessian_of(rt.all_tokens()) if "all" in how else None  # shared by every such expert
     tokens = rt.rows
 
-    step = experts_per_solve(max(arch.linear_shape(arch.expert_linear(0, j), cfg)[1] for j in (0, 2)), E)
+    down_width = arch.linear_shape(arch.expert_linear(0, 2), cfg)[1]
+    sample = max(FALLBACK_ROWS, 4 * down_width)
+
+    def down_tokens(e: int) -> torch.Tensor:  # a fallback expert's down statistic: a sample of every token
+        return rt.sampled(sample) if how[e] == "all" and opts.mode == "routed" else tokens(e)
+
+    step = experts_per_solve(expert_solve_shapes(arch, cfg), E)
     for e0 in range(0, E, step):
         batch = range(e0, min(E, e0 + step))
         solve([([arch.expert_linear(e, 0), arch.expert_linear(e, 1)],
@@ -213,7 +261,7 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
                 jobs.append(([arch.expert_linear(e, 2)], None))
                 continue
             acc = HessianAccumulator()
-            Xe = tokens(e)
+            Xe = down_tokens(e)
             W_gu = gate_up[e].to(device=Xe.device, dtype=Xe.dtype)  # host-resident with --expert-chunk
             bias = None if b_gu is None else b_gu[e].to(device=Xe.device, dtype=Xe.dtype)
             with torch.no_grad():
