@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c  # noqa: E402
 
 
-def trained_moe() -> Path:
-    out = c.repo_root() / "out" / "bench-cache" / "tiny-qwen3-moe"
+def trained_moe(preset: str = "tiny") -> Path:
+    """The trained MoE of ``scripts/train_tiny_moe.py --preset PRESET``, trained on first use."""
+    out = c.repo_root() / "out" / "bench-cache" / f"{preset}-qwen3-moe"
     if not (out / "config.json").is_file():
-        print(f"-- training the benchmark MoE into {out} (scripts/train_tiny_moe.py)", flush=True)
-        subprocess.run([sys.executable, str(c.repo_root() / "scripts" / "train_tiny_moe.py"), "--out", str(out)],
-                       check=True)
+        print(f"-- training the benchmark MoE into {out} (scripts/train_tiny_moe.py --preset {preset})", flush=True)
+        subprocess.run([sys.executable, str(c.repo_root() / "scripts" / "train_tiny_moe.py"), "--preset", preset,
+                        "--out", str(out)], check=True)
     return out
 
 

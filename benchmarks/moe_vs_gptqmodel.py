@@ -4,7 +4,10 @@ Runs in the interop environment (``scripts/setup_interop.sh`` -> .venv-interop);
 line where ``gptqmodel`` cannot be imported.
 
 * model: the small trained Qwen3-MoE of ``benchmarks/moe_quality.py`` (4 layers, 8 experts, top-2;
-  ``scripts/train_tiny_moe.py`` builds it into out/bench-cache/tiny-qwen3-moe on first use);
+  ``scripts/train_tiny_moe.py`` builds it into out/bench-cache/tiny-qwen3-moe on first use); with
+  ``--model a3b`` the trained Qwen3-30B-A3B miniature (16 layers, hidden 256, 128 experts of width
+  128, top-8, 822 MB in fp32, 98% of it experts; ``--preset a3b``, ~25-30 min to train on first
+  use), where, as in the released models, the experts are most of the weights and of the work;
 * calibration: one ``quantize sample`` set of the bundled WikiText-2 validation text; GPTQModel gets
   the very same token windows, batch 8 like ours;
 * settings: 4-bit, group 128, sym, damp 0.01, act-order with static groups (our default; GPTQModel
@@ -16,6 +19,7 @@ line where ``gptqmodel`` cannot be imported.
   evaluated by our eval (GPTQModel's read back by our reader: same checkpoint format).
 
     .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py [--samples 128] [--seq-len 256] [--windows 60]
+    .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py --model a3b --tools ours-routed,ours-all,rtn,gptqmodel
     .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py --synthetic   # speed and memory where experts dominate
     .venv-interop/bin/python benchmarks/moe_vs_gptqmodel.py --synthetic --layers 16 --tools ours-routed,gptqmodel
 
@@ -74,6 +78,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     c.add_peer_args(ap)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating; the fastest is kept")
+    ap.add_argument("--model", choices=("tiny", "a3b"), default="tiny",
+                    help="the trained MoE: tiny (4 layers, 8 experts) or a3b (Qwen3-30B-A3B's shape in miniature)")
     ap.add_argument("--synthetic", action="store_true", help="a random Qwen3-MoE of hidden 1024 (speed, memory)")
     ap.add_argument("--layers", type=int, default=4, help="--synthetic: decoder layers (more: the weights dominate memory)")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {', '.join(TOOLS)}")
@@ -97,7 +103,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="moe_vs_gptqmodel-") as tmp:
         tmp = Path(tmp)
         model = (c.build_synthetic_moe(tmp / "synthetic-moe", layers=args.layers, hidden=1024, moe_intermediate=512, experts=8,
-                                       top_k=2, heads=16, kv_heads=4) if args.synthetic else trained_moe())
+                                       top_k=2, heads=16, kv_heads=4) if args.synthetic else trained_moe(args.model))
         cal = c.calibrate(model, str(text / "valid.txt"), args.samples, args.seq_len, tmp / "cal")
         runs: dict[str, dict] = {}
         for rep in range(args.repeat):
@@ -117,8 +123,11 @@ def main() -> int:
         quality = {tool: fp.compare(tmp / tool) for tool in runs}
 
     version = runs["gptqmodel"].get("version", "")
-    what = "random, hidden 1024, expert width 512" if args.synthetic else "trained, hidden 128"
-    print(f"\n{model.name}: Qwen3-MoE ({what}), {args.layers if args.synthetic else 4} layers, 8 experts (top-2); calibration {args.samples} x {args.seq_len} tokens; "
+    cfg = json.loads((model / "config.json").read_text())
+    what = (f"{'random' if args.synthetic else 'trained'}, hidden {cfg['hidden_size']}, "
+            f"expert width {cfg['moe_intermediate_size']}")
+    print(f"\n{model.name}: Qwen3-MoE ({what}), {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts "
+          f"(top-{cfg['num_experts_per_tok']}); calibration {args.samples} x {args.seq_len} tokens; "
           f"eval {args.windows} x {args.seq_len} tokens of WikiText-2 test; {c.cpu_model()}, torch threads {threads}\n")
     labels = {"ours-routed": "ours, GPTQ routed (default)", "ours-all": "ours, GPTQ all tokens", "rtn": "ours, RTN",
               "ours-mse": "ours, GPTQ routed, mse grid (default --grid auto)", "gptqmodel": f"GPTQModel {version}"}

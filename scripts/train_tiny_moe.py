@@ -1,11 +1,17 @@
-"""Train a small Qwen3-MoE on the bundled WikiText-2 text: the trained MoE the MoE benchmark measures.
+"""Train a small Qwen3-MoE on the bundled WikiText-2 text: the trained MoEs the MoE benchmarks measure.
 
     python scripts/train_tiny_moe.py --out out/bench-cache/tiny-qwen3-moe    # ~15 min on 2 loaded CPU cores
+    python scripts/train_tiny_moe.py --preset a3b --out out/bench-cache/a3b-qwen3-moe    # ~25-30 min
 
-4 layers, hidden 128, 8 routed experts (2 per token, expert width 128), router auxiliary loss on so
-that the experts share the tokens as in released MoE models, trained like the embedded tiny Llama
-(scripts/train_tiny.py: same tokenizer, data, schedule and optimiser). Deterministic for a fixed
-seed, thread count and torch build. Not committed: benchmarks/moe_quality.py builds it on first use.
+``tiny`` (the default): 4 layers, hidden 128, 8 routed experts (2 per token, expert width 128).
+``a3b``: Qwen3-30B-A3B's shape in miniature, where the experts are most of the weights as in the
+released model: 16 layers, hidden 256, 128 routed experts of width 128, 8 per token; 206M parameters
+(822 MB in fp32), 98% of them in experts. Router auxiliary loss on so that the experts share the
+tokens as in released MoE models, trained like the embedded tiny Llama (scripts/train_tiny.py: same
+tokenizer, data, schedule and optimiser). ``a3b`` trains through transformers' ``grouped_mm`` experts
+(the same function; the eager loop's per-expert backward allocates a dense gradient of the whole 3D
+tensor for each of the 128 experts). Deterministic for a fixed seed, thread count and torch build.
+Not committed: the benchmarks build them on first use.
 """
 
 from __future__ import annotations
@@ -50,10 +56,18 @@ MODEL = dict(
     pad_token_id=PAD_ID,
 )
 
+PRESETS = {
+    "tiny": (MODEL, "eager"),
+    "a3b": (dict(MODEL, hidden_size=256, intermediate_size=1024, moe_intermediate_size=128, num_experts=128,
+                 num_experts_per_tok=8, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=64), "grouped_mm"),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-cache" / "tiny-qwen3-moe")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--out", type=Path, default=None, help="default out/bench-cache/{tiny,a3b}-qwen3-moe")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -64,10 +78,15 @@ def main() -> None:
 
     from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    spec, experts_impl = PRESETS[args.preset]
+    if args.out is None:
+        args.out = ROOT / "out" / "bench-cache" / f"{args.preset}-qwen3-moe"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train, test = tokenize(TRAIN_TEXT), tokenize(TEST_TEXT)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).float()
+    config = Qwen3MoeConfig(**spec)
+    model = (Qwen3MoeForCausalLM(config) if experts_impl == "eager"
+             else Qwen3MoeForCausalLM._from_config(config, experts_implementation=experts_impl)).float()
     params = sum(p.numel() for p in model.parameters())
     print(f"-- {params:,} parameters; {train.numel():,} train tokens", flush=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -84,7 +103,7 @@ def main() -> None:
         ids = torch.stack([train[s: s + SEQ_LEN + 1] for s in starts.tolist()])
         out = model(input_ids=ids[:, :-1])
         lm = F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), ids[:, 1:].reshape(-1))
-        loss = lm + MODEL["router_aux_loss_coef"] * out.aux_loss
+        loss = lm + spec["router_aux_loss_coef"] * out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,6 +113,7 @@ def main() -> None:
                   flush=True)
     model.eval()
     model.config.output_router_logits = False
+    model.config._experts_implementation = "eager"  # not a property of the checkpoint
     staging = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.to(torch.bfloat16)
@@ -103,7 +123,7 @@ def main() -> None:
     for f in tokenizer_dir().iterdir():
         shutil.copy2(f, staging / f.name)
     saved = Qwen3MoeForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
-    metrics = {"parameters": params, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
+    metrics = {"preset": args.preset, "parameters": params, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
                "test_perplexity": round(perplexity(saved, test), 3)}
     (staging / "training.json").write_text(json.dumps(metrics, indent=1))
     if args.out.exists():

@@ -570,6 +570,7 @@ def test_fallback_down_statistic_is_an_even_sample_of_every_token(starved, calib
 
     from quantize.calibration import load_calibration
     from quantize.executor import moe
+    from quantize.executor.moe import coverage_lines, coverage_summary
 
     monkeypatch.setattr(moe, "FALLBACK_ROWS", 1)  # the floor: 4 x the down width (32) = 128 of 256 tokens
     cal = calib_for(starved)
@@ -581,6 +582,8 @@ def test_fallback_down_statistic_is_an_even_sample_of_every_token(starved, calib
     rec = ctx.extra_metrics["moe"]
     idle = rec["fallback_experts"]
     assert len(idle) == 2 and rec["tokens"] == 256 and rec["fallback_down_tokens"] == 128
+    assert coverage_summary([{"layer": 1, "moe": rec}])["fallback_down_tokens"] == 128
+    assert "even sample of at most 128 tokens" in "\n".join(coverage_lines(coverage_summary([{"layer": 1, "moe": rec}])))
 
     from transformers import AutoModelForCausalLM
 

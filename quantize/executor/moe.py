@@ -358,6 +358,8 @@ def coverage_summary(layer_metrics: list[dict[str, Any]]) -> dict[str, Any] | No
         "seen_max": seen[-1][0],
         "solved": {k: sum(r["solved"][k] for _, r in records) for k in first["solved"]},
         "fallback_experts": {str(layer): r["fallback_experts"] for layer, r in records if r["fallback_experts"]},
+        **({"fallback_down_tokens": max(r["fallback_down_tokens"] for _, r in sampled)}
+           if (sampled := [(x, r) for x, r in records if "fallback_down_tokens" in r]) else {}),
     }
 
 
@@ -376,6 +378,9 @@ def coverage_lines(summary: dict[str, Any]) -> list[str]:
     if fb:
         n = sum(len(v) for v in fb.values())
         lines.append(f"  fallback     {n} experts: " + "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in fb.items()))
+        if "fallback_down_tokens" in s:
+            lines.append(f"               (their down projections' statistics from an even sample of at most "
+                         f"{s['fallback_down_tokens']} tokens)")
     else:
         lines.append("  fallback     none: every expert saw enough tokens")
     return lines
