@@ -42,7 +42,7 @@ CHUNK = 8192
 FALLBACK_ROWS = 8192
 # What the experts solved together may hold (``experts_per_solve``): per expert and linear kind,
 # fp32 Hessian, its factor and their stacked copy (3 K^2) and the weights in four forms (stacked,
-# processing order, codes being written, dequantized result: 4 N K). 64 MiB is 35 experts of a
+# processing order, codes being written, dequantized result: 4 N K). 64 MiB is 36 experts of a
 # 256-wide model with 128 experts of width 128, 2 of a 1024-wide one with width 512, one of
 # Qwen3-30B-A3B's or Mixtral's.
 BATCH_SOLVE_BYTES = 64 << 20
