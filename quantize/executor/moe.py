@@ -170,8 +170,8 @@ class Routing:
         return {
             "experts": E, "top_k": top_k, "tokens": self.tokens, "mode": self.opts.mode, "min_tokens": self.need,
             "fallback": self.opts.fallback, "seen": [int(c) for c in self.counts],
-        # the all-token fallback's down statistic: from at most this many tokens (FALLBACK_ROWS)
-        **({"fallback_down_tokens": self._sampled[0]} if self._sampled else {}),
+        # the all-token fallback's down statistic: from this many tokens (at most FALLBACK_ROWS, or all)
+        **({"fallback_down_tokens": int(self._sampled[1].shape[0])} if self._sampled else {}),
             "solved": {k: self.how.count(k) for k in ("routed", "all", "rtn")}, "below_min": below,
             "fallback_experts": below if self.opts.mode == "routed" else [],
         }
