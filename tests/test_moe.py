@@ -18,7 +18,7 @@ from safetensors import safe_open
 from quantize.arch import by_name, get_arch
 from quantize.cli import cli, main
 from quantize.executor import skeleton
-from quantize.executor.moe import MoEOptions, expert_counts
+from quantize.executor.moe import MoEOptions, Routing, expert_rows
 from quantize.io.quantized import load_dequantized_model, open_model
 from quantize.io.reader import CheckpointReader
 from quantize.methods.grid import QuantSpec
@@ -271,9 +271,14 @@ def test_all_token_statistics(tiny_model_dir, calib_for, tmp_path):
     assert routed.params["moe_calibration"] == "routed" and every.params["moe_calibration"] == "all"
 
 
-def test_expert_counts_ignore_padding_ids():
-    idx = torch.tensor([[0, 1], [1, 2], [2, 4]])  # 4: out of range (a padding id)
-    assert expert_counts(idx, 4).tolist() == [1, 2, 2, 0]
+def test_expert_rows_ignore_padding_ids_and_select_what_a_mask_selects():
+    idx = torch.tensor([[0, 1], [1, 2], [2, 4], [3, 1]])  # 4: out of range (a padding id)
+    assert [r.tolist() for r in expert_rows(idx, 4)] == [[0], [0, 1, 3], [1, 2], [3]]
+    x = torch.randn(4, 3)
+    rt = Routing.of([(x, idx), (x + 1, idx.flip(0))], 4, MoEOptions())
+    assert rt.counts.tolist() == [2, 6, 4, 2]
+    for e in range(4):
+        assert torch.equal(rt.routed(e), torch.cat([x[(idx == e).any(-1)], (x + 1)[(idx.flip(0) == e).any(-1)]]))
 
 
 def test_bad_moe_options_exit_2():

@@ -81,11 +81,6 @@ def _hits(index: torch.Tensor, num_experts: int) -> torch.Tensor:
     return hit[:, :num_experts]
 
 
-def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert ([E] int64) from ``top_k_index [T, k]`` (a token counts once)."""
-    return _hits(index, num_experts).sum(0).cpu()
-
-
 def expert_rows(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     """For each expert, the (ascending) positions of the tokens routed to it, from one pass over
     ``top_k_index [T, k]``: the rows ``x[(index == e).any(-1)]`` selects, without a mask per expert."""
@@ -170,10 +165,10 @@ class Routing:
         return {
             "experts": E, "top_k": top_k, "tokens": self.tokens, "mode": self.opts.mode, "min_tokens": self.need,
             "fallback": self.opts.fallback, "seen": [int(c) for c in self.counts],
-        # the all-token fallback's down statistic: from this many tokens (at most FALLBACK_ROWS, or all)
-        **({"fallback_down_tokens": int(self._sampled[1].shape[0])} if self._sampled else {}),
             "solved": {k: self.how.count(k) for k in ("routed", "all", "rtn")}, "below_min": below,
             "fallback_experts": below if self.opts.mode == "routed" else [],
+            # the all-token fallback's down statistic: from this many tokens (at most FALLBACK_ROWS, or all)
+            **({"fallback_down_tokens": int(self._sampled[1].shape[0])} if self._sampled else {}),
         }
 
 
@@ -358,8 +353,8 @@ def coverage_summary(layer_metrics: list[dict[str, Any]]) -> dict[str, Any] | No
         "seen_max": seen[-1][0],
         "solved": {k: sum(r["solved"][k] for _, r in records) for k in first["solved"]},
         "fallback_experts": {str(layer): r["fallback_experts"] for layer, r in records if r["fallback_experts"]},
-        **({"fallback_down_tokens": max(r["fallback_down_tokens"] for _, r in sampled)}
-           if (sampled := [(x, r) for x, r in records if "fallback_down_tokens" in r]) else {}),
+        **({"fallback_down_tokens": max(down)}
+           if (down := [r["fallback_down_tokens"] for _, r in records if "fallback_down_tokens" in r]) else {}),
     }
 
 
