@@ -74,17 +74,13 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return acc.H
 
 
-def _hits(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[T, E]`` bool: token t is routed to expert e (``top_k_index [T, k]``; a token counts once)."""
-    hit = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.bool, device=index.device)
-    hit.scatter_(1, index.long().clamp(0, num_experts), True)  # out-of-range ids (padding) go to E
-    return hit[:, :num_experts]
-
-
 def expert_rows(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     """For each expert, the (ascending) positions of the tokens routed to it, from one pass over
-    ``top_k_index [T, k]``: the rows ``x[(index == e).any(-1)]`` selects, without a mask per expert."""
-    hit = _hits(index, num_experts)
+    ``top_k_index [T, k]``: the rows ``x[(index == e).any(-1)]`` selects, without a mask per expert
+    (a token counts once; out-of-range ids, padding, count for no expert)."""
+    hit = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.bool, device=index.device)
+    hit.scatter_(1, index.long().clamp(0, num_experts), True)  # out-of-range ids go to column E
+    hit = hit[:, :num_experts]
     rows = hit.T.nonzero()[:, 1]  # by expert, then by token
     return rows.split(hit.sum(0).tolist())
 
@@ -239,13 +235,13 @@ def solve_experts(ctx, inputs: list[tuple[torch.Tensor, torch.Tensor]],
     H_all = hessian_of(rt.all_tokens()) if "all" in how else None  # shared by every such expert
     tokens = rt.rows
 
-    down_width = arch.linear_shape(arch.expert_linear(0, 2), cfg)[1]
-    sample = max(FALLBACK_ROWS, 4 * down_width)
+    shapes = expert_solve_shapes(arch, cfg)  # [(gate+up rows, hidden), (down rows, down width)]
+    sample = max(FALLBACK_ROWS, 4 * shapes[1][1])
 
     def down_tokens(e: int) -> torch.Tensor:  # a fallback expert's down statistic: a sample of every token
         return rt.sampled(sample) if how[e] == "all" and opts.mode == "routed" else tokens(e)
 
-    step = experts_per_solve(expert_solve_shapes(arch, cfg), E)
+    step = experts_per_solve(shapes, E)
     for e0 in range(0, E, step):
         batch = range(e0, min(E, e0 + step))
         solve([([arch.expert_linear(e, 0), arch.expert_linear(e, 1)],
